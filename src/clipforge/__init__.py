@@ -1,0 +1,30 @@
+"""clipforge: CLIP (Radford et al. 2021) in PyTorch.
+
+The public API mirrors openai/CLIP, so code written for it ports unchanged::
+
+    import clipforge
+    model, preprocess = clipforge.load("ViT-B-32.pt")
+    tokens = clipforge.tokenize(["a photo of a cat"])
+    image_features = model.encode_image(preprocess(image).unsqueeze(0))
+"""
+from .config import ClipConfig, TextConfig, VisionConfig
+from .models import CLIP
+from .registry import available_models, get_config, register_model
+
+
+def create_model(name_or_config: "str | ClipConfig") -> CLIP:
+    """A randomly initialised :class:`CLIP` from a preset name or a :class:`ClipConfig`."""
+    config = get_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
+    return CLIP(config)
+
+
+__all__ = [
+    "CLIP",
+    "ClipConfig",
+    "TextConfig",
+    "VisionConfig",
+    "available_models",
+    "create_model",
+    "get_config",
+    "register_model",
+]

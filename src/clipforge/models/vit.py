@@ -1,0 +1,44 @@
+"""The Vision Transformer image tower of CLIP (OpenAI's ``VisionTransformer``)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import VisionConfig
+from .layers import LayerNorm, Transformer
+
+
+class VisionTransformer(nn.Module):
+    """Patchify, prepend a class token, transformer, LayerNorm the class token, project."""
+
+    def __init__(self, cfg: VisionConfig, output_dim: int, quick_gelu: bool = True):
+        super().__init__()
+        if cfg.image_size % cfg.patch_size:
+            raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
+        self.input_resolution = cfg.image_size
+        self.output_dim = output_dim
+        width = cfg.width
+        grid = cfg.image_size // cfg.patch_size
+        scale = width ** -0.5
+        self.conv1 = nn.Conv2d(3, width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
+        self.ln_pre = LayerNorm(width)
+        self.transformer = Transformer(width, cfg.layers, cfg.num_heads, cfg.mlp_ratio, quick_gelu)
+        self.ln_post = LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+
+    def init_weights(self) -> None:
+        """Transformer weights as OpenAI initialises them (embeddings are set in __init__)."""
+        self.transformer.init_weights()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x)  # (N, width, grid, grid)
+        x = x.flatten(2).transpose(1, 2)  # (N, grid*grid, width)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (N, 1, width)
+        x = torch.cat([cls, x], dim=1)  # (N, grid*grid + 1, width)
+        x = x + self.positional_embedding.to(x.dtype)
+        x = self.ln_pre(x)
+        x = self.transformer(x)
+        x = self.ln_post(x[:, 0, :])  # (N, width)
+        return x @ self.proj  # (N, output_dim)
