@@ -1,0 +1,182 @@
+"""Image preprocessing for CLIP: OpenAI's eval pipeline and the random-resized-crop train pipeline.
+
+Eval is OpenAI's ``preprocess``: resize the shortest side to S (bicubic), center-crop S x S,
+convert to RGB, scale to [0, 1], normalise with OpenAI's mean/std. Train swaps resize + crop for a
+random resized crop. Both make the same PIL calls, with the same size and offset rounding, as
+torchvision does on PIL images, and the same float32 arithmetic, so the tensors equal torchvision's
+bit for bit; tests/test_transforms.py checks that against stored fixtures. Resampling and mode
+conversion stay in PIL (C code); PIL -> numpy -> torch does the rest, with no Python loop over pixels.
+
+Like the reference, nothing here applies EXIF orientation unless asked (``load_image(...,
+exif_transpose=True)``), and 16-bit/32-bit greyscale images go through PIL's own ``convert("RGB")``,
+which clips values above 255.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def load_image(path: str | os.PathLike, exif_transpose: bool = False) -> Image.Image:
+    """Open and fully decode an image file, so a broken file fails here and not mid-pipeline.
+
+    Raises FileNotFoundError for a missing path and ValueError naming the path for anything PIL
+    cannot decode (not an image, truncated, decompression bomb). ``exif_transpose`` applies the
+    EXIF orientation tag; the reference pipeline does not, so it is off by default.
+    """
+    try:
+        with open(path, "rb") as file:
+            image = Image.open(file)
+            image.load()  # decode now, while the file is open
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        raise ValueError(f"{path}: not a readable image ({type(error).__name__}: {error})") from error
+    return ImageOps.exif_transpose(image) if exif_transpose else image
+
+
+def resize_shortest_side(image: Image.Image, size: int) -> Image.Image:
+    """Bicubic resize so the shorter side is ``size``; the longer side is truncated like torchvision's."""
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    new_short, new_long = size, int(size * long / short)
+    new_size = (new_short, new_long) if width <= height else (new_long, new_short)  # (W, H)
+    if new_size == image.size:
+        return image  # torchvision returns the image untouched
+    return image.resize(new_size, Image.Resampling.BICUBIC)
+
+
+def center_crop(image: Image.Image, size: int) -> Image.Image:
+    """Crop the central ``size`` x ``size`` box; sides shorter than ``size`` are padded with zeros.
+
+    Offsets use Python's round() (half to even) as torchvision does; padding puts the odd pixel
+    on the right/bottom. PIL's crop fills outside the image with zeros, as torchvision's pad does.
+    """
+    width, height = image.size
+    if (width, height) == (size, size):
+        return image
+    # Either pad (negative offset: (size - side) // 2 on the left/top) or centre the crop.
+    left = -((size - width) // 2) if size > width else int(round((width - size) / 2.0))
+    top = -((size - height) // 2) if size > height else int(round((height - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
+def random_resized_crop_box(
+    width: int,
+    height: int,
+    scale: Sequence[float],
+    ratio: Sequence[float],
+    generator: torch.Generator | None = None,
+) -> tuple[int, int, int, int]:
+    """Sample (top, left, crop_height, crop_width) exactly as torchvision's RandomResizedCrop does.
+
+    Ten tries at an area fraction uniform in ``scale`` and a log-uniform aspect ratio in ``ratio``;
+    if none fits, the largest central crop with the ratio clamped to ``ratio``. Draws from torch's
+    global RNG unless ``generator`` is given, so the same seed gives torchvision's crops.
+    """
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)).item()
+        crop_width = int(round(math.sqrt(target_area * aspect)))
+        crop_height = int(round(math.sqrt(target_area / aspect)))
+        if 0 < crop_width <= width and 0 < crop_height <= height:
+            top = torch.randint(0, height - crop_height + 1, size=(1,), generator=generator).item()
+            left = torch.randint(0, width - crop_width + 1, size=(1,), generator=generator).item()
+            return top, left, crop_height, crop_width
+    in_ratio = float(width) / float(height)
+    if in_ratio < min(ratio):
+        crop_width, crop_height = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        crop_width, crop_height = int(round(height * max(ratio))), height
+    else:
+        crop_width, crop_height = width, height
+    return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
+
+
+def to_normalized_tensor(image: Image.Image, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """RGB conversion, /255 and (x - mean) / std in float32, in torchvision's order of operations."""
+    rgb = np.array(image if image.mode == "RGB" else image.convert("RGB"))  # (H, W, 3) uint8, a copy
+    pixels = torch.from_numpy(rgb).permute(2, 0, 1).contiguous()  # (3, H, W)
+    return pixels.to(torch.float32).div(255).sub_(mean).div_(std)  # mean, std: (3, 1, 1)
+
+
+class ImageTransform:
+    """Callable PIL image (or image path) -> FloatTensor[3, S, S]; build it with image_transform().
+
+    A plain class rather than a closure so DataLoader workers can pickle it. In the train pipeline
+    leave ``generator`` None under a multi-worker DataLoader: torch seeds each worker's global RNG
+    differently, whereas a generator would be copied into every worker and repeat the same crops.
+    """
+
+    def __init__(self, image_size, train, mean, std, scale, ratio, generator):
+        self.image_size, self.train = image_size, train
+        self.scale, self.ratio, self.generator = tuple(scale), tuple(ratio), generator
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)  # (3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)  # (3, 1, 1)
+
+    def __call__(self, image: Image.Image | str | os.PathLike) -> torch.Tensor:
+        if isinstance(image, (str, os.PathLike)):
+            image = load_image(image)
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"expected a PIL.Image.Image or an image path, got {type(image).__name__}")
+        if image.width < 1 or image.height < 1:
+            raise ValueError(f"image has no pixels (size {image.width}x{image.height})")
+        if self.train:
+            top, left, crop_height, crop_width = random_resized_crop_box(
+                image.width, image.height, self.scale, self.ratio, self.generator
+            )
+            image = image.crop((left, top, left + crop_width, top + crop_height))
+            if image.size != (self.image_size, self.image_size):
+                image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+        else:
+            image = center_crop(resize_shortest_side(image, self.image_size), self.image_size)
+        return to_normalized_tensor(image, self.mean, self.std)
+
+    def __repr__(self) -> str:
+        steps = (
+            f"random_resized_crop({self.image_size}, scale={self.scale}, ratio={self.ratio}, bicubic)"
+            if self.train
+            else f"resize_shortest_side({self.image_size}, bicubic), center_crop({self.image_size})"
+        )
+        mean, std = tuple(self.mean.flatten().tolist()), tuple(self.std.flatten().tolist())
+        return f"ImageTransform({steps}, rgb, normalize(mean={mean}, std={std}))"
+
+
+def image_transform(
+    image_size: int,
+    train: bool = False,
+    mean: Sequence[float] = OPENAI_MEAN,
+    std: Sequence[float] = OPENAI_STD,
+    scale: Sequence[float] = (0.9, 1.0),
+    ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
+    generator: torch.Generator | None = None,
+) -> Callable[[Image.Image], torch.Tensor]:
+    """Build CLIP preprocessing: PIL image -> normalised FloatTensor[3, image_size, image_size].
+
+    ``train=False`` is OpenAI's eval pipeline (shortest-side bicubic resize, center crop).
+    ``train=True`` is a random resized crop of area fraction in ``scale`` (open_clip's default
+    (0.9, 1.0)) and aspect ratio in ``ratio``, resized bicubic, drawing from ``generator`` or
+    torch's global RNG. Both then convert to RGB and normalise with ``mean`` / ``std``.
+    """
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    for name, values in (("mean", mean), ("std", std)):
+        if len(values) != 3:
+            raise ValueError(f"{name} must have 3 values (R, G, B), got {values!r}")
+    if any(value <= 0 for value in std):
+        raise ValueError(f"std values must be positive, got {std!r}")
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
+        raise ValueError(f"scale must be (min, max) with 0 < min <= max, got {scale!r}")
+    if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
+        raise ValueError(f"ratio must be (min, max) with 0 < min <= max, got {ratio!r}")
+    return ImageTransform(image_size, train, mean, std, scale, ratio, generator)
