@@ -10,6 +10,7 @@ The public API mirrors openai/CLIP, so code written for it ports unchanged::
 from .config import ClipConfig, TextConfig, VisionConfig
 from .models import CLIP
 from .registry import available_models, get_config, register_model
+from .transforms import OPENAI_MEAN, OPENAI_STD, image_transform, load_image
 
 
 def create_model(name_or_config: "str | ClipConfig") -> CLIP:
@@ -20,6 +21,10 @@ def create_model(name_or_config: "str | ClipConfig") -> CLIP:
 
 __all__ = [
     "CLIP",
+    "OPENAI_MEAN",
+    "OPENAI_STD",
+    "image_transform",
+    "load_image",
     "ClipConfig",
     "TextConfig",
     "VisionConfig",
