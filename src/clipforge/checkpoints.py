@@ -1,0 +1,369 @@
+"""Load and save CLIP weights in every common layout, without ever running code from a file.
+
+Sources ``load`` understands (the layout is detected from the content, not the file name):
+
+- OpenAI's released ``.pt`` files: TorchScript archives, read as data by :mod:`._torchscript`;
+- plain OpenAI-format state dicts (``torch.save`` or ``.safetensors``), e.g. from :func:`export_openai`;
+- open_clip checkpoints: a bare state dict or ``{"state_dict": ...}``, optional ``module.`` prefix;
+- Hugging Face CLIP folders: ``config.json`` + ``model.safetensors`` (or shards, or ``pytorch_model.bin``);
+- clipforge folders written by :func:`save`: ``config.json`` + ``model.safetensors``.
+
+The architecture is read from the config where there is one, else inferred from the weights'
+shapes as OpenAI's ``build_model`` does. Key names follow OpenAI's layout throughout; the HF
+mapping lives in :mod:`._hf_keys`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import save_file
+from torch.overrides import TorchFunctionMode
+
+from ._checkpoint_files import (CheckpointError, read_safetensors, safetensors_metadata, sniff,
+                                torch_load_safely, unwrap_state_dict)
+from ._hf_keys import clip_to_hf_config, hf_config_overrides, hf_to_openai, openai_to_hf
+from ._torchscript import read_torchscript_state_dict
+from .config import ClipConfig, TextConfig, VisionConfig
+from .models import CLIP
+from .registry import available_models, get_config
+
+__all__ = ["CheckpointError", "load", "load_model", "save", "load_state_dict_any", "infer_config",
+           "export_openai", "export_hf", "cache_dir", "OPENAI_URLS"]
+
+FORMAT_VERSION = 1  # of clipforge's own folder layout (config.json "format_version")
+_OPENAI_BASE = "https://openaipublic.azureedge.net/clip/models"
+# Where OpenAI publishes each release (the path segment is the file's SHA-256).
+OPENAI_URLS = {
+    "RN50": f"{_OPENAI_BASE}/afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762/RN50.pt",
+    "RN101": f"{_OPENAI_BASE}/8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599/RN101.pt",
+    "RN50x4": f"{_OPENAI_BASE}/7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd/RN50x4.pt",
+    "RN50x16": f"{_OPENAI_BASE}/52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa/RN50x16.pt",
+    "RN50x64": f"{_OPENAI_BASE}/be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c/RN50x64.pt",
+    "ViT-B/32": f"{_OPENAI_BASE}/40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+    "ViT-B/16": f"{_OPENAI_BASE}/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+    "ViT-L/14": f"{_OPENAI_BASE}/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+    "ViT-L/14@336px": f"{_OPENAI_BASE}/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
+}
+# Tensors some checkpoints carry that are not weights: OpenAI's TorchScript archives keep these
+# three sizes as attributes; older open_clip saved the causal mask.
+_NOT_WEIGHTS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
+
+
+@dataclass
+class _Checkpoint:
+    state_dict: dict[str, torch.Tensor]  # OpenAI key names
+    kind: str  # openai_torchscript | openai | open_clip | hf | clipforge
+    config: ClipConfig | None = None  # from the file, when it has one
+    run_name: str | None = None  # open_clip's experiment name, a hint for the activation
+
+
+def cache_dir() -> Path:
+    """Where a bare model name is looked up: ``$CLIPFORGE_CACHE`` or ``~/.cache/clipforge``."""
+    return Path(os.environ.get("CLIPFORGE_CACHE") or Path.home() / ".cache" / "clipforge").expanduser()
+
+
+def _resolve(name_or_path: str | os.PathLike) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    name = str(name_or_path)
+    if name in OPENAI_URLS:
+        url = OPENAI_URLS[name]
+        local = cache_dir() / url.rsplit("/", 1)[1]
+        if local.exists():
+            return local
+        raise CheckpointError(
+            f"no local weights for {name!r}: expected OpenAI's file at {local} (download it once from {url}, "
+            f"or set CLIPFORGE_CACHE to the folder holding {local.name}); clipforge never downloads at load time"
+        )
+    if name in available_models():
+        raise CheckpointError(f"{name!r} has no released weights; use clipforge.create_model({name!r}) for a "
+                              "randomly initialised model, or pass a checkpoint path")
+    raise CheckpointError(f"{name}: no such file or folder, and not a released model name ({', '.join(OPENAI_URLS)})")
+
+
+def _read_folder(folder: Path) -> _Checkpoint:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{folder}: no config.json; expected a clipforge folder (clipforge.save) "
+                              "or a Hugging Face CLIP folder")
+    try:
+        meta = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{config_path}: not valid JSON ({err})") from None
+    if meta.get("format") == "clipforge":
+        if meta.get("format_version", 0) > FORMAT_VERSION:
+            raise CheckpointError(f"{config_path}: format_version {meta['format_version']} is newer than this "
+                                  f"clipforge reads ({FORMAT_VERSION}); upgrade clipforge")
+        try:
+            config = ClipConfig.from_dict(meta["config"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{config_path}: bad clipforge config ({err})") from None
+        return _Checkpoint(read_safetensors(folder / "model.safetensors"), "clipforge", config)
+    try:
+        overrides = hf_config_overrides(meta)
+    except ValueError as err:
+        raise CheckpointError(f"{config_path}: {err}") from None
+    state_dict = _hf_weights(folder)
+    try:
+        state_dict = hf_to_openai(state_dict)
+    except ValueError as err:
+        raise CheckpointError(f"{folder}: {err}") from None
+    config = infer_config(state_dict, source=str(folder), match_presets=False)
+    config = dataclasses.replace(
+        config, quick_gelu=overrides["quick_gelu"], init_logit_scale=overrides["init_logit_scale"],
+        vision=dataclasses.replace(config.vision, heads=overrides["vision_heads"]),
+        text=dataclasses.replace(config.text, heads=overrides["text_heads"]),
+    )
+    return _Checkpoint(state_dict, "hf", config)
+
+
+def _hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    if (folder / "model.safetensors").is_file():
+        return read_safetensors(folder / "model.safetensors")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {k: v for shard in shards for k, v in read_safetensors(folder / shard).items()}
+    if (folder / "pytorch_model.bin").is_file():
+        return unwrap_state_dict(torch_load_safely(folder / "pytorch_model.bin"), folder / "pytorch_model.bin")[0]
+    raise CheckpointError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin; "
+                          f"found {sorted(p.name for p in folder.iterdir())[:10]}")
+
+
+def _read(path: Path) -> _Checkpoint:
+    kind = sniff(path)
+    if kind == "folder":
+        return _read_folder(path)
+    if kind == "torchscript":
+        return _Checkpoint(read_torchscript_state_dict(path), "openai_torchscript")
+    config = None
+    try:
+        if kind == "safetensors":
+            state_dict, source_kind, run_name = read_safetensors(path), "openai", None
+            if "clipforge_config" in (metadata := safetensors_metadata(path)):
+                config = ClipConfig.from_dict(json.loads(metadata["clipforge_config"]))
+        else:
+            state_dict, source_kind, run_name = unwrap_state_dict(torch_load_safely(path), path)
+        if "text_model.embeddings.token_embedding.weight" in state_dict:  # HF weights without their folder
+            state_dict, source_kind = hf_to_openai(state_dict), "hf"
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError) as err:  # a bad embedded config, incomplete q/k/v projections
+        raise CheckpointError(f"{path}: {err}") from None
+    return _Checkpoint(state_dict, source_kind, config, run_name)
+
+
+def load_state_dict_any(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
+    """``(state_dict, source_kind)`` from any supported checkpoint, with OpenAI key names.
+
+    ``source_kind`` is one of ``openai_torchscript``, ``openai``, ``open_clip``, ``hf``, ``clipforge``.
+    Tensors keep the file's dtypes. Raises :class:`CheckpointError` naming the file on bad input.
+    """
+    checkpoint = _read(_resolve(path))
+    return checkpoint.state_dict, checkpoint.kind
+
+
+def _count_blocks(state_dict: dict[str, Any], prefix: str) -> int:
+    return len({k[len(prefix):].split(".")[0] for k in state_dict if k.startswith(prefix)})
+
+
+def infer_config(state_dict: dict[str, torch.Tensor], *, source: str = "state dict",
+                 match_presets: bool = True) -> ClipConfig:
+    """The :class:`ClipConfig` of an OpenAI-format state dict, read off its shapes as OpenAI's ``build_model``.
+
+    Head counts are not stored in weights: OpenAI's rule (``width // 64``) applies, unless
+    ``match_presets`` and every shape matches a registered preset, whose head counts are then used.
+    """
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in state_dict:
+            raise CheckpointError(f"{source}: no {key!r}; expected an OpenAI-format CLIP state dict "
+                                  f"(first keys found: {list(state_dict)[:5]})")
+        return tuple(state_dict[key].shape)
+
+    if "visual.proj" in state_dict:
+        width, _, patch, _ = shape("visual.conv1.weight")
+        grid = round((shape("visual.positional_embedding")[0] - 1) ** 0.5)
+        vision = VisionConfig(
+            image_size=patch * grid, layers=_count_blocks(state_dict, "visual.transformer.resblocks."),
+            width=width, patch_size=patch, heads=None if width >= 64 else 1,
+            mlp_ratio=shape("visual.transformer.resblocks.0.mlp.c_fc.weight")[0] / width,
+        )
+    elif "visual.layer1.0.conv1.weight" in state_dict:
+        stages = tuple(_count_blocks(state_dict, f"visual.layer{i}.") for i in range(1, 5))
+        grid = round((shape("visual.attnpool.positional_embedding")[0] - 1) ** 0.5)
+        vision = VisionConfig(image_size=grid * 32, layers=stages, width=shape("visual.layer1.0.conv1.weight")[0])
+    else:
+        raise CheckpointError(
+            f"{source}: unknown architecture: no ViT ('visual.proj') or ModifiedResNet "
+            f"('visual.layer1.0.conv1.weight') image tower; first keys found: {list(state_dict)[:5]}"
+        )
+    text_width = shape("ln_final.weight")[0]
+    text = TextConfig(
+        context_length=shape("positional_embedding")[0], vocab_size=shape("token_embedding.weight")[0],
+        width=text_width, heads=max(1, text_width // 64), layers=_count_blocks(state_dict, "transformer.resblocks."),
+        mlp_ratio=shape("transformer.resblocks.0.mlp.c_fc.weight")[0] / text_width,
+    )
+    config = ClipConfig(embed_dim=shape("text_projection")[1], vision=vision, text=text)
+    if match_presets:
+        return _matching_preset(config) or config
+    return config
+
+
+def _shape_signature(config: ClipConfig) -> dict[str, Any]:
+    vision = dataclasses.replace(config.vision, heads=None)
+    if vision.is_resnet:  # these two do not exist in a ResNet
+        vision = dataclasses.replace(vision, patch_size=0, mlp_ratio=0.0)
+    return {"embed_dim": config.embed_dim, "vision": vision, "text": dataclasses.replace(config.text, heads=0)}
+
+
+def _matching_preset(config: ClipConfig) -> ClipConfig | None:
+    signature = _shape_signature(config)
+    for name in available_models():
+        preset = get_config(name)
+        if _shape_signature(preset) == signature:
+            return dataclasses.replace(config, vision=preset.vision, text=preset.text)
+    return None
+
+
+class _SkipInit(TorchFunctionMode):
+    """Makes ``torch.nn.init`` calls no-ops while a model is built only to receive checkpoint weights
+    (random init of ViT-L/14 takes seconds; building on the meta device costs a slow first import)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
+
+
+def _fill(config: ClipConfig, state_dict: dict[str, torch.Tensor], source: str) -> CLIP:
+    """A :class:`CLIP` holding exactly ``state_dict`` (cast to fp32), or one error listing what differs."""
+    with _SkipInit():
+        model = CLIP(config)
+    expected = model.state_dict()
+    given = {k: v for k, v in state_dict.items() if k.rsplit(".", 1)[-1] not in _NOT_WEIGHTS}
+    for key in expected:
+        if key.endswith("num_batches_tracked") and key not in given:
+            given[key] = torch.tensor(0)
+    if "logit_scale" in given and given["logit_scale"].numel() == 1:
+        given["logit_scale"] = given["logit_scale"].reshape(())  # some open_clip versions store shape (1,)
+    missing = [f"{k} {tuple(v.shape)}" for k, v in expected.items() if k not in given]
+    unexpected = [f"{k} {tuple(v.shape)}" for k, v in given.items() if k not in expected]
+    wrong = [f"{k}: file {tuple(given[k].shape)} vs model {tuple(v.shape)}"
+             for k, v in expected.items() if k in given and given[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        problems = [f"{label} ({len(keys)}): {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+                    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong))
+                    if keys]
+        tower = "ModifiedResNet" if config.vision.is_resnet else "ViT"
+        raise CheckpointError(f"{source}: weights do not fit the {tower} CLIP architecture "
+                              f"(embed_dim {config.embed_dim}); " + "; ".join(problems))
+    seen_storages: set[int] = set()
+    tensors = {}
+    for key, value in given.items():
+        value = value.to(expected[key].dtype).contiguous()
+        if value.numel():  # one storage per tensor, so the model can be saved with safetensors
+            if value.untyped_storage().data_ptr() in seen_storages:
+                value = value.clone()
+            seen_storages.add(value.untyped_storage().data_ptr())
+        tensors[key] = value
+    model.load_state_dict(tensors, strict=True, assign=True)
+    return model.eval()
+
+
+def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cpu", *,
+               quick_gelu: bool | None = None, config: ClipConfig | str | None = None) -> CLIP:
+    """A :class:`CLIP` (fp32, eval mode) with the weights of any supported checkpoint; see the module docstring.
+
+    ``quick_gelu`` overrides the activation (OpenAI-format weights default to QuickGELU; exact-GELU
+    open_clip models need ``quick_gelu=False``). ``config`` (a preset name or :class:`ClipConfig`)
+    replaces the inferred architecture, e.g. for head counts the weights cannot reveal.
+    """
+    path = _resolve(name_or_path)
+    checkpoint = _read(path)
+    if config is not None:
+        resolved = get_config(config) if isinstance(config, str) else config
+    else:
+        resolved = checkpoint.config or infer_config(checkpoint.state_dict, source=str(path))
+    if quick_gelu is None and checkpoint.config is None and checkpoint.kind == "open_clip":
+        if checkpoint.run_name and "quickgelu" in checkpoint.run_name.lower():
+            quick_gelu = True
+        else:
+            warnings.warn(f"{path}: cannot tell whether this open_clip checkpoint uses QuickGELU (OpenAI weights) "
+                          "or exact GELU (most LAION models); assuming QuickGELU, pass quick_gelu=False otherwise",
+                          stacklevel=2)
+    if quick_gelu is not None:
+        resolved = dataclasses.replace(resolved, quick_gelu=quick_gelu)
+    return _fill(resolved, checkpoint.state_dict, str(path)).to(device)
+
+
+def load(name_or_path: str | os.PathLike, device: str | torch.device = "cpu", jit: bool = False, *,
+         quick_gelu: bool | None = None, config: ClipConfig | str | None = None) -> tuple[CLIP, Callable]:
+    """``(model, preprocess)`` as ``clip.load`` returns: a path or a released model name (looked up in
+    :func:`cache_dir`). ``preprocess`` maps a PIL image to the model's input tensor ``(3, H, W)``.
+
+    ``jit=True`` is refused: it would run the TorchScript code stored in the file.
+    """
+    if jit:
+        raise ValueError("jit=True is not supported: clipforge reads TorchScript archives as data and never "
+                         "runs their code; use the default jit=False (same weights, same outputs)")
+    from .transforms import image_transform  # lazy: checkpoint tools do not need PIL
+
+    model = load_model(name_or_path, device, quick_gelu=quick_gelu, config=config)
+    return model, image_transform(model.config.vision.image_size)
+
+
+def _cpu_tensors(model: CLIP) -> dict[str, torch.Tensor]:
+    if not isinstance(getattr(model, "config", None), ClipConfig):
+        raise TypeError(f"expected a clipforge CLIP model with a .config, got {type(model).__name__}")
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def save(model: CLIP, folder: str | os.PathLike) -> Path:
+    """Write ``model`` to ``folder`` as ``model.safetensors`` + ``config.json`` (its :class:`ClipConfig`)."""
+    folder = Path(folder)
+    tensors = _cpu_tensors(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    meta = {"format": "clipforge", "format_version": FORMAT_VERSION, "config": model.config.to_dict()}
+    (folder / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return folder
+
+
+def export_openai(model: CLIP, path: str | os.PathLike) -> Path:
+    """Write an OpenAI-format state dict: ``.pt``/``.pth`` (``torch.save`` of a dict of tensors) or
+    ``.safetensors`` (with the :class:`ClipConfig` as metadata, read back by :func:`load`)."""
+    path = Path(path)
+    tensors = _cpu_tensors(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix in (".pt", ".pth", ".bin"):
+        torch.save(tensors, path)
+    elif path.suffix == ".safetensors":
+        save_file(tensors, str(path), metadata={"format": "pt", "clipforge_config": json.dumps(model.config.to_dict())})
+    else:
+        raise CheckpointError(f"{path}: expected a .pt, .pth, .bin or .safetensors file name")
+    return path
+
+
+def export_hf(model: CLIP, folder: str | os.PathLike) -> Path:
+    """Write a Hugging Face CLIP folder (``config.json`` + ``model.safetensors``) that
+    ``transformers.CLIPModel.from_pretrained`` loads. ViT models only."""
+    folder = Path(folder)
+    tensors = _cpu_tensors(model)
+    try:
+        hf_config = clip_to_hf_config(model.config, model.dtype)
+    except ValueError as err:
+        raise CheckpointError(f"cannot export to {folder}: {err}") from None
+    hf_tensors = {k: v.clone() for k, v in openai_to_hf(tensors).items()}  # q/k/v must not share storage
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(hf_tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    return folder
