@@ -1,0 +1,81 @@
+"""``clipforge classify``: zero-shot labels for images, with softmax probabilities.
+
+Examples::
+
+    clipforge classify cat.jpg dog.png --labels "dog,cat,bird" --model ckpt/
+    clipforge classify photos/*.jpg --labels-file labels.txt --templates none --top-k 3 --json
+
+Like transformers' zero-shot-image-classification pipeline: each label is scored by
+``exp(logit_scale) * cosine`` of the image and the label's prompt embedding, softmaxed over the
+labels. The default prompts are the paper's 80 ImageNet templates, averaged per label.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import CliError
+from .eval import add_model_arguments, load_model_arg, resolve_device
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``classify`` sub-command."""
+    parser = subparsers.add_parser("classify", help="zero-shot classify images with any labels",
+                                   description="Print, per image, the most likely labels with softmax probabilities.")
+    parser.add_argument("images", nargs="+", metavar="IMAGE")
+    labels = parser.add_mutually_exclusive_group(required=True)
+    labels.add_argument("--labels", metavar="A,B,C", help="comma-separated labels")
+    labels.add_argument("--labels-file", metavar="FILE", help="one label per line")
+    parser.add_argument("--templates", default="imagenet", metavar="NAME|FILE|none",
+                        help="prompt templates: a built-in dataset's (default: imagenet), a file, "
+                        "none for the bare label, or one template such as 'a photo of a {}.'")
+    parser.add_argument("--top-k", type=int, default=5, metavar="K", help="labels shown per image (default 5)")
+    parser.add_argument("--batch-size", type=int, default=32, metavar="N")
+    parser.add_argument("--json", action="store_true", help="print JSON: [{image, predictions: [{label, score}]}]")
+    add_model_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def parse_labels(text: str) -> list[str]:
+    """Comma-separated labels, stripped; empty entries dropped."""
+    return [label.strip() for label in text.split(",") if label.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Classify; exit 1 when some image could not be read (the others are still printed)."""
+    from ..evaluate.zeroshot import check_classnames, classify, resolve_templates
+
+    if args.top_k < 1:
+        raise CliError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.labels_file:
+        lines = Path(args.labels_file).read_text(encoding="utf-8").splitlines()
+        labels = [line.strip() for line in lines if line.strip()]
+    else:
+        labels = parse_labels(args.labels)
+    if not labels:
+        raise CliError("no labels given: pass --labels 'dog,cat' or --labels-file FILE")
+    check_classnames(labels)
+    resolve_templates(args.templates)  # a bad --templates fails before the model loads
+    missing = [image for image in args.images if not Path(image).exists()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"{missing[0]}: no such file{more}")
+    device = resolve_device(args.device)
+    model, preprocess = load_model_arg(args.model, device, args.seed)
+    results = classify(model, args.images, labels, args.templates, preprocess, args.top_k, args.batch_size,
+                       device, args.precision)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for result in results:
+            if "predictions" in result:
+                print(result["image"])
+                width = max(len(p["label"]) for p in result["predictions"])
+                for prediction in result["predictions"]:
+                    print(f"  {prediction['label']:<{width}}  {prediction['score']:.4f}")
+    failed = [result for result in results if "error" in result]
+    for result in failed:
+        print(f"clipforge classify: skipped {result['image']}: {result['error']}", file=sys.stderr)
+    return 1 if failed else 0

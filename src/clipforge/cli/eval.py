@@ -1,0 +1,230 @@
+"""``clipforge eval``: zero-shot classification, image-text retrieval and linear-probe accuracy.
+
+Examples::
+
+    clipforge eval zeroshot --model ckpt/ --data val/ --templates imagenet --out runs/eval-val
+    clipforge eval retrieval --model ckpt/ --data captions_test.json --images coco/
+    clipforge eval linear-probe --model ckpt/ --train train/ --test test/ --few-shot 16
+
+``--model`` takes a checkpoint that ``clipforge.load`` reads, or a preset name (random weights,
+for trying the pipeline). Features are cached under ``--cache-dir`` keyed by weights and data, so
+running the same evaluation again skips the encoders.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import CliError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``eval`` with its ``zeroshot``, ``retrieval`` and ``linear-probe`` tasks."""
+    parser = subparsers.add_parser("eval", help="evaluate a model: zero-shot, retrieval, linear probe",
+                                   description="Evaluate a CLIP model on your own data.")
+    tasks = parser.add_subparsers(dest="task", metavar="TASK", required=True)
+
+    zeroshot = tasks.add_parser("zeroshot", help="zero-shot classification: top-1/top-5, mean per-class recall",
+                                description="Zero-shot classification of an image folder (one sub-folder per "
+                                "class) or a CSV of path,label.")
+    zeroshot.add_argument("--data", required=True, metavar="DIR|CSV", help="image folder or path,label CSV")
+    zeroshot.add_argument("--classnames", metavar="FILE|DATASET",
+                          help="names for the prompts: JSON object {folder: name}, a list file in label order, "
+                          "or a built-in dataset (default: the folder names, _ read as space)")
+    zeroshot.add_argument("--templates", default="imagenet", metavar="NAME|FILE|none",
+                          help="prompt templates: a built-in dataset's, a file (JSON list or one per line), "
+                          "or none for the bare class name (default: imagenet, the paper's 80)")
+    zeroshot.set_defaults(func=run_zeroshot)
+
+    retrieval = tasks.add_parser("retrieval", help="image-text retrieval recall@1/5/10 both ways",
+                                 description="Recall@1/5/10 of image-to-text and text-to-image retrieval.")
+    retrieval.add_argument("--data", required=True, metavar="CAPTIONS",
+                           help="CSV/TSV/JSONL of image,caption rows, COCO captions JSON or a Karpathy split JSON")
+    retrieval.add_argument("--split", default="test", help="Karpathy split to use (default: test)")
+    retrieval.add_argument("--skip-missing", action="store_true",
+                           help="drop listed images that do not exist (and their captions) instead of stopping")
+    retrieval.set_defaults(func=run_retrieval)
+
+    probe = tasks.add_parser("linear-probe", help="logistic regression on frozen image features",
+                             description="Linear-probe accuracy: L-BFGS logistic regression on image "
+                             "features, C chosen on a validation split by the paper's sweep.")
+    probe.add_argument("--train", required=True, metavar="DIR|CSV")
+    probe.add_argument("--test", required=True, metavar="DIR|CSV")
+    probe.add_argument("--few-shot", type=int, metavar="K", help="train on K images per class")
+    probe.add_argument("--val-fraction", type=float, default=0.2, help="share of train held out to choose C")
+    probe.set_defaults(func=run_linear_probe)
+
+    for task in (zeroshot, retrieval, probe):
+        add_model_arguments(task)
+        task.add_argument("--images", metavar="DIR", help="folder that relative paths in a listing are under "
+                          "(default: the listing's folder)")
+        task.add_argument("--batch-size", type=int, default=64, metavar="N")
+        task.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
+                          help="DataLoader processes decoding images")
+        task.add_argument("--cache-dir", metavar="DIR", help="feature cache (default: $CLIPFORGE_CACHE/features "
+                          "or ~/.cache/clipforge/features)")
+        task.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")
+        task.add_argument("--out", metavar="DIR", help="write report.json (and plots) here")
+        task.add_argument("--json", action="store_true", help="print the report as JSON instead of a summary")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--device``, ``--precision`` and ``--seed``, shared with ``clipforge classify``."""
+    parser.add_argument("--model", default=os.environ.get("CLIPFORGE_MODEL"), metavar="CKPT|PRESET",
+                        help="checkpoint clipforge.load reads, or a preset name for random weights "
+                        "(default: $CLIPFORGE_MODEL)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                        help="autocast precision of the encoders")
+    parser.add_argument("--seed", type=int, default=0, help="seed of random preset weights and data splits")
+
+
+def resolve_device(name: str):
+    """``auto`` -> cuda when available, else cpu."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_model_arg(spec: str | None, device, seed: int = 0):
+    """``(model, preprocess)`` for ``--model``: a checkpoint, or a preset with random weights (warned)."""
+    import torch
+
+    import clipforge
+
+    if not spec:
+        raise CliError("no model: pass --model CHECKPOINT (or a preset name such as tiny-vit) "
+                       "or set CLIPFORGE_MODEL")
+    load = getattr(clipforge, "load", None)
+    if load is None:
+        from ..checkpoints import load
+    is_preset = spec in clipforge.available_models() and not Path(spec).expanduser().exists()
+    if not is_preset:
+        model, preprocess = load(spec, device=device)
+        return model.eval(), preprocess
+    try:
+        model, preprocess = load(spec, device=device)  # released weights, when cached locally
+        return model.eval(), preprocess
+    except ValueError:
+        pass
+    print(f"warning: {spec!r} is a preset without local weights: using RANDOM weights (seed {seed}); "
+          "scores will be near chance. Pass a checkpoint for real results.", file=sys.stderr)
+    from ..transforms import image_transform
+
+    torch.manual_seed(seed)
+    model = clipforge.create_model(spec).to(device).eval()
+    return model, image_transform(model.config.vision.image_size)
+
+
+def _cache_dir(args: argparse.Namespace) -> str | None:
+    if args.no_cache:
+        return None
+    if args.cache_dir:
+        return args.cache_dir
+    root = os.environ.get("CLIPFORGE_CACHE") or Path.home() / ".cache" / "clipforge"
+    return str(Path(root).expanduser() / "features")
+
+
+def _common(args: argparse.Namespace) -> dict:
+    device = resolve_device(args.device)
+    return dict(device=device, precision=args.precision, num_workers=args.workers,
+                cache_dir=_cache_dir(args), progress=not args.json)
+
+
+def _finish(args: argparse.Namespace, report: dict, summary: list[str], written: list[Path]) -> int:
+    """Print the summary (or JSON), the files written and the skipped images; exit 1 if any."""
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print("\n".join(summary))
+        if written:
+            print("wrote " + ", ".join(str(path) for path in written))
+    for note in report.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
+    skipped = report.get("skipped", [])
+    if skipped:
+        shown = "; ".join(f"{entry['path']} ({entry['reason']})" for entry in skipped[:5])
+        more = f" and {len(skipped) - 5} more (see the report)" if len(skipped) > 5 else ""
+        print(f"warning: skipped {len(skipped)} unreadable image(s): {shown}{more}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _header(args: argparse.Namespace, task: str, started: float) -> dict:
+    return {"task": task, "model": args.model, "precision": args.precision, "seed": args.seed,
+            "elapsed_s": round(time.time() - started, 2)}
+
+
+def run_zeroshot(args: argparse.Namespace) -> int:
+    """``clipforge eval zeroshot``."""
+    from ..evaluate import evaluate_zeroshot, load_classification_data
+    from ..evaluate.report import write_zeroshot_report
+
+    started = time.time()
+    data = load_classification_data(args.data, args.images)
+    common = _common(args)
+    model, preprocess = load_model_arg(args.model, common["device"], args.seed)
+    result = evaluate_zeroshot(model, data, args.classnames, args.templates, preprocess, args.batch_size, **common)
+    report = {**_header(args, "zeroshot", started), "data": args.data, "templates": args.templates,
+              **result.to_report()}
+    written = write_zeroshot_report(report, args.out) if args.out else []
+    summary = [f"zero-shot on {args.data}: {report['num_images']} images, {report['num_classes']} classes, "
+               f"{report['num_templates']} templates"]
+    labels = {"top1": "top-1", "top5": "top-5", "mean_per_class_recall": "mean per-class recall"}
+    summary += [f"{labels.get(name, name):<22} {value:.4f}" for name, value in result.metrics.items()]
+    return _finish(args, report, summary, written)
+
+
+def run_retrieval(args: argparse.Namespace) -> int:
+    """``clipforge eval retrieval``."""
+    from ..evaluate import evaluate_retrieval, load_retrieval_data
+    from ..evaluate.report import write_json
+
+    started = time.time()
+    data = load_retrieval_data(args.data, args.images, args.split, args.skip_missing)
+    common = _common(args)
+    model, preprocess = load_model_arg(args.model, common["device"], args.seed)
+    result = evaluate_retrieval(model, data, preprocess, batch_size=args.batch_size, **common)
+    report = {**_header(args, "retrieval", started), "data": args.data, **result}
+    written = [write_json(report, Path(args.out) / "report.json")] if args.out else []
+    metrics = result["metrics"]
+    summary = [f"retrieval on {args.data}: {result['num_images']} images, {result['num_texts']} captions"]
+    for direction, label in (("image_to_text", "image->text"), ("text_to_image", "text->image")):
+        recalls = "  ".join(f"R@{k} {metrics[f'{direction}_recall@{k}']:.4f}" for k in (1, 5, 10))
+        summary.append(f"{label}  {recalls}")
+    return _finish(args, report, summary, written)
+
+
+def run_linear_probe(args: argparse.Namespace) -> int:
+    """``clipforge eval linear-probe``."""
+    from ..evaluate import evaluate_linear_probe, load_classification_data
+    from ..evaluate.report import write_json
+
+    if args.few_shot is not None and args.few_shot < 1:
+        raise CliError(f"--few-shot must be at least 1, got {args.few_shot}")
+    if not 0 < args.val_fraction < 1:
+        raise CliError(f"--val-fraction must lie strictly between 0 and 1, got {args.val_fraction}")
+    started = time.time()
+    train = load_classification_data(args.train, args.images)
+    test = load_classification_data(args.test, args.images)
+    common = _common(args)
+    model, preprocess = load_model_arg(args.model, common["device"], args.seed)
+    result = evaluate_linear_probe(model, train, test, preprocess, args.few_shot, args.val_fraction, args.seed,
+                                   args.batch_size, **common)
+    report = {**_header(args, "linear-probe", started), "train": args.train, "test": args.test, **result}
+    written = [write_json(report, Path(args.out) / "report.json")] if args.out else []
+    if args.few_shot:
+        sizes = (f"{args.few_shot}-shot: {result['num_train']} training images, C chosen on "
+                 f"{result['num_val']} others")
+    else:
+        sizes = f"{result['num_train']} training images ({result['num_val']} first held out to choose C)"
+    summary = [f"linear probe, {sizes}, {result['num_test']} test images",
+               f"accuracy  {result['accuracy']:.4f}",
+               f"C         {result['C']:.4g}"]
+    return _finish(args, report, summary, written)

@@ -1,0 +1,261 @@
+"""Evaluation data listings: labelled images for classification, image-caption pairs for retrieval.
+
+Only paths and labels are read here; decoding happens in ``features.py`` (where an unreadable file
+is skipped and reported). Every check that can fail is made up front, so a bad listing stops with
+one message naming the file before any model runs.
+
+Classification: an image folder (one sub-folder per class) or a CSV/TSV of ``path,label``.
+Retrieval: CSV/TSV or JSONL of (image, caption) rows, several rows per image allowed; a JSON list of
+such objects; COCO captions JSON (``images`` + ``annotations``); or a Karpathy-split JSON
+(``images[].sentences``, filtered to one split).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+IMAGE_KEYS = ("image", "filepath", "file_path", "image_path", "path", "filename", "file_name", "file", "img")
+CAPTION_KEYS = ("caption", "text", "title", "sentence", "raw")
+LABEL_KEYS = ("label", "class", "classname", "class_name", "category", "target")
+
+
+@dataclass
+class ClassificationData:
+    """Labelled images: ``paths[i]`` has class ``classes[labels[i]]``."""
+
+    paths: list[str]
+    labels: list[int]
+    classes: list[str]  # folder names or CSV labels, sorted; label i is classes[i]
+    source: str
+
+
+@dataclass
+class RetrievalData:
+    """Images and captions: caption j describes image ``text_to_image[j]``."""
+
+    image_paths: list[str]
+    texts: list[str]
+    text_to_image: list[int]
+    source: str
+    notes: list[str] = field(default_factory=list)  # what was dropped while reading, for the report
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """Whether the file name has an image extension (contents are checked when decoded)."""
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def load_image_folder(root: str | os.PathLike) -> ClassificationData:
+    """One sub-folder per class (sorted by name), images found recursively inside each."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such folder")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        loose = sum(1 for p in root.iterdir() if is_image_file(p))
+        hint = f" ({loose} images lie directly in it)" if loose else ""
+        raise ValueError(f"{root}: no class sub-folders{hint}; expected one sub-folder of images per class")
+    paths, labels, empty = [], [], []
+    for label, class_dir in enumerate(class_dirs):
+        files = sorted(
+            str(Path(dirpath) / name)
+            for dirpath, dirnames, names in os.walk(class_dir)
+            for name in names if is_image_file(name) and not name.startswith(".")
+        )
+        if not files:
+            empty.append(class_dir.name)
+        paths += files
+        labels += [label] * len(files)
+    if empty:
+        shown = ", ".join(repr(name) for name in empty[:5]) + (" ..." if len(empty) > 5 else "")
+        raise ValueError(f"{root}: {len(empty)} class folder(s) hold no images: {shown}")
+    return ClassificationData(paths, labels, [d.name for d in class_dirs], str(root))
+
+
+def _pick(header: list[str], keys: tuple[str, ...]) -> int | None:
+    lowered = [name.strip().lower() for name in header]
+    for key in keys:
+        if key in lowered:
+            return lowered.index(key)
+    return None
+
+
+def _read_table(path: Path, value_keys: tuple[str, ...]) -> tuple[list[str] | None, list[tuple[int, list[str]]]]:
+    """``(header or None, [(line number, row)])`` of a CSV/TSV, blank rows dropped.
+
+    The first row is a header when it names an image column or a ``value_keys`` column.
+    """
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    with open(path, newline="", encoding="utf-8") as file:
+        rows = [(n, row) for n, row in enumerate(csv.reader(file, delimiter=delimiter), 1) if any(row)]
+    if not rows:
+        raise ValueError(f"{path}: empty file")
+    first = rows[0][1]
+    if _pick(first, IMAGE_KEYS) is not None or _pick(first, value_keys) is not None:
+        return first, rows[1:]
+    return None, rows
+
+
+def _resolve(image_root: Path, name: str) -> str:
+    return name if os.path.isabs(name) else str(image_root / name)
+
+
+def _check_exist(paths: list[str], listing: Path, image_root: Path) -> None:
+    missing = [p for p in dict.fromkeys(paths) if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(
+            f"{listing}: {len(missing)} of {len(set(paths))} listed images are missing under {image_root}, "
+            f"e.g. {missing[0]!r}; pass the image folder (--images) or drop them (--skip-missing)")
+
+
+def load_labels_csv(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> ClassificationData:
+    """A CSV/TSV of ``path,label`` (header optional); relative paths are under ``image_root``."""
+    path = Path(path)
+    image_root = Path(image_root) if image_root else path.parent
+    header, rows = _read_table(path, LABEL_KEYS)
+    image_col, label_col = (0, 1) if header is None else (_pick(header, IMAGE_KEYS), _pick(header, LABEL_KEYS))
+    if image_col is None or label_col is None:
+        raise ValueError(f"{path}: header {header} needs an image column ({', '.join(IMAGE_KEYS)}) "
+                         f"and a label column ({', '.join(LABEL_KEYS)})")
+    names, raw_labels = [], []
+    for line, row in rows:
+        if len(row) <= max(image_col, label_col) or not row[image_col].strip() or not row[label_col].strip():
+            raise ValueError(f"{path}:{line}: expected an image path and a label, got {row}")
+        names.append(_resolve(image_root, row[image_col].strip()))
+        raw_labels.append(row[label_col].strip())
+    if not names:
+        raise ValueError(f"{path}: no rows after the header")
+    _check_exist(names, path, image_root)
+    classes = sorted(set(raw_labels))
+    index = {name: i for i, name in enumerate(classes)}
+    return ClassificationData(names, [index[label] for label in raw_labels], classes, str(path))
+
+
+def load_classification_data(path: str | os.PathLike,
+                             image_root: str | os.PathLike | None = None) -> ClassificationData:
+    """An image folder, or a CSV/TSV listing of ``path,label``."""
+    path = Path(path)
+    if path.is_dir():
+        return load_image_folder(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if path.suffix.lower() not in (".csv", ".tsv"):
+        raise ValueError(f"{path}: expected an image folder or a .csv/.tsv of path,label")
+    return load_labels_csv(path, image_root)
+
+
+def _pairs_from_records(records: list[dict], path: Path) -> list[tuple[str, str]]:
+    pairs = []
+    for number, record in enumerate(records, 1):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: record {number} is not an object")
+        image_key = next((k for k in IMAGE_KEYS if k in record), None)
+        if image_key is None:
+            raise ValueError(f"{path}: record {number} has no image field ({', '.join(IMAGE_KEYS)})")
+        captions = record.get("captions")
+        if captions is None:
+            caption_key = next((k for k in CAPTION_KEYS if k in record), None)
+            if caption_key is None:
+                raise ValueError(f"{path}: record {number} has no caption field "
+                                 f"({', '.join(CAPTION_KEYS)} or captions)")
+            captions = [record[caption_key]]
+        pairs += [(str(record[image_key]), str(caption)) for caption in captions]
+    return pairs
+
+
+def _pairs_from_json(data, path: Path, split: str | None) -> list[tuple[str, str]]:
+    if isinstance(data, list):
+        return _pairs_from_records(data, path)
+    if isinstance(data, dict) and "annotations" in data and "images" in data:  # COCO captions
+        files = {image["id"]: image["file_name"] for image in data["images"]}
+        return [(files[a["image_id"]], a["caption"]) for a in data["annotations"] if a["image_id"] in files]
+    if isinstance(data, dict) and isinstance(data.get("images"), list):  # Karpathy split
+        images = data["images"]
+        if split:
+            splits = sorted({image.get("split", "") for image in images})
+            images = [image for image in images if image.get("split") == split]
+            if not images:
+                raise ValueError(f"{path}: no images in split {split!r}; splits present: {splits}")
+        return [
+            (str(Path(image.get("filepath", "")) / image["filename"]), sentence["raw"])
+            for image in images for sentence in image["sentences"]
+        ]
+    raise ValueError(f"{path}: unrecognised JSON; expected a list of {{image, caption}} objects, "
+                     "COCO captions (images + annotations) or a Karpathy split (images[].sentences)")
+
+
+def _read_caption_pairs(path: Path, split: str | None) -> list[tuple[str, str]]:
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        header, rows = _read_table(path, CAPTION_KEYS)
+        image_col, caption_col = (0, 1) if header is None else (_pick(header, IMAGE_KEYS), _pick(header, CAPTION_KEYS))
+        if image_col is None or caption_col is None:
+            raise ValueError(f"{path}: header {header} needs an image column ({', '.join(IMAGE_KEYS)}) "
+                             f"and a caption column ({', '.join(CAPTION_KEYS)})")
+        pairs = []
+        for line, row in rows:
+            if len(row) <= max(image_col, caption_col) or not row[image_col].strip():
+                raise ValueError(f"{path}:{line}: expected an image path and a caption, got {row}")
+            pairs.append((row[image_col].strip(), row[caption_col]))
+        return pairs
+    if suffix == ".jsonl":
+        records = []
+        with open(path, encoding="utf-8") as file:
+            for line_number, line in enumerate(file, 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as error:
+                        raise ValueError(f"{path}:{line_number}: not JSON ({error.msg})") from None
+        return _pairs_from_records(records, path)
+    if suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not JSON ({error.msg} at line {error.lineno})") from None
+        return _pairs_from_json(data, path, split)
+    raise ValueError(f"{path}: expected captions as .csv, .tsv, .jsonl or .json")
+
+
+def load_retrieval_data(path: str | os.PathLike, image_root: str | os.PathLike | None = None,
+                        split: str | None = "test", skip_missing: bool = False) -> RetrievalData:
+    """Image-caption pairs grouped by image; relative image paths are under ``image_root``.
+
+    ``split`` selects a Karpathy split (ignored by the other formats). A missing image raises
+    ``FileNotFoundError`` unless ``skip_missing``, which drops it with its captions and notes it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    image_root = Path(image_root) if image_root else path.parent
+    pairs = _read_caption_pairs(path, split)
+    notes = []
+    blank = sum(1 for _, caption in pairs if not caption.strip())
+    if blank:
+        notes.append(f"dropped {blank} blank captions")
+    pairs = [(_resolve(image_root, image), caption.strip()) for image, caption in pairs if caption.strip()]
+    if not pairs:
+        raise ValueError(f"{path}: no (image, caption) pairs")
+    if skip_missing:
+        missing = {image for image, _ in pairs if not os.path.isfile(image)}
+        if missing:
+            notes.append(f"dropped {len(missing)} missing images, e.g. {sorted(missing)[0]!r}")
+            pairs = [pair for pair in pairs if pair[0] not in missing]
+        if not pairs:
+            raise FileNotFoundError(f"{path}: none of the listed images exist under {image_root}")
+    else:
+        _check_exist([image for image, _ in pairs], path, image_root)
+    image_index: dict[str, int] = {}
+    for image, _ in pairs:
+        image_index.setdefault(image, len(image_index))
+    return RetrievalData(
+        image_paths=list(image_index),
+        texts=[caption for _, caption in pairs],
+        text_to_image=[image_index[image] for image, _ in pairs],
+        source=str(path),
+        notes=notes,
+    )

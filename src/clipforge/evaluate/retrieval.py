@@ -1,0 +1,52 @@
+"""Zero-shot image-text retrieval: recall@k in both directions over a captioned image set.
+
+An image with several captions counts as retrieved when any of its captions is (image-to-text),
+and each caption's query has its one image as the answer (text-to-image), as in the paper and
+CLIP_benchmark. Scores are computed in chunks (see ``metrics.first_positive_ranks``).
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence
+
+import torch
+
+from .datasets import RetrievalData
+from .features import encode_images, encode_texts
+from .metrics import retrieval_metrics
+
+
+def evaluate_retrieval(model: torch.nn.Module, data: RetrievalData, preprocess: Callable | None = None,
+                       ks: Sequence[int] = (1, 5, 10), batch_size: int = 64, text_batch_size: int = 256,
+                       num_workers: int = 0, device: str | torch.device | None = None,
+                       precision: str = "fp32", cache_dir: str | os.PathLike | None = None,
+                       progress: bool = True, memory_budget_bytes: int = 256 * 2**20) -> dict:
+    """Image-to-text and text-to-image recall@k of ``model`` on ``data``, as a JSON-able report.
+
+    Unreadable images are skipped together with their captions and listed under ``skipped``.
+    """
+    if preprocess is None:
+        from ..transforms import image_transform
+
+        preprocess = image_transform(model.config.vision.image_size)
+    images = encode_images(model, data.image_paths, preprocess, batch_size, num_workers, device,
+                           precision, cache_dir, progress)
+    if len(images.indices) == 0:
+        raise ValueError(f"{data.source}: none of the {len(data.image_paths)} images could be read, "
+                         f"e.g. {images.skipped[0][0]} ({images.skipped[0][1]})")
+    texts = encode_texts(model, data.texts, batch_size=text_batch_size, device=device, precision=precision,
+                         cache_dir=cache_dir, progress=progress, desc="captions")  # (T, D)
+    # Rows of `images.features` follow images.indices; renumber the images that were read.
+    new_index = torch.full((len(data.image_paths),), -1, dtype=torch.long)
+    new_index[images.indices] = torch.arange(len(images.indices))
+    text_to_image = new_index[torch.tensor(data.text_to_image)]  # (T,) -1 where the image was skipped
+    kept_texts = text_to_image >= 0
+    metrics = retrieval_metrics(images.features, texts[kept_texts], text_to_image[kept_texts].tolist(),
+                                ks, memory_budget_bytes)
+    return {
+        "metrics": metrics,
+        "num_images": len(images.indices),
+        "num_texts": int(kept_texts.sum()),
+        "skipped": [{"path": path, "reason": reason} for path, reason in images.skipped],
+        "notes": list(data.notes),
+    }
