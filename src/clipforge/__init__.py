@@ -7,6 +7,7 @@ The public API mirrors openai/CLIP, so code written for it ports unchanged::
     tokens = clipforge.tokenize(["a photo of a cat"])
     image_features = model.encode_image(preprocess(image).unsqueeze(0))
 """
+from .checkpoints import CheckpointError, export_hf, export_openai, infer_config, load, load_model, save
 from .config import ClipConfig, TextConfig, VisionConfig
 from .models import CLIP
 from .registry import available_models, get_config, register_model
@@ -21,6 +22,13 @@ def create_model(name_or_config: "str | ClipConfig") -> CLIP:
 
 __all__ = [
     "CLIP",
+    "CheckpointError",
+    "export_hf",
+    "export_openai",
+    "infer_config",
+    "load",
+    "load_model",
+    "save",
     "OPENAI_MEAN",
     "OPENAI_STD",
     "image_transform",
