@@ -169,8 +169,10 @@ class Tokenizer:
         """
         ids = self._cache.get(piece)
         if ids is None:
-            words = WORD_PATTERN.findall(piece)
-            if len(words) == 1:  # the matches cover every non-space character: words[0] == piece
+            # ASCII letters are one word; else the matches cover every non-space character, so
+            # a single match is the piece itself.
+            words = [piece] if piece.isascii() and piece.isalpha() else WORD_PATTERN.findall(piece)
+            if len(words) == 1:
                 ids = self._bpe(piece)
             else:
                 ids = [i for word in words for i in self._piece_ids(word)]
