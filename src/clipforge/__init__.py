@@ -11,6 +11,7 @@ from .checkpoints import CheckpointError, export_hf, export_openai, infer_config
 from .config import ClipConfig, TextConfig, VisionConfig
 from .models import CLIP
 from .registry import available_models, get_config, register_model
+from .tokenizer import Tokenizer, get_tokenizer, tokenize
 from .transforms import OPENAI_MEAN, OPENAI_STD, image_transform, load_image
 
 
@@ -29,6 +30,9 @@ __all__ = [
     "load",
     "load_model",
     "save",
+    "Tokenizer",
+    "get_tokenizer",
+    "tokenize",
     "OPENAI_MEAN",
     "OPENAI_STD",
     "image_transform",
