@@ -50,6 +50,39 @@ def _merge(run_max, run_sum, tile_max, tile_sum) -> None:
     run_max.copy_(new_max)
 
 
+class _LogitBlocks:
+    """The (tile, tile) blocks of ``S = scale * image @ text.T``, row-major, as ``(r0, r1, c0, c1, S)``.
+
+    Blocks are computed into one reused buffer and recomputed on every pass, except when the
+    whole (n, N) matrix is no bigger than one block buffer: then the first pass keeps the blocks
+    and later passes (backward) read them back, saving a quarter of the matrix products.
+    """
+
+    def __init__(self, image: torch.Tensor, text: torch.Tensor, scale: float, tile: int, kept=None):
+        self.image, self.text, self.scale, self.tile = image, text, scale, tile
+        n, total = image.shape[0], text.shape[0]
+        if kept is None and n * total <= tile * tile:
+            kept = []
+        self.kept: "list[torch.Tensor] | None" = kept  # filled by the first pass, when small
+        self.buffer = None if kept is not None else image.new_empty(min(tile, n) * min(tile, total))
+
+    def __iter__(self):
+        index = 0
+        for r0, r1 in _spans(self.image.shape[0], self.tile):
+            scaled_rows = None
+            for c0, c1 in _spans(self.text.shape[0], self.tile):
+                if self.kept is not None and index < len(self.kept):
+                    logits = self.kept[index]
+                else:
+                    if scaled_rows is None:
+                        scaled_rows = self.image[r0:r1] * self.scale  # (R, d)
+                    out = None if self.kept is not None else _tile(self.buffer, r1 - r0, c1 - c0)
+                    logits = torch.mm(scaled_rows, self.text[c0:c1].T, out=out)  # (R, C)
+                    if self.kept is not None:
+                        self.kept.append(logits)
+                index += 1
+                yield r0, r1, c0, c1, logits
+
 class TiledClipLoss(torch.autograd.Function):
     """Symmetric InfoNCE: mean over pairs of (row LSE - S_ii + column LSE - S_ii) / 2.
 
@@ -63,24 +96,22 @@ class TiledClipLoss(torch.autograd.Function):
         n, total = image.shape[0], text.shape[0]
         scale = float(logit_scale.detach().exp())
         with torch.no_grad(), _no_autocast(image):
-            buf_logits, buf_exp = _buffers(image, min(tile, n), min(tile, total))
+            blocks = _LogitBlocks(image, text, scale, tile)
+            (buf_exp,) = _buffers(image, min(tile, n), min(tile, total), count=1)
             row_max, row_sum = image.new_full((n,), float("-inf")), image.new_zeros(n)  # over all N columns
             col_max, col_sum = image.new_full((total,), float("-inf")), image.new_zeros(total)  # local rows only
             pair_logits = image.new_empty(n)  # S_ii, the very values the tiles hold
-            for r0, r1 in _spans(n, tile):
-                scaled_rows = image[r0:r1] * scale  # (R, d)
-                for c0, c1 in _spans(total, tile):
-                    logits = torch.mm(scaled_rows, text[c0:c1].T, out=_tile(buf_logits, r1 - r0, c1 - c0))
-                    shifted = _tile(buf_exp, r1 - r0, c1 - c0)
-                    tile_max = logits.amax(dim=1, keepdim=True)  # (R, 1)
-                    tile_sum = torch.sub(logits, tile_max, out=shifted).exp_().sum(dim=1)  # (R,)
-                    _merge(row_max[r0:r1], row_sum[r0:r1], tile_max.squeeze(1), tile_sum)
-                    tile_max = logits.amax(dim=0, keepdim=True)  # (1, C)
-                    tile_sum = torch.sub(logits, tile_max, out=shifted).exp_().sum(dim=0)  # (C,)
-                    _merge(col_max[c0:c1], col_sum[c0:c1], tile_max.squeeze(0), tile_sum)
-                    lo, hi = _diagonal_rows(r0, r1, c0, c1, row_offset)
-                    if lo < hi:
-                        pair_logits[lo:hi] = logits.diagonal(row_offset + r0 - c0)
+            for r0, r1, c0, c1, logits in blocks:
+                shifted = _tile(buf_exp, r1 - r0, c1 - c0)
+                tile_max = logits.amax(dim=1, keepdim=True)  # (R, 1)
+                tile_sum = torch.sub(logits, tile_max, out=shifted).exp_().sum(dim=1)  # (R,)
+                _merge(row_max[r0:r1], row_sum[r0:r1], tile_max.squeeze(1), tile_sum)
+                tile_max = logits.amax(dim=0, keepdim=True)  # (1, C)
+                tile_sum = torch.sub(logits, tile_max, out=shifted).exp_().sum(dim=0)  # (C,)
+                _merge(col_max[c0:c1], col_sum[c0:c1], tile_max.squeeze(0), tile_sum)
+                lo, hi = _diagonal_rows(r0, r1, c0, c1, row_offset)
+                if lo < hi:
+                    pair_logits[lo:hi] = logits.diagonal(row_offset + r0 - c0)
             # sum_i (row LSE_i - S_ii) - sum_i S_ii over local rows, in fp64 (large terms cancel).
             row_logsum = row_sum.log_()
             local = ((row_max - pair_logits) + row_logsum).double().sum() - pair_logits.double().sum()
@@ -93,6 +124,7 @@ class TiledClipLoss(torch.autograd.Function):
             loss = (local + (col_max.double() + col_logsum.double()).sum()) / (2 * total)
         ctx.save_for_backward(image, text, logit_scale, row_max, row_logsum, col_max, col_logsum)
         ctx.scale, ctx.row_offset, ctx.tile, ctx.world_size = scale, row_offset, tile, world_size
+        ctx.kept_logits = blocks.kept
         return loss.to(image.dtype)
 
     @staticmethod
@@ -106,22 +138,19 @@ class TiledClipLoss(torch.autograd.Function):
         with torch.no_grad(), _no_autocast(image):
             grad_image, grad_text = torch.zeros_like(image), torch.zeros_like(text) if need_text else None
             grad_scale = image.new_zeros((), dtype=torch.float64)
-            buf_logits, buf_rows, buf_cols = _buffers(image, min(tile, n), min(tile, total), count=3)
-            for r0, r1 in _spans(n, tile):
-                rows = image[r0:r1]
-                scaled_rows = rows * scale  # (R, d)
-                for c0, c1 in _spans(total, tile):
-                    shape = (r1 - r0, c1 - c0)
-                    logits = torch.mm(scaled_rows, text[c0:c1].T, out=_tile(buf_logits, *shape))
-                    grad_logits = torch.sub(logits, row_max[r0:r1, None], out=_tile(buf_rows, *shape))
-                    grad_logits.sub_(row_logsum[r0:r1, None]).exp_()  # P, (R, C)
-                    softmax_cols = torch.sub(logits, col_max[None, c0:c1], out=_tile(buf_cols, *shape))
-                    softmax_cols.sub_(col_logsum[None, c0:c1]).exp_()  # Q, (R, C)
-                    grad_logits.add_(softmax_cols).diagonal(offset + r0 - c0).sub_(2.0)  # -S_ii, if here
-                    grad_scale += torch.dot(grad_logits.view(-1), logits.view(-1))
-                    grad_image[r0:r1].addmm_(grad_logits, text[c0:c1], alpha=coef * scale)
-                    if need_text:
-                        grad_text[c0:c1].addmm_(grad_logits.T, rows, alpha=coef * scale)
+            blocks = _LogitBlocks(image, text, scale, tile, kept=ctx.kept_logits)
+            buf_rows, buf_cols = _buffers(image, min(tile, n), min(tile, total))
+            for r0, r1, c0, c1, logits in blocks:
+                shape = (r1 - r0, c1 - c0)
+                grad_logits = torch.sub(logits, row_max[r0:r1, None], out=_tile(buf_rows, *shape))
+                grad_logits.sub_(row_logsum[r0:r1, None]).exp_()  # P, (R, C)
+                softmax_cols = torch.sub(logits, col_max[None, c0:c1], out=_tile(buf_cols, *shape))
+                softmax_cols.sub_(col_logsum[None, c0:c1]).exp_()  # Q, (R, C)
+                grad_logits.add_(softmax_cols).diagonal(offset + r0 - c0).sub_(2.0)  # -S_ii, if here
+                grad_scale += torch.dot(grad_logits.view(-1), logits.view(-1))
+                grad_image[r0:r1].addmm_(grad_logits, text[c0:c1], alpha=coef * scale)
+                if need_text:
+                    grad_text[c0:c1].addmm_(grad_logits.T, image[r0:r1], alpha=coef * scale)
             grad_scale = (grad_scale * coef).reshape(logit_scale.shape).to(logit_scale.dtype)
         return grad_image, grad_text, grad_scale, None, None, None, None
 
@@ -134,20 +163,19 @@ class TiledSigmoidLoss(torch.autograd.Function):
         n, total = image.shape[0], text.shape[0]
         scale, bias = float(logit_scale.detach().exp()), float(logit_bias.detach())
         with torch.no_grad(), _no_autocast(image):
-            buf_logits, _ = _buffers(image, min(tile, n), min(tile, total))
+            blocks = _LogitBlocks(image, text, scale, tile)
+            (buf_signed,) = _buffers(image, min(tile, n), min(tile, total), count=1)
             local = image.new_zeros((), dtype=torch.float64)
-            for r0, r1 in _spans(n, tile):
-                scaled_rows = image[r0:r1] * scale  # (R, d)
-                for c0, c1 in _spans(total, tile):
-                    logits = torch.mm(scaled_rows, text[c0:c1].T, out=_tile(buf_logits, r1 - r0, c1 - c0))
-                    signed = logits.add_(bias)  # (R, C), -z_ij * l_ij: flip the matching pairs
-                    signed.diagonal(row_offset + r0 - c0).neg_()
-                    local += F.softplus(signed).sum()
+            for r0, r1, c0, c1, logits in blocks:
+                signed = torch.add(logits, bias, out=_tile(buf_signed, r1 - r0, c1 - c0))  # (R, C)
+                signed.diagonal(row_offset + r0 - c0).neg_()  # -z_ij * l_ij: flip the matching pairs
+                local += F.softplus(signed).sum()
             if world_size > 1:
                 local = all_reduce_sum(local.view(1), group)[0]
             loss = local / total
         ctx.save_for_backward(image, text, logit_scale, logit_bias)
         ctx.scale, ctx.bias, ctx.row_offset, ctx.tile, ctx.world_size = scale, bias, row_offset, tile, world_size
+        ctx.kept_logits = blocks.kept
         return loss.to(image.dtype)
 
     @staticmethod
@@ -161,23 +189,19 @@ class TiledSigmoidLoss(torch.autograd.Function):
             grad_image, grad_text = torch.zeros_like(image), torch.zeros_like(text) if need_text else None
             grad_scale = image.new_zeros((), dtype=torch.float64)
             grad_bias = image.new_zeros((), dtype=torch.float64)
-            buf_logits, buf_grad = _buffers(image, min(tile, n), min(tile, total))
-            for r0, r1 in _spans(n, tile):
-                rows = image[r0:r1]
-                scaled_rows = rows * scale  # (R, d)
-                for c0, c1 in _spans(total, tile):
-                    shape = (r1 - r0, c1 - c0)
-                    logits = torch.mm(scaled_rows, text[c0:c1].T, out=_tile(buf_logits, *shape))  # S, no bias
-                    grad_logits = torch.add(logits, bias, out=_tile(buf_grad, *shape))  # (R, C)
-                    pairs = grad_logits.diagonal(offset + r0 - c0)  # matching pairs in this tile, if any
-                    pairs.neg_()
-                    grad_logits.sigmoid_()
-                    pairs.neg_()  # sigmoid(l) - 1 = -sigmoid(-l), without the cancellation
-                    grad_bias += grad_logits.sum()
-                    grad_scale += torch.dot(grad_logits.view(-1), logits.view(-1))
-                    grad_image[r0:r1].addmm_(grad_logits, text[c0:c1], alpha=coef * scale)
-                    if need_text:
-                        grad_text[c0:c1].addmm_(grad_logits.T, rows, alpha=coef * scale)
+            blocks = _LogitBlocks(image, text, scale, tile, kept=ctx.kept_logits)
+            (buf_grad,) = _buffers(image, min(tile, n), min(tile, total), count=1)
+            for r0, r1, c0, c1, logits in blocks:
+                grad_logits = torch.add(logits, bias, out=_tile(buf_grad, r1 - r0, c1 - c0))  # (R, C)
+                pairs = grad_logits.diagonal(offset + r0 - c0)  # matching pairs in this tile, if any
+                pairs.neg_()
+                grad_logits.sigmoid_()
+                pairs.neg_()  # sigmoid(l) - 1 = -sigmoid(-l), without the cancellation
+                grad_bias += grad_logits.sum()
+                grad_scale += torch.dot(grad_logits.view(-1), logits.view(-1))
+                grad_image[r0:r1].addmm_(grad_logits, text[c0:c1], alpha=coef * scale)
+                if need_text:
+                    grad_text[c0:c1].addmm_(grad_logits.T, image[r0:r1], alpha=coef * scale)
             grad_scale = (grad_scale * coef).reshape(logit_scale.shape).to(logit_scale.dtype)
             grad_bias = (grad_bias * coef).reshape(logit_bias.shape).to(logit_bias.dtype)
         return grad_image, grad_text, grad_scale, grad_bias, None, None, None, None
