@@ -1,0 +1,138 @@
+"""Training checkpoints that survive a kill at any instant, and resuming from them.
+
+A checkpoint is a folder ``run_dir/checkpoints/step_00000100/`` holding
+
+- ``model.safetensors`` and ``config.json``: the weights and the model config (a clipforge model
+  folder, so evaluation can load it directly);
+- ``state.pt``: everything else needed to continue exactly, as plain tensors and dicts that load
+  with ``torch.load(weights_only=True)``: optimizer, scheduler, loss scaler, the loss's own
+  parameters, RNG states of every process, step, epoch, the sample offset inside the epoch, and
+  the resolved training config.
+
+The folder is written under a temporary name and renamed into place (``os.replace``), so a
+reader sees either the whole checkpoint or none of it; ``step_*`` folders are always complete.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from ..checkpoints import save as save_model_folder
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+WEIGHTS_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    """The folder holding a run's ``step_*`` checkpoints."""
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint folders of a run, oldest first."""
+    folder = checkpoint_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [path for _, path in sorted(found)]
+
+
+def resolve_resume(run_dir: str | Path, resume: str) -> Path:
+    """The checkpoint folder named by ``resume``: ``"latest"`` or a path; raises if there is none."""
+    if resume == "latest":
+        found = list_checkpoints(run_dir)
+        if not found:
+            raise FileNotFoundError(f"--resume latest: no checkpoint in {checkpoint_dir(run_dir)}")
+        return found[-1]
+    path = Path(resume)
+    if not path.is_absolute() and not path.exists():
+        path = checkpoint_dir(run_dir) / resume
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"resume checkpoint {resume!r} not found: expected {path / STATE_FILE}")
+    return path
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's Python, NumPy, torch CPU and CUDA generator states as plain tensors/tuples."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_state`."""
+    random.setstate(state["python"])
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, state: dict[str, Any], step: int, keep: int) -> Path:
+    """Write checkpoint ``step_{step}`` atomically, then delete all but the newest ``keep`` (0: none).
+
+    ``model`` is the plain (not compiled, not wrapped) CLIP model; ``state`` is what
+    :func:`load_checkpoint` gives back (see the module docstring).
+    """
+    folder = checkpoint_dir(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"step_{step:08d}"
+    temporary = folder / f".tmp_step_{step:08d}_{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    save_model_folder(model, temporary)  # model.safetensors + config.json, what clipforge.load reads
+    torch.save(state, temporary / STATE_FILE)
+    for file in temporary.iterdir():
+        _fsync(file)
+    if final.exists():  # the same step saved again after a resume: swap, then drop the old one
+        stale = folder / f".stale_{final.name}_{os.getpid()}"
+        os.replace(final, stale)
+        os.replace(temporary, final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(temporary, final)
+    _fsync(folder)
+    if keep > 0:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict[str, Any]:
+    """Load the weights of checkpoint folder ``path`` into ``model``; return its state dict."""
+    path = Path(path)
+    weights = load_file(str(path / WEIGHTS_FILE))
+    model.load_state_dict(weights)
+    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file or folder) to disk so a rename never exposes unwritten data."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on folders
+    finally:
+        os.close(fd)

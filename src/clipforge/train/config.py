@@ -1,0 +1,227 @@
+"""Typed configuration of a training run: one dataclass per concern, a comment on every field.
+
+A run is fully described by a :class:`TrainConfig`. It is built from a preset (a small Python or
+TOML file, see ``train/presets/``), then ``key=value`` overrides (``optim.lr=1e-4``), then checked by
+:func:`validate` before any work starts. The resolved config is saved in the run folder and inside
+every checkpoint, so a run can always be reproduced or resumed from its folder alone.
+
+Defaults are the paper's recipe where the paper gives one (Radford et al. 2021, appendix F):
+AdamW with betas (0.9, 0.98), eps 1e-6, weight decay 0.2, cosine schedule with linear warmup,
+temperature initialised to 1/0.07 and capped at 100.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..loss import DEFAULT_TILE_SIZE
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+LOSSES = ("clip", "siglip")
+
+
+@dataclass
+class ModelSection:
+    name: str = "tiny-vit"  # preset from clipforge.available_models(); ignored when init_checkpoint is set
+    init_checkpoint: str | None = None  # fine-tune: any file/folder clipforge.load reads (None: random init)
+    lock_image: bool = False  # freeze the image tower (no gradients, norms in eval mode)
+    lock_text: bool = False  # freeze the text tower
+    grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+    compile: bool = False  # torch.compile the towers (opt-in: slow first steps, faster after)
+
+
+@dataclass
+class DataSection:
+    train: str = ""  # captions file (.csv/.tsv/.jsonl) or WebDataset shard pattern ("data-{0000..0099}.tar")
+    image_root: str | None = None  # folder that image paths in a captions file are relative to (None: its folder)
+    workers: int = 2  # data-loader worker processes per rank (0: load in the training process)
+    crop_scale: tuple[float, float] = (0.9, 1.0)  # random-resized-crop area range of the train augmentation
+    image_key: str | None = None  # caption-file column / JSON field of the image path (None: image, filepath, ...)
+    caption_key: str | None = None  # column / JSON field of the caption (None: caption, title, text)
+    max_skip_fraction: float = 0.01  # stop when more than this fraction of samples are unreadable
+
+
+@dataclass
+class LossSection:
+    kind: str = "clip"  # "clip": symmetric softmax cross-entropy (the paper); "siglip": pairwise sigmoid
+    tile_size: int = DEFAULT_TILE_SIZE  # rows/columns of the similarity matrix held at once (exact tiled loss)
+
+
+@dataclass
+class OptimSection:
+    lr: float = 5e-4  # peak learning rate, reached after warmup
+    weight_decay: float = 0.2  # decoupled (AdamW); never applied to gains, biases, embeddings, logit_scale
+    betas: tuple[float, float] = (0.9, 0.98)  # Adam moment decay rates (paper: 0.98 for stability)
+    eps: float = 1e-6  # Adam denominator epsilon (paper value)
+    warmup_steps: int = 2000  # linear warmup from 0 to lr, then cosine decay to 0 at the last step
+    grad_clip_norm: float | None = None  # clip the global gradient norm to this (None: no clipping)
+
+
+@dataclass
+class RunSection:
+    run_dir: str = "runs/clip"  # folder for checkpoints, metrics.jsonl, config.json, curves.png
+    resume: str | None = None  # "latest", or a checkpoint folder inside run_dir/checkpoints, to continue from
+    checkpoint_every: int = 1000  # save every this many optimizer steps (and always at the end)
+    keep: int = 3  # newest checkpoints kept on disk (older ones are deleted; 0 keeps all)
+    log_every: int = 10  # write a metrics line (and TensorBoard scalars) every this many steps
+    tensorboard: bool = False  # also write TensorBoard events to run_dir/tensorboard (needs `tensorboard`)
+    progress: bool = True  # show a progress bar on rank 0
+    max_nonfinite_in_row: int = 10  # stop after this many consecutive steps with a non-finite loss or gradient
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    loss: LossSection = field(default_factory=LossSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    run: RunSection = field(default_factory=RunSection)
+    # Contrastive batch: pairs per optimizer step summed over all processes. Each pair sees every
+    # other pair of this batch as a negative, whatever the number of processes or chunks.
+    batch_size: int = 256
+    # Images/texts per encoder pass on each process (None: the whole per-process batch at once).
+    # A smaller chunk is gradient accumulation that keeps contrastive semantics: the step embeds
+    # the batch chunk by chunk, computes the loss on all of it, then back-propagates chunk by chunk.
+    chunk_size: int | None = None
+    epochs: int = 1  # passes over the data (ignored when steps is set)
+    steps: int | None = None  # total optimizer steps; overrides epochs
+    precision: str = "fp32"  # "fp32", "bf16" (autocast, CPU or CUDA) or "fp16" (autocast + loss scaling, CUDA only)
+    device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda"
+    seed: int = 0  # seeds model init, data order and augmentation; same seed + config = same run
+    deterministic: bool = False  # deterministic kernels (bit-exact resume on GPU; slower)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples become lists)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        """Inverse of :meth:`to_dict`; an unknown key raises naming it and the known ones."""
+        return _build(cls, data, prefix="")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"config section {prefix.rstrip('.') or 'root'} must be a table/dict, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown config key '{prefix}{unknown[0]}'; expected one of {sorted(known)}")
+    values = {}
+    for name, value in data.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            values[name] = _build(kind, value, f"{prefix}{name}.")
+        else:
+            values[name] = _coerce(value, kind, f"{prefix}{name}")
+    return cls(**values)
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    """``value`` (from TOML, JSON or a command-line string) as type ``kind``; raises naming ``key``."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ValueError(f"{key} must be {len(args)} comma-separated values, got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    try:
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if kind is float:
+            return float(value)
+        if kind is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be {kind.__name__}, got {value!r}") from None
+    return value
+
+
+def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """A copy of ``config`` with ``"section.field=value"`` strings applied (``"optim.lr=1e-4"``)."""
+    data = config.to_dict()
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} must look like key=value, e.g. optim.lr=1e-4")
+        *sections, name = key.strip().split(".")
+        target = data
+        for section in sections:
+            if not isinstance(target.get(section), dict):
+                raise ValueError(f"unknown config section {section!r} in override {item!r}")
+            target = target[section]
+        if name not in target or isinstance(target[name], dict):
+            raise ValueError(f"unknown config key {key.strip()!r} in override {item!r}; expected one of {sorted(target)}")
+        target[name] = raw.strip()
+    return TrainConfig.from_dict(data)
+
+
+def validate(config: TrainConfig, world_size: int = 1, device_type: str = "cpu") -> None:
+    """Check everything that can be checked before loading data or building a model.
+
+    Raises ``ValueError`` (or ``FileNotFoundError``) with one line naming the bad value.
+    """
+    if config.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
+    if config.batch_size % world_size:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by the {world_size} processes")
+    per_rank = config.batch_size // world_size
+    if config.chunk_size is not None:
+        if config.chunk_size < 1 or per_rank % config.chunk_size:
+            raise ValueError(
+                f"chunk_size {config.chunk_size} must divide the per-process batch {per_rank} "
+                f"(batch_size {config.batch_size} / {world_size} processes)"
+            )
+    if config.loss.tile_size < 1:
+        raise ValueError(f"loss.tile_size must be >= 1, got {config.loss.tile_size}")
+    if config.loss.kind not in LOSSES:
+        raise ValueError(f"loss.kind must be one of {LOSSES}, got {config.loss.kind!r}")
+    if config.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {config.precision!r}")
+    if config.precision == "fp16" and device_type != "cuda":
+        raise ValueError("precision fp16 needs CUDA (loss scaling); on CPU use precision=bf16")
+    if config.steps is None and config.epochs < 1:
+        raise ValueError(f"epochs must be >= 1 (or set steps), got {config.epochs}")
+    if config.steps is not None and config.steps < 1:
+        raise ValueError(f"steps must be >= 1, got {config.steps}")
+    if config.model.lock_image and config.model.lock_text:
+        raise ValueError("model.lock_image and model.lock_text are both set: nothing would train")
+    optim = config.optim
+    if not (optim.lr > 0 and math.isfinite(optim.lr)) or optim.weight_decay < 0 or optim.warmup_steps < 0:
+        raise ValueError(f"optim needs lr > 0, weight_decay >= 0, warmup_steps >= 0; got {optim}")
+    if not all(0 <= b < 1 for b in optim.betas):
+        raise ValueError(f"optim.betas must lie in [0, 1), got {optim.betas}")
+    if optim.grad_clip_norm is not None and not optim.grad_clip_norm > 0:
+        raise ValueError(f"optim.grad_clip_norm must be > 0 or none, got {optim.grad_clip_norm}")
+    run = config.run
+    if run.checkpoint_every < 1 or run.log_every < 1 or run.keep < 0 or run.max_nonfinite_in_row < 1:
+        raise ValueError(f"run needs checkpoint_every, log_every, max_nonfinite_in_row >= 1 and keep >= 0; got {run}")
+    low, high = config.data.crop_scale
+    if not 0 < low <= high <= 1:
+        raise ValueError(f"data.crop_scale must satisfy 0 < low <= high <= 1, got {config.data.crop_scale}")
+    if not 0 <= config.data.max_skip_fraction < 1:
+        raise ValueError(f"data.max_skip_fraction must lie in [0, 1), got {config.data.max_skip_fraction}")
+    if config.data.workers < 0:
+        raise ValueError(f"data.workers must be >= 0, got {config.data.workers}")
+    if not config.data.train:
+        raise ValueError("no training data: set data.train (--data) to a captions file or shard pattern")

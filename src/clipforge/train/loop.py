@@ -1,0 +1,276 @@
+"""The training loop: batches in, optimizer steps out, with checkpoints, metrics and safety stops.
+
+Each step embeds this process's share of the contrastive batch (in chunks when ``chunk_size`` is
+set, see :mod:`clipforge.train.grad_cache`), computes the loss of the global batch, averages the
+gradients over processes, and updates the weights. Then ``logit_scale`` is clamped so the
+temperature never exceeds 100. A step whose loss or gradient is not finite changes nothing but
+the counters; after ``run.max_nonfinite_in_row`` of them in a row the run stops with
+:class:`TrainingStopped`, leaving the last checkpoint as it was.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..data import TooManyBadSamples, make_train_loader
+from ..distributed import all_reduce_sum, average_gradients
+from ..loss import clamp_logit_scale_
+from .checkpointing import list_checkpoints, rng_state, save_checkpoint
+from .config import TrainConfig
+from .distributed_setup import DistributedContext
+from .grad_cache import contrastive_step
+from .metrics import MetricsLog, plot_curves
+
+STATE_FORMAT = 1  # version of the state.pt layout written by this loop
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped itself (too many non-finite steps or bad samples); the message says why."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path  # the run folder
+    steps: int  # optimizer steps done, counting those before a resume
+    final_loss: float  # loss of the last step (nan when it was not finite)
+    losses: list[float]  # loss of every step this call ran
+    checkpoint: Path | None  # newest checkpoint written by this call (rank 0), else None
+    skipped_steps: int  # steps skipped for a non-finite loss or gradient in this call
+    skipped_samples: int  # bad samples dropped on this process in this call
+    is_main: bool  # rank 0, the process that printed and saved
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built by :func:`clipforge.train.main.train`."""
+
+    config: TrainConfig
+    context: DistributedContext
+    model: nn.Module  # the CLIP model (encode functions possibly compiled)
+    objective: nn.Module  # the loss, with its own parameters (SigLIP's bias)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler  # enabled for fp16 only
+    dataset: object  # from clipforge.data.open_dataset
+    preprocess: Callable  # PIL image -> (3, H, W)
+    tokenize: Callable  # captions -> (n, L)
+    total_steps: int
+    autocast_dtype: torch.dtype | None = None
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epoch of the next batch
+    epoch_batch: int = 0  # index in its epoch of the next batch
+    nonfinite_in_row: int = 0
+    params: list[nn.Parameter] = field(default_factory=list)  # trainable: model, then objective
+
+    def __post_init__(self):
+        self.params = [p for m in (self.model, self.objective) for p in m.parameters() if p.requires_grad]
+        self.norm_buffers = [b for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                             for b in m.buffers() if b.is_floating_point()]
+
+    @property
+    def per_rank_batch(self) -> int:
+        return self.config.batch_size // self.context.world_size
+
+
+def epoch_loader(run: Run, epoch: int, start_batch: int = 0):
+    """This process's loader over ``epoch``, starting at batch ``start_batch``."""
+    return make_train_loader(
+        run.dataset, run.preprocess, run.tokenize, run.per_rank_batch, epoch=epoch, seed=run.config.seed,
+        rank=run.context.rank, world_size=run.context.world_size, num_workers=run.config.data.workers,
+        start_batch=start_batch, max_skip_fraction=run.config.data.max_skip_fraction,
+        pin_memory=run.context.device.type == "cuda",
+    )
+
+
+def _smallest(value: int, context: DistributedContext) -> int:
+    """The minimum of ``value`` over all processes (``value`` itself on one process)."""
+    if context.world_size == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=context.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
+_END, _FAILED = -1, -2  # row counts that signal the end of the epoch / a data error
+
+
+def _next_batch(run: Run, batches: Iterator):
+    """The next batch, trimmed so every process has the same rows, or None at the end of the epoch.
+
+    Bad samples shrink a batch; the gathered loss needs equal rows on every process, so all take
+    the smallest count (a few good pairs sit out that step). A data error on any process stops all.
+    """
+    error = None
+    try:
+        batch = next(batches)
+        rows = len(batch)
+    except StopIteration:
+        batch, rows = None, _END
+    except TooManyBadSamples as err:
+        batch, rows, error = None, _FAILED, err
+    agreed = _smallest(rows, run.context)
+    if agreed == _FAILED:
+        message = str(error) if error else "another process stopped on too many bad samples (see its log)"
+        raise TrainingStopped(message) from error
+    if agreed == _END:
+        return None, 0
+    return batch, agreed
+
+
+def _optimizer_step(run: Run, images: torch.Tensor, tokens: torch.Tensor) -> tuple[float, float, bool]:
+    """One contrastive step; returns (loss, gradient norm, whether it was skipped as non-finite)."""
+    model, objective, optimizer, scaler = run.model, run.objective, run.optimizer, run.scaler
+    saved_norm_stats = [b.clone() for b in run.norm_buffers]
+    loss, _ = contrastive_step(
+        model, images, tokens, lambda image, text: objective(image, text, model.logit_scale),
+        run.config.chunk_size, autocast_dtype=run.autocast_dtype,
+        scale_loss=scaler.scale if scaler.is_enabled() else None,
+    )
+    average_gradients(run.params)  # every process now holds the gradient of the global batch
+    if scaler.is_enabled():
+        scaler.unscale_(optimizer)
+    clip = run.config.optim.grad_clip_norm
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, clip if clip else math.inf))
+    loss_value = float(loss)
+    if scaler.is_enabled():
+        # The scaler skips steps with overflowing gradients and lowers the scale: that is how it
+        # calibrates, so only a non-finite loss counts as a bad step under fp16.
+        scaler.step(optimizer)
+        scaler.update()
+        nonfinite = not math.isfinite(loss_value)
+    else:
+        nonfinite = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
+        if not nonfinite:
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if nonfinite:  # BatchNorm statistics updated by the bad forward pass are put back
+        for buffer, saved in zip(run.norm_buffers, saved_norm_stats):
+            buffer.copy_(saved)
+    clamp_logit_scale_(model.logit_scale)
+    run.scheduler.step()
+    return loss_value, grad_norm, nonfinite
+
+
+def _save(run: Run, last_path: Path | None) -> Path | None:
+    """Checkpoint the current step (rank 0 writes; every process contributes its RNG state)."""
+    rng_states = [rng_state()]
+    if run.context.world_size > 1:
+        rng_states = [None] * run.context.world_size
+        dist.all_gather_object(rng_states, rng_state())
+    if not run.context.is_main:
+        return last_path
+    state = {
+        "format": STATE_FORMAT,
+        "step": run.step,
+        "epoch": run.epoch,
+        "epoch_batch": run.epoch_batch,
+        "epoch_offset": run.epoch_batch * run.config.batch_size,  # samples of the epoch consumed
+        "world_size": run.context.world_size,
+        "nonfinite_in_row": run.nonfinite_in_row,
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "objective": run.objective.state_dict(),
+        "rng": rng_states,
+        "config": run.config.to_dict(),
+    }
+    return save_checkpoint(run.config.run.run_dir, _unwrapped(run.model), state, run.step, run.config.run.keep)
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    return getattr(model, "_orig_mod", model)
+
+
+def _progress_bar(run: Run):
+    from tqdm.auto import tqdm
+
+    enabled = run.context.is_main and run.config.run.progress
+    return tqdm(total=run.total_steps, initial=run.step, disable=not enabled, unit="step", dynamic_ncols=True)
+
+
+def run_loop(run: Run) -> TrainResult:
+    """Train from ``run.step`` to ``run.total_steps``; see the module docstring."""
+    config, context = run.config, run.context
+    log = MetricsLog(config.run.run_dir, config.run.tensorboard, resume_step=run.step) if context.is_main else None
+    bar = _progress_bar(run)
+    losses: list[float] = []
+    skipped_steps, skipped_samples = 0, 0
+    checkpoint: Path | None = None
+    interval_start, interval_samples, interval_losses = time.perf_counter(), 0, []
+    samples_per_s = 0.0
+    batches = iter(epoch_loader(run, run.epoch, run.epoch_batch))
+    try:
+        while run.step < run.total_steps:
+            batch, rows = _next_batch(run, batches)
+            if batch is None:  # epoch done: the next one has its own order and augmentation
+                run.epoch, run.epoch_batch = run.epoch + 1, 0
+                batches = iter(epoch_loader(run, run.epoch))
+                continue
+            skipped_samples += len(batch.skipped)
+            if rows == 0:  # every sample of this batch was bad on some process: nothing to learn from
+                run.epoch_batch = batch.index + 1
+                continue
+            images = batch.images[:rows].to(context.device, non_blocking=True)  # (rows, 3, H, W)
+            tokens = batch.tokens[:rows].to(context.device, non_blocking=True)  # (rows, L)
+            lr = run.optimizer.param_groups[0]["lr"]
+            loss, grad_norm, nonfinite = _optimizer_step(run, images, tokens)
+            run.step, run.epoch_batch = run.step + 1, batch.index + 1
+            losses.append(loss)
+            interval_samples += rows * context.world_size
+            if nonfinite:
+                skipped_steps += 1
+                run.nonfinite_in_row += 1
+                if log:
+                    log.log(run.step, {"event": "nonfinite_step", "loss_value": str(loss), "grad_norm": str(grad_norm)})
+                    bar.write(f"step {run.step}: non-finite loss/gradient ({loss}, {grad_norm}); step skipped")
+                if run.nonfinite_in_row >= config.run.max_nonfinite_in_row:
+                    found = list_checkpoints(config.run.run_dir)
+                    where = found[-1] if found else None
+                    raise TrainingStopped(
+                        f"stopped at step {run.step}: {run.nonfinite_in_row} steps in a row had a non-finite loss "
+                        f"or gradient (last loss {loss}, gradient norm {grad_norm}); they did not change the weights. "
+                        f"Last good checkpoint: {where or 'none written yet'}. Try a lower optim.lr, "
+                        "optim.grad_clip_norm, or precision=bf16"
+                    )
+            else:
+                run.nonfinite_in_row = 0
+                interval_losses.append(loss)
+            scale = float(_unwrapped(run.model).logit_scale.detach().exp())
+            last_step = run.step == run.total_steps
+            if run.step % config.run.log_every == 0 or last_step:
+                samples_per_s = interval_samples / max(time.perf_counter() - interval_start, 1e-9)
+                total_skipped = int(all_reduce_sum(torch.tensor([skipped_samples], device=context.device)).item())
+                if log:
+                    log.log(run.step, {
+                        "epoch": run.epoch,
+                        "loss": sum(interval_losses) / len(interval_losses) if interval_losses else float("nan"),
+                        "lr": lr, "logit_scale": scale, "grad_norm": grad_norm, "samples_per_s": samples_per_s,
+                        "skipped_samples": total_skipped, "skipped_steps": skipped_steps,
+                    })
+                interval_samples, interval_losses = 0, []
+            if context.is_main:
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", scale=f"{scale:.1f}",
+                                samples_per_s=f"{samples_per_s:.1f}", refresh=False)
+                bar.update(1)
+            if run.step % config.run.checkpoint_every == 0 or last_step:
+                checkpoint = _save(run, checkpoint)
+            if run.step % config.run.log_every == 0:
+                interval_start = time.perf_counter()  # after any checkpoint, so saving does not count as training time
+    finally:
+        bar.close()
+        if log:
+            log.close()
+            plot_curves(config.run.run_dir)
+    return TrainResult(
+        run_dir=Path(config.run.run_dir), steps=run.step, final_loss=losses[-1] if losses else float("nan"),
+        losses=losses, checkpoint=checkpoint, skipped_steps=skipped_steps, skipped_samples=skipped_samples,
+        is_main=context.is_main,
+    )
+

@@ -1,0 +1,190 @@
+"""Train CLIP: ``train(config) -> TrainResult``, the library entry point behind ``clipforge train``.
+
+The same entry point runs as one process or as many under torchrun, which sets ``RANK``,
+``WORLD_SIZE`` and ``LOCAL_RANK``; rank 0 alone prints and writes. ``--batch-size`` is the
+contrastive batch of all processes together, so changing the number of GPUs changes the speed,
+not the result.
+
+One process (CPU, or one GPU)::
+
+    clipforge train --preset tiny --data pairs.csv --run-dir runs/tiny
+
+One node with 8 GPUs::
+
+    torchrun --nproc_per_node=8 -m clipforge.cli train --preset paper_vit_b32 \\
+        --data '/data/laion-{00000..09999}.tar' --run-dir runs/b32
+
+Several nodes: the same command on every node, all pointing at one rendezvous host; the run
+folder must be on a filesystem every node sees (checkpoints are written by rank 0 and read by
+all when resuming)::
+
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv_id=b32 --rdzv_backend=c10d \\
+        --rdzv_endpoint=node0.example:29500 -m clipforge.cli train --preset paper_vit_b32 \\
+        --data '/shared/laion-{00000..09999}.tar' --run-dir /shared/runs/b32
+
+Resume any of them after a crash or a kill by adding ``--resume latest`` to the same command.
+
+From Python::
+
+    from clipforge.train import TrainConfig, train
+    config = TrainConfig(batch_size=64, steps=100)
+    config.data.train = "pairs.csv"
+    result = train(config)
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..checkpoints import load_model
+from ..data import open_dataset
+from ..loss import SIGLIP_INIT_LOGIT_SCALE
+from ..models import CLIP
+from ..registry import get_config
+from ..tokenizer import tokenize
+from ..transforms import image_transform
+from .checkpointing import load_checkpoint, resolve_resume, set_rng_state
+from .config import TrainConfig, validate
+from .distributed_setup import DistributedContext, cleanup_distributed, init_distributed, read_environment
+from .loop import Run, TrainingStopped, TrainResult, epoch_loader, run_loop
+from .objective import Objective
+from .optim import build_optimizer, build_scheduler
+
+CONFIG_FILE = "train_config.json"  # the resolved config, saved in the run folder
+_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+__all__ = ["CONFIG_FILE", "TrainResult", "TrainingStopped", "train"]
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train (or fine-tune, or resume) the run ``config`` describes; see the module docstring.
+
+    Configuration errors raise ``ValueError`` / ``FileNotFoundError`` before any work; a run that
+    stops itself (non-finite steps, too many bad samples) raises :class:`TrainingStopped`.
+    """
+    context = read_environment(config.device)
+    validate(config, context.world_size, context.device.type)
+    if config.model.init_checkpoint is None:
+        get_config(config.model.name)  # unknown model: fail now, naming the known ones
+    if config.run.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError("run.tensorboard is set but the tensorboard package is missing: pip install tensorboard")
+    dataset = open_dataset(config.data.train, image_root=config.data.image_root,
+                           image_key=config.data.image_key, caption_key=config.data.caption_key)
+    resume = resolve_resume(config.run.run_dir, config.run.resume) if config.run.resume else None
+    joined = init_distributed(context)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        if config.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+            torch.use_deterministic_algorithms(True)
+        run = _build_run(config, context, dataset)
+        if resume is not None:
+            _restore(run, resume)
+        elif context.is_main:
+            Path(config.run.run_dir).mkdir(parents=True, exist_ok=True)
+        if context.is_main:
+            (Path(config.run.run_dir) / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        return run_loop(run)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        if joined:
+            cleanup_distributed()
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def build_model(config: TrainConfig, device: torch.device) -> CLIP:
+    """The model to train: a preset with random weights, or ``model.init_checkpoint``'s weights.
+
+    Applies gradient checkpointing and tower locking; the model is fp32 (autocast handles bf16
+    and fp16) and in training mode, except for a locked image tower, which stays in eval mode.
+    """
+    section = config.model
+    if section.init_checkpoint:
+        model = load_model(section.init_checkpoint)
+    else:
+        model = CLIP(get_config(section.name))
+        if config.loss.kind == "siglip":
+            with torch.no_grad():
+                model.logit_scale.fill_(SIGLIP_INIT_LOGIT_SCALE)
+    model = model.float()
+    if section.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if section.lock_image:
+        model.lock_image_tower()
+    if section.lock_text:
+        model.lock_text_tower()
+    return model.to(device).train()
+
+
+def _compile(model: CLIP) -> None:
+    """Compile the two encoders in place (the state dict and checkpoints are unaffected)."""
+    model.trim_text = False  # trimming gives a new text length per batch: one recompile each
+    model.encode_image = torch.compile(model.encode_image)
+    model.encode_text = torch.compile(model.encode_text)
+
+
+def _build_run(config: TrainConfig, context: DistributedContext, dataset) -> Run:
+    if config.deterministic:
+        torch.backends.cudnn.benchmark = False
+    _seed_everything(config.seed)  # the same initial weights on every process
+    model = build_model(config, context.device)
+    if context.world_size > 1:  # make sure, whatever the init did on each device
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
+    if config.model.compile:
+        _compile(model)
+    objective = Objective(config.loss.kind, config.loss.tile_size).to(context.device)
+    optimizer = build_optimizer([model, objective], config.optim, fused=context.device.type == "cuda")
+    context_length = model.config.text.context_length
+    run = Run(
+        config=config, context=context, model=model, objective=objective, optimizer=optimizer,
+        scheduler=None, scaler=torch.amp.GradScaler(context.device.type, enabled=config.precision == "fp16"),
+        dataset=dataset,
+        preprocess=image_transform(model.config.vision.image_size, train=True, scale=config.data.crop_scale),
+        tokenize=partial(tokenize, context_length=context_length, truncate=True),
+        total_steps=0, autocast_dtype=_AUTOCAST[config.precision],
+    )
+    steps_per_epoch = epoch_loader(run, 0).num_batches  # also fails now if the data cannot fill a batch
+    run.total_steps = config.steps if config.steps is not None else config.epochs * steps_per_epoch
+    run.scheduler = build_scheduler(optimizer, config.optim.warmup_steps, run.total_steps)
+    return run
+
+
+def _restore(run: Run, checkpoint: Path) -> None:
+    """Load weights, optimizer, schedule, scaler, RNG and data position from ``checkpoint``."""
+    state = load_checkpoint(checkpoint, run.model)
+    saved = TrainConfig.from_dict(state["config"])
+    now = run.config
+    for name, before, after in (
+        ("batch_size", saved.batch_size, now.batch_size),
+        ("number of processes", state["world_size"], run.context.world_size),
+        ("data.train", saved.data.train, now.data.train),
+        ("seed", saved.seed, now.seed),
+        # shards are split into one lane per worker, so their order depends on the worker count
+        ("data.workers", saved.data.workers if run.dataset.sequential else 0, now.data.workers if run.dataset.sequential else 0),
+    ):
+        if before != after:
+            raise ValueError(f"cannot resume {checkpoint}: its {name} was {before!r}, now {after!r}; "
+                             "the data order depends on it, so resume with the same value")
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if run.scaler.is_enabled() and state["scaler"]:
+        run.scaler.load_state_dict(state["scaler"])
+    run.objective.load_state_dict(state["objective"])
+    run.step, run.epoch, run.epoch_batch = state["step"], state["epoch"], state["epoch_batch"]
+    run.nonfinite_in_row = state["nonfinite_in_row"]
+    rng = state["rng"]
+    set_rng_state(rng[run.context.rank] if len(rng) == run.context.world_size else rng[0])

@@ -1,0 +1,95 @@
+"""What a run records: a JSONL metrics log, optional TensorBoard events, and the final curves PNG.
+
+Only rank 0 creates a :class:`MetricsLog`. matplotlib and TensorBoard are imported when used, so
+neither is needed to train.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step to ``run_dir/metrics.jsonl`` (and TensorBoard)."""
+
+    def __init__(self, run_dir: str | Path, tensorboard: bool = False, resume_step: int | None = None):
+        self.path = Path(run_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            truncate_after(self.path, resume_step)
+        self.file = open(self.path, "a", encoding="utf-8")
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step)
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        """Record ``values`` (numbers or strings) at optimizer step ``step``."""
+        record = {"step": step, **values}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for name, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(f"train/{name}", value, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics file; a torn last line (killed mid-write) is ignored."""
+    records = []
+    path = Path(path)
+    if not path.is_file():
+        return records
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Drop records past ``step``: a resumed run rewrites them, so curves show no duplicate steps."""
+    if not path.is_file():
+        return
+    kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+
+
+def plot_curves(run_dir: str | Path) -> Path | None:
+    """Draw loss and logit scale against step from the metrics log into ``run_dir/curves.png``.
+
+    Returns the PNG path, or None when there is nothing to plot or matplotlib is not installed.
+    """
+    run_dir = Path(run_dir)
+    records = [r for r in read_metrics(run_dir / METRICS_FILE) if "loss" in r]
+    if not records:
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    steps = [r["step"] for r in records]
+    figure, (loss_axis, scale_axis) = plt.subplots(1, 2, figsize=(10, 3.5))
+    loss_axis.plot(steps, [r["loss"] if math.isfinite(r["loss"]) else float("nan") for r in records])
+    loss_axis.set(xlabel="step", ylabel="loss", title="contrastive loss")
+    scale_axis.plot(steps, [r.get("logit_scale", float("nan")) for r in records], color="tab:orange")
+    scale_axis.set(xlabel="step", ylabel="exp(logit_scale)", title="logit scale (capped at 100)")
+    figure.tight_layout()
+    out = run_dir / CURVES_FILE
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return out

@@ -1,0 +1,62 @@
+"""AdamW with the paper's decay exclusions, and the cosine learning-rate schedule with linear warmup."""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .config import OptimSection
+
+
+def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:
+    """Two AdamW groups, with and without decay, over the trainable parameters of ``modules``.
+
+    ``modules`` are the model and any loss that owns parameters (SigLIP's bias). A module's
+    ``no_weight_decay()`` names the parameters it excludes (the CLIP model: gains, biases,
+    embeddings, logit_scale); a module without one excludes its tensors of fewer than two
+    dimensions. Frozen parameters (locked towers) are left out.
+    """
+    decay, plain = [], []
+    for module in modules:
+        names = module.no_weight_decay() if hasattr(module, "no_weight_decay") else None
+        for name, param in module.named_parameters():
+            if not param.requires_grad:
+                continue
+            excluded = name in names if names is not None else param.ndim < 2
+            (plain if excluded else decay).append(param)
+    if not decay and not plain:
+        raise ValueError("nothing to train: every parameter is frozen")
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": plain, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(modules: Iterable[nn.Module], config: OptimSection, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW (decoupled weight decay) over ``modules`` with the settings of ``config``."""
+    groups = param_groups(modules, config.weight_decay)
+    return torch.optim.AdamW(
+        groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps, fused=fused or None
+    )
+
+
+def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate multiplier at optimizer step ``step`` (0-based).
+
+    Rises linearly to 1 over ``warmup_steps`` (the first step already gets 1/warmup), then follows
+    half a cosine down to 0 at ``total_steps``.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step scheduler applying :func:`cosine_with_warmup`; call ``step()`` after every optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: cosine_with_warmup(step, warmup_steps, total_steps)
+    )

@@ -1,0 +1,49 @@
+"""Training presets: small Python (``config() -> TrainConfig``) or TOML files, one per experiment.
+
+``load_preset("tiny")`` finds ``tiny.py`` or ``tiny.toml`` in this folder; a path to a ``.py`` or
+``.toml`` file anywhere works the same way. A TOML preset lists only what differs from the
+defaults, in tables named like the config sections (``[optim]``, ``[model]`` ...).
+"""
+from __future__ import annotations
+
+import importlib.util
+import tomllib
+from pathlib import Path
+
+from ..config import TrainConfig
+
+_HERE = Path(__file__).parent
+
+
+def available_presets() -> list[str]:
+    """Names of the bundled presets."""
+    return sorted(p.stem for p in _HERE.iterdir() if p.suffix in (".py", ".toml") and not p.stem.startswith("_"))
+
+
+def load_preset(name_or_path: str) -> TrainConfig:
+    """The :class:`TrainConfig` of a bundled preset name or of a ``.py`` / ``.toml`` file."""
+    path = Path(name_or_path)
+    if path.suffix not in (".py", ".toml") or not path.is_file():
+        bundled = [_HERE / f"{name_or_path.replace('-', '_')}{suffix}" for suffix in (".py", ".toml")]
+        found = [p for p in bundled if p.is_file()]
+        if not found:
+            raise FileNotFoundError(
+                f"preset {name_or_path!r} is neither a .py/.toml file nor a bundled preset "
+                f"({', '.join(available_presets())})"
+            )
+        path = found[0]
+    if path.suffix == ".toml":
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as error:
+            raise ValueError(f"preset {path}: invalid TOML ({error})") from None
+        return TrainConfig.from_dict(data)
+    spec = importlib.util.spec_from_file_location(f"clipforge_preset_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "config", None)):
+        raise ValueError(f"preset {path} must define config() returning a TrainConfig")
+    config = module.config()
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"preset {path}: config() returned {type(config).__name__}, expected TrainConfig")
+    return config
