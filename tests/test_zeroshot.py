@@ -185,3 +185,11 @@ def test_bf16_and_fp16_autocast_stay_close_to_fp32(tiny_model, tmp_path):
     torch.testing.assert_close(logits["fp16"], logits["fp32"], atol=0.05, rtol=0.01)
     with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16"):
         evaluate_zeroshot(tiny_model, data, templates=None, precision="int8", progress=False)
+
+
+def test_per_class_plot_switches_to_a_sorted_curve_for_many_classes(tmp_path):
+    from clipforge.evaluate.report import plot_per_class_accuracy
+
+    recalls = [i / 70 for i in range(70)] + [None]  # a class without test images is left out
+    path = plot_per_class_accuracy([f"class {i}" for i in range(71)], recalls, tmp_path / "many.png")
+    assert path.stat().st_size > 1000

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import os
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -93,13 +94,26 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
+# model -> (identity of its tensors, digest): hashing ViT-L's 1.7 GB takes seconds, so an evaluation
+# that asks several times hashes once, while any in-place change (which bumps a tensor's version
+# counter) or swapped tensor makes a new digest.
+_FINGERPRINTS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
     """A hash of every tensor in the state dict (names, dtypes, shapes and bytes)."""
+    state = sorted(model.state_dict().items())
+    identity = tuple((name, tensor.data_ptr(), tensor._version, tensor.dtype, tuple(tensor.shape))
+                     for name, tensor in state)
+    memo = _FINGERPRINTS.get(model)
+    if memo is not None and memo[0] == identity:
+        return memo[1]
     digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in state:
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    _FINGERPRINTS[model] = (identity, digest.hexdigest())
     return digest.hexdigest()
 
 
@@ -158,14 +172,14 @@ def encode_images(model: torch.nn.Module, paths: Sequence[str], preprocess: Call
     key = cache_dir and _cache_key("images", model_fingerprint(model), repr(preprocess), precision, _listing(paths))
 
     def compute() -> dict:
+        from tqdm.auto import tqdm
+
         loader = DataLoader(
             _ImageFiles(paths, preprocess), batch_size=batch_size, num_workers=num_workers,
             collate_fn=_collate, pin_memory=device.type == "cuda",
             worker_init_fn=_worker_init if num_workers else None,
         )
         chunks, kept, skipped = [], [], []
-        from tqdm.auto import tqdm
-
         with inference_mode(model), tqdm(total=len(paths), desc=desc, unit="img",
                                          disable=None if progress else True) as bar:
             for images, indices, failures in loader:

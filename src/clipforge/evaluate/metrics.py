@@ -99,7 +99,7 @@ def first_positive_ranks(queries: torch.Tensor, keys: torch.Tensor, positives: S
     offsets, flat = _positives_csr(positives, len(keys))
     device = queries.device
     offsets, flat = offsets.to(device), flat.to(device)
-    keys_t = keys.float().t().contiguous()  # (D, K)
+    keys_t = keys.float().t()  # (D, K) view: matmul reads it transposed, no copy
     num_keys = keys.shape[0]
     columns = torch.arange(num_keys, device=device)  # (K,)
     chunk = max(1, memory_budget_bytes // (BYTES_PER_SCORE * max(num_keys, 1)))

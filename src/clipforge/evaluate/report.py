@@ -64,8 +64,10 @@ def plot_per_class_accuracy(names: Sequence[str], recalls: Sequence[float | None
     else:
         figure = _figure(8, 4)
         axes = figure.add_subplot()
-        ordered = sorted(recall for _, recall in pairs)
-        axes.plot(range(len(ordered)), ordered, color="tab:blue")
+        ordered = sorted(pairs, key=lambda pair: pair[1])
+        axes.plot(range(len(ordered)), [recall for _, recall in ordered], color="tab:blue")
+        worst = "\n".join(f"{name}: {recall:.2f}" for name, recall in ordered[:5])
+        axes.text(0.98, 0.03, f"lowest:\n{worst}", transform=axes.transAxes, ha="right", va="bottom", fontsize=7)
         axes.set_xlabel(f"classes, sorted ({len(ordered)})")
         axes.set_ylabel("accuracy (recall)")
         axes.set_ylim(0, 1)
