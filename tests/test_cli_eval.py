@@ -175,3 +175,22 @@ def test_eval_linear_probe_prints_accuracy_and_chosen_c(capsys, tmp_path):
     assert status == 0 and report["few_shot"] == 1 and report["num_train"] == 3 and 0 <= report["accuracy"] <= 1
     status, _, err = run(capsys, "eval", "linear-probe", "--train", train, "--test", test, *MODEL, "--few-shot", "0")
     assert status == 2 and "--few-shot must be at least 1" in err
+
+
+def test_model_checkpoint_is_loaded_through_clipforge_load(capsys, pictures, tmp_path):
+    import torch
+
+    import clipforge
+    from clipforge.checkpoints import save
+    from clipforge.evaluate import classify
+
+    torch.manual_seed(3)
+    model = clipforge.create_model("tiny-vit").eval()
+    save(model, tmp_path / "ckpt")
+    status, out, err = run(capsys, "classify", pictures[0], "--labels", "dog,cat", "--templates", "none",
+                           "--model", tmp_path / "ckpt", "--json")
+    assert status == 0 and "RANDOM" not in err
+    expected = classify(model, [str(pictures[0])], ["dog", "cat"], templates=None)
+    got = json.loads(out)[0]["predictions"]
+    assert [p["label"] for p in got] == [p["label"] for p in expected[0]["predictions"]]
+    assert [p["score"] for p in got] == pytest.approx([p["score"] for p in expected[0]["predictions"]], abs=1e-5)
