@@ -10,6 +10,7 @@ The public API mirrors openai/CLIP, so code written for it ports unchanged::
 from .checkpoints import CheckpointError, export_hf, export_openai, infer_config, load, load_model, save
 from .config import ClipConfig, TextConfig, VisionConfig
 from .models import CLIP
+from .evaluate.zeroshot import zero_shot_classifier
 from .registry import available_models, get_config, register_model
 from .tokenizer import Tokenizer, get_tokenizer, tokenize
 from .transforms import OPENAI_MEAN, OPENAI_STD, image_transform, load_image
@@ -33,6 +34,7 @@ __all__ = [
     "Tokenizer",
     "get_tokenizer",
     "tokenize",
+    "zero_shot_classifier",
     "OPENAI_MEAN",
     "OPENAI_STD",
     "image_transform",
