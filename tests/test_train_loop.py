@@ -1,4 +1,5 @@
 """The training loop on tiny models and small real image files: learning, accumulation, safety stops."""
+import importlib.util
 import json
 import math
 import os
@@ -198,6 +199,18 @@ def test_logit_scale_is_clamped_to_100(shapes, tmp_path):
     config.model.init_checkpoint = str(tmp_path / "hot")
     final = _final_weights(train(config))
     assert final["logit_scale"].item() == pytest.approx(math.log(100.0))
+
+
+def test_tensorboard_events_or_a_clear_error_when_the_package_is_missing(shapes, tmp_path):
+    config = _config(shapes, tmp_path / "run", steps=1)
+    config.run.tensorboard = True
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(ValueError, match="pip install tensorboard"):
+            train(config)
+        assert not (tmp_path / "run").exists()
+    else:
+        train(config)
+        assert any((tmp_path / "run" / "tensorboard").iterdir())
 
 
 @pytest.mark.gpu

@@ -181,30 +181,87 @@ def _save(run: Run, last_path: Path | None) -> Path | None:
         "rng": rng_states,
         "config": run.config.to_dict(),
     }
-    return save_checkpoint(run.config.run.run_dir, _unwrapped(run.model), state, run.step, run.config.run.keep)
+    return save_checkpoint(run.config.run.run_dir, run.model, state, run.step, run.config.run.keep)
 
 
-def _unwrapped(model: nn.Module) -> nn.Module:
-    return getattr(model, "_orig_mod", model)
+class _Progress:
+    """What the run reports: rank 0's progress bar and metrics log, everyone's counters.
+
+    Every process calls :meth:`record` at every step, because logging steps sum the skipped-sample
+    counts over processes.
+    """
+
+    def __init__(self, run: Run):
+        from tqdm.auto import tqdm
+
+        config, self.context = run.config, run.context
+        self.run_dir, self.log_every, self.total_steps = config.run.run_dir, config.run.log_every, run.total_steps
+        main = self.context.is_main
+        self.log = MetricsLog(self.run_dir, config.run.tensorboard, resume_step=run.step) if main else None
+        self.bar = tqdm(total=run.total_steps, initial=run.step, disable=not (main and config.run.progress),
+                        unit="step", dynamic_ncols=True)
+        self.losses: list[float] = []  # every step's loss
+        self.skipped_steps = self.skipped_samples = 0  # this call's non-finite steps, this process's bad samples
+        self.interval_losses: list[float] = []  # finite losses since the last metrics line
+        self.interval_samples, self.samples_per_s = 0, 0.0
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        """Start timing throughput now (after a checkpoint, so saving does not count as training)."""
+        self.interval_start = time.perf_counter()
+
+    def nonfinite(self, step: int, loss: float, grad_norm: float) -> None:
+        self.skipped_steps += 1
+        if self.log:
+            self.log.log(step, {"event": "nonfinite_step", "loss_value": str(loss), "grad_norm": str(grad_norm)})
+            self.bar.write(f"step {step}: non-finite loss or gradient ({loss}, {grad_norm}); step skipped")
+
+    def record(self, run: Run, loss: float, lr: float, grad_norm: float, rows: int) -> None:
+        """Account for the step just taken; every ``log_every`` steps, write a metrics line."""
+        self.losses.append(loss)
+        if math.isfinite(loss):
+            self.interval_losses.append(loss)
+        self.interval_samples += rows * self.context.world_size
+        scale = float(run.model.logit_scale.detach().exp())
+        if run.step % self.log_every == 0 or run.step == self.total_steps:
+            self.samples_per_s = self.interval_samples / max(time.perf_counter() - self.interval_start, 1e-9)
+            skipped = all_reduce_sum(torch.tensor([self.skipped_samples], device=self.context.device))
+            if self.log:
+                self.log.log(run.step, {
+                    "epoch": run.epoch,
+                    "loss": sum(self.interval_losses) / len(self.interval_losses) if self.interval_losses else math.nan,
+                    "lr": lr, "logit_scale": scale, "grad_norm": grad_norm, "samples_per_s": self.samples_per_s,
+                    "skipped_samples": int(skipped.item()), "skipped_steps": self.skipped_steps,
+                })
+            self.interval_samples, self.interval_losses = 0, []
+            self.restart_clock()
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", scale=f"{scale:.1f}",
+                             samples_per_s=f"{self.samples_per_s:.1f}", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.log:
+            self.log.close()
+            plot_curves(self.run_dir)
 
 
-def _progress_bar(run: Run):
-    from tqdm.auto import tqdm
-
-    enabled = run.context.is_main and run.config.run.progress
-    return tqdm(total=run.total_steps, initial=run.step, disable=not enabled, unit="step", dynamic_ncols=True)
+def _stop_if_too_many_nonfinite(run: Run, loss: float, grad_norm: float) -> None:
+    if run.nonfinite_in_row < run.config.run.max_nonfinite_in_row:
+        return
+    found = list_checkpoints(run.config.run.run_dir)
+    raise TrainingStopped(
+        f"stopped at step {run.step}: {run.nonfinite_in_row} steps in a row had a non-finite loss or gradient "
+        f"(last loss {loss}, gradient norm {grad_norm}); they did not change the weights. Last good checkpoint: "
+        f"{found[-1] if found else 'none written yet'}. Try a lower optim.lr, optim.grad_clip_norm, or precision=bf16"
+    )
 
 
 def run_loop(run: Run) -> TrainResult:
     """Train from ``run.step`` to ``run.total_steps``; see the module docstring."""
-    config, context = run.config, run.context
-    log = MetricsLog(config.run.run_dir, config.run.tensorboard, resume_step=run.step) if context.is_main else None
-    bar = _progress_bar(run)
-    losses: list[float] = []
-    skipped_steps, skipped_samples = 0, 0
+    device = run.context.device
+    progress = _Progress(run)
     checkpoint: Path | None = None
-    interval_start, interval_samples, interval_losses = time.perf_counter(), 0, []
-    samples_per_s = 0.0
     batches = iter(epoch_loader(run, run.epoch, run.epoch_batch))
     try:
         while run.step < run.total_steps:
@@ -213,64 +270,28 @@ def run_loop(run: Run) -> TrainResult:
                 run.epoch, run.epoch_batch = run.epoch + 1, 0
                 batches = iter(epoch_loader(run, run.epoch))
                 continue
-            skipped_samples += len(batch.skipped)
+            progress.skipped_samples += len(batch.skipped)
             if rows == 0:  # every sample of this batch was bad on some process: nothing to learn from
                 run.epoch_batch = batch.index + 1
                 continue
-            images = batch.images[:rows].to(context.device, non_blocking=True)  # (rows, 3, H, W)
-            tokens = batch.tokens[:rows].to(context.device, non_blocking=True)  # (rows, L)
+            images = batch.images[:rows].to(device, non_blocking=True)  # (rows, 3, H, W)
+            tokens = batch.tokens[:rows].to(device, non_blocking=True)  # (rows, L)
             lr = run.optimizer.param_groups[0]["lr"]
             loss, grad_norm, nonfinite = _optimizer_step(run, images, tokens)
             run.step, run.epoch_batch = run.step + 1, batch.index + 1
-            losses.append(loss)
-            interval_samples += rows * context.world_size
+            run.nonfinite_in_row = run.nonfinite_in_row + 1 if nonfinite else 0
             if nonfinite:
-                skipped_steps += 1
-                run.nonfinite_in_row += 1
-                if log:
-                    log.log(run.step, {"event": "nonfinite_step", "loss_value": str(loss), "grad_norm": str(grad_norm)})
-                    bar.write(f"step {run.step}: non-finite loss/gradient ({loss}, {grad_norm}); step skipped")
-                if run.nonfinite_in_row >= config.run.max_nonfinite_in_row:
-                    found = list_checkpoints(config.run.run_dir)
-                    where = found[-1] if found else None
-                    raise TrainingStopped(
-                        f"stopped at step {run.step}: {run.nonfinite_in_row} steps in a row had a non-finite loss "
-                        f"or gradient (last loss {loss}, gradient norm {grad_norm}); they did not change the weights. "
-                        f"Last good checkpoint: {where or 'none written yet'}. Try a lower optim.lr, "
-                        "optim.grad_clip_norm, or precision=bf16"
-                    )
-            else:
-                run.nonfinite_in_row = 0
-                interval_losses.append(loss)
-            scale = float(_unwrapped(run.model).logit_scale.detach().exp())
-            last_step = run.step == run.total_steps
-            if run.step % config.run.log_every == 0 or last_step:
-                samples_per_s = interval_samples / max(time.perf_counter() - interval_start, 1e-9)
-                total_skipped = int(all_reduce_sum(torch.tensor([skipped_samples], device=context.device)).item())
-                if log:
-                    log.log(run.step, {
-                        "epoch": run.epoch,
-                        "loss": sum(interval_losses) / len(interval_losses) if interval_losses else float("nan"),
-                        "lr": lr, "logit_scale": scale, "grad_norm": grad_norm, "samples_per_s": samples_per_s,
-                        "skipped_samples": total_skipped, "skipped_steps": skipped_steps,
-                    })
-                interval_samples, interval_losses = 0, []
-            if context.is_main:
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", scale=f"{scale:.1f}",
-                                samples_per_s=f"{samples_per_s:.1f}", refresh=False)
-                bar.update(1)
-            if run.step % config.run.checkpoint_every == 0 or last_step:
+                progress.nonfinite(run.step, loss, grad_norm)
+                _stop_if_too_many_nonfinite(run, loss, grad_norm)
+            progress.record(run, loss, lr, grad_norm, rows)
+            if run.step % run.config.run.checkpoint_every == 0 or run.step == run.total_steps:
                 checkpoint = _save(run, checkpoint)
-            if run.step % config.run.log_every == 0:
-                interval_start = time.perf_counter()  # after any checkpoint, so saving does not count as training time
+                progress.restart_clock()
     finally:
-        bar.close()
-        if log:
-            log.close()
-            plot_curves(config.run.run_dir)
+        progress.close()
     return TrainResult(
-        run_dir=Path(config.run.run_dir), steps=run.step, final_loss=losses[-1] if losses else float("nan"),
-        losses=losses, checkpoint=checkpoint, skipped_steps=skipped_steps, skipped_samples=skipped_samples,
-        is_main=context.is_main,
+        run_dir=Path(run.config.run.run_dir), steps=run.step,
+        final_loss=progress.losses[-1] if progress.losses else math.nan, losses=progress.losses,
+        checkpoint=checkpoint, skipped_steps=progress.skipped_steps, skipped_samples=progress.skipped_samples,
+        is_main=run.context.is_main,
     )
-

@@ -147,7 +147,7 @@ def _build_run(config: TrainConfig, context: DistributedContext, dataset) -> Run
     if config.model.compile:
         _compile(model)
     objective = Objective(config.loss.kind, config.loss.tile_size).to(context.device)
-    optimizer = build_optimizer([model, objective], config.optim, fused=context.device.type == "cuda")
+    optimizer = build_optimizer([model, objective], config.optim)
     context_length = model.config.text.context_length
     run = Run(
         config=config, context=context, model=model, objective=objective, optimizer=optimizer,
@@ -168,14 +168,15 @@ def _restore(run: Run, checkpoint: Path) -> None:
     state = load_checkpoint(checkpoint, run.model)
     saved = TrainConfig.from_dict(state["config"])
     now = run.config
-    for name, before, after in (
+    checks = [
         ("batch_size", saved.batch_size, now.batch_size),
         ("number of processes", state["world_size"], run.context.world_size),
         ("data.train", saved.data.train, now.data.train),
         ("seed", saved.seed, now.seed),
-        # shards are split into one lane per worker, so their order depends on the worker count
-        ("data.workers", saved.data.workers if run.dataset.sequential else 0, now.data.workers if run.dataset.sequential else 0),
-    ):
+    ]
+    if run.dataset.sequential:  # shards are split into one lane per worker: the order depends on the count
+        checks.append(("data.workers", saved.data.workers, now.data.workers))
+    for name, before, after in checks:
         if before != after:
             raise ValueError(f"cannot resume {checkpoint}: its {name} was {before!r}, now {after!r}; "
                              "the data order depends on it, so resume with the same value")

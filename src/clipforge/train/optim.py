@@ -34,12 +34,19 @@ def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict
     ]
 
 
-def build_optimizer(modules: Iterable[nn.Module], config: OptimSection, fused: bool = False) -> torch.optim.AdamW:
-    """AdamW (decoupled weight decay) over ``modules`` with the settings of ``config``."""
+def build_optimizer(modules: Iterable[nn.Module], config: OptimSection) -> torch.optim.AdamW:
+    """AdamW (decoupled weight decay) over ``modules`` with the settings of ``config``.
+
+    Uses the fused implementation (one kernel per step, on CPU and CUDA): on CPU the default
+    per-tensor loop is ~15x slower, enough to dominate a small model's step. Falls back to the
+    default where fusing is unsupported (older torch, unusual devices).
+    """
     groups = param_groups(modules, config.weight_decay)
-    return torch.optim.AdamW(
-        groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps, fused=fused or None
-    )
+    settings = dict(lr=config.lr, betas=tuple(config.betas), eps=config.eps)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **settings)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(groups, **settings)
 
 
 def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:
