@@ -56,18 +56,19 @@ class Run:
     model: nn.Module  # the CLIP model (encode functions possibly compiled)
     objective: nn.Module  # the loss, with its own parameters (SigLIP's bias)
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None  # set once total_steps is known
     scaler: torch.amp.GradScaler  # enabled for fp16 only
     dataset: object  # from clipforge.data.open_dataset
     preprocess: Callable  # PIL image -> (3, H, W)
     tokenize: Callable  # captions -> (n, L)
-    total_steps: int
-    autocast_dtype: torch.dtype | None = None
+    total_steps: int  # optimizer steps of the whole run
+    autocast_dtype: torch.dtype | None = None  # bf16/fp16 for the encoders; None: fp32
     step: int = 0  # optimizer steps done
     epoch: int = 0  # epoch of the next batch
     epoch_batch: int = 0  # index in its epoch of the next batch
-    nonfinite_in_row: int = 0
-    params: list[nn.Parameter] = field(default_factory=list)  # trainable: model, then objective
+    nonfinite_in_row: int = 0  # consecutive steps skipped for a non-finite loss or gradient
+    params: list[nn.Parameter] = field(init=False)  # trainable: model's, then the objective's
+    norm_buffers: list[torch.Tensor] = field(init=False)  # BatchNorm statistics, put back after a bad step
 
     def __post_init__(self):
         self.params = [p for m in (self.model, self.objective) for p in m.parameters() if p.requires_grad]
