@@ -69,19 +69,17 @@ def resolve_config(args: argparse.Namespace):
 
     config = load_preset(args.preset) if args.preset else TrainConfig()
     if args.resume and not args.preset:
-        config = _saved_config(args) or config
+        config = _saved_config(Path(args.run_dir or config.run.run_dir)) or config
     flags = [f"{key}={getattr(args, name)}" for name, key in _SHORTHANDS.items() if getattr(args, name) is not None]
     return apply_overrides(config, flags + list(args.overrides))
 
 
-def _saved_config(args: argparse.Namespace):
+def _saved_config(run_dir: Path):
     """When resuming without a preset, start from the config the run saved (so flags are optional)."""
     from ..train.config import TrainConfig
     from ..train.main import CONFIG_FILE
 
-    if not args.run_dir:
-        return None
-    path = Path(args.run_dir) / CONFIG_FILE
+    path = run_dir / CONFIG_FILE
     if not path.is_file():
         return None
     return TrainConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
