@@ -36,7 +36,7 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _loss_fn(method: str, tile_size: int):
+def _loss_fn(method: str, tile_size: "int | None"):
     if method == "open_clip":
         import torch.nn.functional as F
         from open_clip.loss import ClipLoss
@@ -48,7 +48,8 @@ def _loss_fn(method: str, tile_size: int):
 
     if method == "naive":
         return naive_contrastive_loss
-    return lambda image, text, scale: contrastive_loss(image, text, scale, tile_size=tile_size)
+    options = {} if tile_size is None else {"tile_size": tile_size}  # None: the library's default
+    return lambda image, text, scale: contrastive_loss(image, text, scale, **options)
 
 
 def _inputs(n: int, dim: int):
@@ -58,7 +59,7 @@ def _inputs(n: int, dim: int):
     return image.requires_grad_(), text.requires_grad_(), torch.tensor(2.6593, requires_grad=True)
 
 
-def run_case(method: str, n: int, dim: int, threads: int, tile_size: int) -> dict:
+def run_case(method: str, n: int, dim: int, threads: int, tile_size: "int | None") -> dict:
     """One forward+backward in this (fresh) process; returns the measurements."""
     torch.set_num_threads(threads)
     loss_fn = _loss_fn(method, tile_size)
@@ -77,8 +78,9 @@ def run_case(method: str, n: int, dim: int, threads: int, tile_size: int) -> dic
 
 
 def _spawn(python: str, method: str, n: int, args) -> dict:
-    command = [python, __file__, "--worker", method, str(n), "--dim", str(args.dim),
-               "--threads", str(args.threads), "--tile-size", str(args.tile_size)]
+    command = [python, __file__, "--worker", method, str(n), "--dim", str(args.dim), "--threads", str(args.threads)]
+    if args.tile_size is not None:
+        command += ["--tile-size", str(args.tile_size)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         return {"method": method, "n": n, "error": done.stderr.strip().splitlines()[-1:]}
@@ -91,7 +93,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--tile-size", type=int, default=2048)
+    parser.add_argument("--tile-size", type=int, default=None, help="default: clipforge.loss.DEFAULT_TILE_SIZE")
     parser.add_argument("--max-gib", type=float, default=6.0, help="skip cases predicted to need more")
     parser.add_argument("--peers-python", default="/work/peers/bin/python", help="a python with open_clip")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "N"), help=argparse.SUPPRESS)
@@ -100,7 +102,7 @@ def main() -> None:
         print(json.dumps(run_case(args.worker[0], int(args.worker[1]), args.dim, args.threads, args.tile_size)))
         return
 
-    print(f"# d={args.dim}, threads={args.threads}, tile={args.tile_size}, torch {torch.__version__}", flush=True)
+    print(f"# d={args.dim}, threads={args.threads}, tile={args.tile_size or 'default'}, torch {torch.__version__}", flush=True)
     print("| N | method | peak above embeddings | wall | CPU | loss |\n|---|---|---|---|---|---|", flush=True)
     growth: dict[str, float] = {}  # bytes per N^2, from the largest run so far
     for n in sorted(args.sizes):

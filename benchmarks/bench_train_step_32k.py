@@ -17,6 +17,7 @@ import argparse
 import copy
 import re
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -43,6 +44,7 @@ def _caption(path: Path) -> str:
 
 def load_pairs(folder: Path, distinct: int, side: int) -> list[tuple[Image.Image, str]]:
     """Up to ``distinct`` (RGB image resized to ``side`` px, caption) pairs from ``folder``'s PNGs."""
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # huge files are skipped below
     paths = sorted(folder.rglob("*.png"))
     if not paths:
         raise FileNotFoundError(f"no PNG files under {folder}; pass --images with a folder of images")
