@@ -89,3 +89,4 @@ def small_vit() -> ClipConfig:
         vision=VisionConfig(image_size=64, layers=6, width=256, patch_size=8, heads=4),
         text=TextConfig(width=256, heads=4, layers=4),
     )
+from . import demo_presets  # noqa: E402,F401  (the demo model, registered on import)

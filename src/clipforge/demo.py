@@ -1,0 +1,398 @@
+"""``clipforge demo``: build a real image-text dataset offline, train a small CLIP on it for a time
+budget with the real training loop, and measure zero-shot transfer to a style it never saw.
+
+    from clipforge.demo import run_demo, format_results
+    result = run_demo("runs/demo", minutes=8)       # about 10 minutes on 2 CPU cores
+    print(format_results(result.results))
+
+Steps: (1) ``prepare_demo_data`` installs the registry packages if needed and renders the dataset
+(cached; an interrupted build resumes). (2) The thread count is chosen (one thread when other
+programs keep the CPU busy, see :func:`pick_threads`) and a short calibration run of the real trainer measures
+samples/s on this machine; the step count that fills the budget is fixed up front and saved with
+the run's config, so the schedule is a normal cosine schedule and a resumed run ends where the
+uninterrupted one would. (3) ``clipforge.train.train`` trains, checkpointing about once a minute;
+running the demo again on the same run folder resumes from the newest checkpoint. (4) The
+evaluation code scores zero-shot top-1/top-5 on Fluent 3D emoji (a new style) with the bare class
+name and with a prompt ensemble, and image-text recall@k on held-out pairs.
+
+Run folder: ``results.json``, ``curves.png`` (loss and temperature, from the trainer),
+``predictions.png`` (eval images with their top-3 labels), ``zeroshot/`` (per-class accuracy PNG
+and JSON for the ensemble; ``zeroshot_bare/`` for class names alone), ``retrieval.json``,
+``model/`` (the final weights, ``clipforge.load("runs/demo/model")``), and the trainer's
+``checkpoints/``, ``metrics.jsonl`` and ``train_config.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .data.demo_dataset import DemoDataConfig, DemoDataset, default_data_dir, prepare_demo_data
+from .data.demo_records import with_article
+from .data.demo_sources import default_cache_dir
+
+DEFAULT_MODEL = "demo-vit"
+DEFAULT_MINUTES = 8.0
+BATCH_SIZE = 64  # contrastive batch; 64 beat 128 in the same minutes (twice the steps, 12.0 vs 9.5 % top-1)
+LEARNING_RATE = 1e-3  # peak; small towers trained from scratch take a higher rate than the paper's 5e-4
+WEIGHT_DECAY = 0.1
+WARMUP_FRACTION = 0.05  # of all steps
+CALIBRATION_STEPS = 8  # trainer steps timed to size the run (the first half is warm-up, not timed)
+CHECKPOINT_SECONDS = 60  # aim for a checkpoint about this often, so an interruption costs little
+# Prompt ensemble: the caption styles of the training data ("a bagel", "an emoji of a bagel",
+# "a picture of a pecan", "a clip art of a crown") and three generic ones. Chosen before looking at
+# any score; the class name goes in with its article ("an octopus", "chopsticks").
+ENSEMBLE_TEMPLATES = (
+    "{}", "{}.", "an emoji of {}", "a picture of {}", "a clip art of {}",
+    "an icon of {}", "a drawing of {}", "a 3D render of {}",
+)
+# ``--quick``: a slice of every source and a short fixed run, to check a set-up in about a minute.
+QUICK_DATA = DemoDataConfig(max_per_source=60, openclipart_max=60, eval_classes=20, heldout_fraction=0.2)
+QUICK_STEPS, QUICK_BATCH = 40, 32
+GRID_IMAGES = 24  # eval images shown in predictions.png
+BUSY_LOAD = 1.0  # 1-minute load average from which other programs count as busy (see pick_threads)
+
+
+@dataclass
+class DemoResult:
+    run_dir: Path
+    checkpoint: Path  # the final weights as a clipforge model folder (run_dir/model)
+    results: dict  # what results.json holds: settings, metrics, timings, files
+    dataset: DemoDataset = field(repr=False)
+
+
+def run_demo(run_dir: str | os.PathLike = "runs/demo", minutes: float = DEFAULT_MINUTES, model: str = DEFAULT_MODEL,
+             data_dir: str | os.PathLike | None = None, device: str = "cpu", *, threads: int | str | None = "auto",
+             quick: bool = False, steps: int | None = None, batch_size: int | None = None,
+             cache_dir: str | os.PathLike | None = None, data_config: DemoDataConfig | None = None,
+             install: bool = True, progress: bool = True) -> DemoResult:
+    """Prepare the demo data, train ``model`` for about ``minutes`` (or ``steps``), evaluate, write reports.
+
+    ``threads``: torch CPU threads while the demo runs; "auto" times a step with every core and
+    with one and keeps the faster (see :func:`pick_threads`); None leaves torch's setting. ``quick``: a data slice
+    and a short fixed run. ``steps`` fixes the step count instead of measuring speed, which makes
+    a run deterministic. Running again on a run folder resumes unfinished training, or only
+    re-evaluates a finished one. Raises ``DemoSourceError`` when the sources cannot be installed.
+    """
+    if not minutes > 0 and steps is None:
+        raise ValueError(f"minutes must be > 0, got {minutes}")
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    run_dir = Path(run_dir)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    data_config = data_config or (QUICK_DATA if quick else DemoDataConfig())
+    if data_dir is None and quick:
+        data_dir = default_data_dir(cache_dir, data_config).with_name(f"data-{data_config.image_size}px-quick")
+    if quick:
+        steps = steps or QUICK_STEPS
+        batch_size = batch_size or QUICK_BATCH
+    if isinstance(threads, str) and threads != "auto" or isinstance(threads, int) and threads < 1:
+        raise ValueError(f"threads must be a positive number, 'auto' or None, got {threads!r}")
+    saved_threads, load_before = torch.get_num_threads(), _load_average()
+    try:
+        started = time.perf_counter()
+        dataset = prepare_demo_data(cache_dir, data_config, data_dir=data_dir, install=install, progress=progress)
+        prepared = time.perf_counter()
+        if threads == "auto":  # counted as part of the training budget, like the speed check
+            threads = pick_threads(model, batch_size or BATCH_SIZE) if device == "cpu" else None
+            _log(progress and threads is not None, f"demo: training with {threads} torch thread(s) "
+                                                   f"(load average {_load_average()}, {os.cpu_count()} cores)")
+        if threads is not None:
+            torch.set_num_threads(threads)
+        picked = time.perf_counter()
+        training, calibrate_seconds = _train(run_dir, dataset, model, minutes - (picked - prepared) / 60, steps,
+                                             batch_size or BATCH_SIZE, device, progress)
+        calibrate_seconds += picked - prepared
+        trained = time.perf_counter()
+        _log(progress, "demo: evaluating")
+        results = evaluate_demo(run_dir, dataset, device, progress)
+        finished = time.perf_counter()
+    finally:
+        torch.set_num_threads(saved_threads)
+    results = {**training, **results, "device": device,
+               "threads": torch.get_num_threads() if threads is None else threads,
+               "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+                           "load_average_before": load_before},
+               "data": {"dir": str(dataset.root), **dataset.counts},
+               "seconds": {"prepare": round(prepared - started, 1), "calibrate": round(calibrate_seconds, 1),
+                           "train": round(trained - prepared - calibrate_seconds, 1),
+                           "evaluate": round(finished - trained, 1), "total": round(finished - started, 1)}}
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return DemoResult(run_dir, run_dir / "model", results, dataset)
+
+
+# ------------------------------------------------------------------------------------- training
+def demo_train_config(model: str, train_file: str | os.PathLike, run_dir: str | os.PathLike, steps: int,
+                      batch_size: int = BATCH_SIZE, device: str = "cpu"):
+    """The demo's :class:`~clipforge.train.config.TrainConfig` for ``steps`` optimizer steps."""
+    from .train.config import TrainConfig
+
+    config = TrainConfig(batch_size=batch_size, steps=steps, device=device, seed=0)
+    config.model.name = model
+    config.data.train = str(train_file)
+    config.data.workers = 1 if device == "cpu" else 4  # 64 px PNGs decode fast; leave the cores to the model
+    config.data.crop_scale = (0.8, 1.0)
+    config.optim.lr = LEARNING_RATE
+    config.optim.weight_decay = WEIGHT_DECAY
+    config.optim.warmup_steps = max(1, round(WARMUP_FRACTION * steps))
+    config.optim.grad_clip_norm = 1.0
+    config.run.run_dir = str(run_dir)
+    config.run.checkpoint_every = max(1, steps // 4)
+    config.run.keep = 1
+    config.run.log_every = max(1, min(10, steps // 20))
+    return config
+
+
+def pick_threads(model: str, batch_size: int, candidates: tuple[int, ...] | None = None) -> int:
+    """The torch thread count, of ``candidates`` (default: all cores, and one), that runs a forward
+    and backward pass of ``model`` fastest; the current setting is restored.
+
+    On a machine that other programs keep busy, OpenMP threads that wait for each other can make
+    two threads several times slower than one, and the load can rise after any measurement (seen
+    here: 2 threads measured faster, then fell from 260 to 20 samples/s when others got busy). So
+    without explicit ``candidates``, a 1-minute load average of ``BUSY_LOAD`` or more picks one
+    thread, which slows down gracefully; otherwise the faster choice is measured.
+    """
+    from .models import CLIP
+    from .registry import get_config
+
+    saved = torch.get_num_threads()
+    load = _load_average()
+    if candidates is None and load is not None and load >= BUSY_LOAD:
+        return 1
+    candidates = candidates or tuple(sorted({saved, 1}, reverse=True))
+    config = get_config(model)
+    generator = torch.Generator().manual_seed(0)  # the global RNG is left alone
+    size, rows = config.vision.image_size, min(batch_size, 64)
+    images = torch.randn(rows, 3, size, size, generator=generator)  # (rows, 3, H, W)
+    tokens = torch.zeros(rows, min(16, config.text.context_length), dtype=torch.long)  # (rows, L): a typical caption
+    tokens[:, 1:-1] = torch.randint(1, 49000, (rows, tokens.shape[1] - 2), generator=generator)
+    tokens[:, 0], tokens[:, -1] = 49406, 49407  # start and end of text
+    network = CLIP(config).train()
+    timings = {}
+    try:
+        for threads in candidates:
+            torch.set_num_threads(threads)
+            seconds = []
+            for _ in range(3):  # the first pass warms up allocations and is not counted
+                start = time.perf_counter()
+                loss = network.encode_image(images).square().mean() + network.encode_text(tokens).square().mean()
+                loss.backward()
+                seconds.append(time.perf_counter() - start)
+            timings[threads] = min(seconds[1:])
+    finally:
+        torch.set_num_threads(saved)
+    return min(timings, key=timings.get)
+
+
+def measure_speed(config, run_dir: Path, progress: bool = True) -> tuple[float, float]:
+    """``(samples/s, start-up seconds)`` of ``config`` from a short run of the real trainer in ``run_dir``.
+
+    The first half of the steps warms up (allocations, worker start); the second half is timed.
+    """
+    from .train.main import train
+
+    half = CALIBRATION_STEPS // 2
+    probe = dataclasses.replace(config, steps=CALIBRATION_STEPS)
+    probe.run = dataclasses.replace(config.run, run_dir=str(run_dir), log_every=half, checkpoint_every=10**9,
+                                    progress=False, resume=None)
+    probe.optim = dataclasses.replace(config.optim, warmup_steps=half)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    started = time.perf_counter()
+    try:
+        train(probe)
+        from .train.metrics import read_metrics
+
+        timed = [r["samples_per_s"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("step") == CALIBRATION_STEPS]
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    samples_per_s = timed[-1]
+    startup = max(0.0, time.perf_counter() - started - CALIBRATION_STEPS * config.batch_size / samples_per_s)
+    _log(progress, f"demo: {samples_per_s:.0f} samples/s on this machine, {startup:.0f} s to start a run")
+    return samples_per_s, startup
+
+
+def _train(run_dir: Path, dataset: DemoDataset, model: str, minutes: float, steps: int | None,
+           batch_size: int, device: str, progress: bool) -> tuple[dict, float]:
+    """Train (or resume, or skip a finished run); returns what results.json records about it and
+    the seconds the speed check took."""
+    from .checkpoints import load_model, save
+    from .train.checkpointing import list_checkpoints
+    from .train.config import TrainConfig
+    from .train.main import CONFIG_FILE, train
+    from .train.metrics import read_metrics
+
+    saved_path = run_dir / CONFIG_FILE
+    found = list_checkpoints(run_dir)
+    calibrate_seconds, samples_per_s, resumed_from = 0.0, None, None
+    if found and saved_path.is_file():
+        config = TrainConfig.from_dict(json.loads(saved_path.read_text(encoding="utf-8")))
+        if config.model.name != model:
+            raise ValueError(f"{run_dir} holds a run of model {config.model.name!r}, not {model!r}; "
+                             "choose another --run-dir or the same --model")
+        resumed_from = int(found[-1].name.removeprefix("step_"))
+    else:
+        if steps is None:
+            started = time.perf_counter()
+            _log(progress, f"demo: measuring training speed ({CALIBRATION_STEPS} steps of {model})")
+            probe = demo_train_config(model, dataset.train_captions, run_dir, 10**6, batch_size, device)
+            samples_per_s, startup = measure_speed(probe, run_dir / "calibration", progress)
+            calibrate_seconds = round(time.perf_counter() - started, 1)
+            budget = minutes * 60 - calibrate_seconds - startup
+            steps = max(1, math.floor(0.97 * budget * samples_per_s / batch_size))  # 3 %: checkpoints
+        config = demo_train_config(model, dataset.train_captions, run_dir, steps, batch_size, device)
+        if samples_per_s:
+            config.run.checkpoint_every = max(10, round(CHECKPOINT_SECONDS * samples_per_s / batch_size))
+    epochs = config.steps * config.batch_size / dataset.counts["train_images"]
+    if resumed_from is not None and resumed_from >= config.steps:
+        _log(progress, f"demo: training already finished in {run_dir} ({config.steps} steps); evaluating again")
+    else:
+        if resumed_from is not None:
+            config.run.resume = "latest"
+            _log(progress, f"demo: resuming {run_dir} at step {resumed_from} of {config.steps}")
+        else:
+            _log(progress, f"demo: training {model} for {config.steps} steps of {config.batch_size} pairs "
+                           f"({epochs:.1f} epochs) in {run_dir}")
+        config.run.progress = progress
+        train(config)
+    final = list_checkpoints(run_dir)[-1]
+    save(load_model(final), run_dir / "model")  # weights only: the folder a user loads
+    losses = [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r and math.isfinite(r["loss"])]
+    return {"model": model, "steps": config.steps, "batch_size": config.batch_size, "epochs": round(epochs, 2),
+            "measured_samples_per_s": samples_per_s and round(samples_per_s, 1), "resumed_from_step": resumed_from,
+            "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None}, calibrate_seconds
+
+
+# ----------------------------------------------------------------------------------- evaluation
+def evaluate_demo(run_dir: str | os.PathLike, dataset: DemoDataset, device: str = "cpu", progress: bool = True) -> dict:
+    """Zero-shot (bare names and the ensemble) and retrieval scores of ``run_dir/model``; writes the reports."""
+    from .checkpoints import load
+    from .evaluate import evaluate_retrieval, evaluate_zeroshot, load_image_folder, load_retrieval_data
+    from .evaluate.report import write_json, write_zeroshot_report
+
+    run_dir = Path(run_dir)
+    model, preprocess = load(run_dir / "model", device=device)
+    cache = run_dir / "eval_cache"  # image features are computed once for both prompt sets
+    eval_data = load_image_folder(dataset.eval_dir)
+    articled = {name: with_article(name) for name in eval_data.classes}
+    zeroshot = {}
+    for mode, classnames, templates in (("bare", None, None), ("ensemble", articled, list(ENSEMBLE_TEMPLATES))):
+        result = evaluate_zeroshot(model, eval_data, classnames=classnames, templates=templates, preprocess=preprocess,
+                                   batch_size=256, device=device, cache_dir=cache, progress=False)
+        write_zeroshot_report(result.to_report(), run_dir / ("zeroshot" if mode == "ensemble" else "zeroshot_bare"))
+        zeroshot[mode] = {key: round(value, 4) for key, value in result.metrics.items()}
+    zeroshot["ensemble"]["templates"] = list(ENSEMBLE_TEMPLATES)
+    draw_prediction_grid(eval_data, result, run_dir / "predictions.png")
+    retrieval = evaluate_retrieval(model, load_retrieval_data(dataset.heldout_captions), preprocess=preprocess,
+                                   device=device, cache_dir=cache, progress=False)
+    write_json(retrieval, run_dir / "retrieval.json")
+    shutil.rmtree(cache, ignore_errors=True)
+    chance = 1 / len(eval_data.classes)
+    return {
+        "zeroshot": {"classes": len(eval_data.classes), "images": len(eval_data.paths), "chance": round(chance, 4),
+                     **zeroshot},
+        "floor": {"top1_needed": round(20 * chance, 4), "met": zeroshot["ensemble"]["top1"] >= 20 * chance,
+                  "ensemble_beats_bare": zeroshot["ensemble"]["top1"] > zeroshot["bare"]["top1"]},
+        "retrieval": {"images": retrieval["num_images"], "texts": retrieval["num_texts"],
+                      **{key: round(value, 4) for key, value in retrieval["metrics"].items()}},
+        "files": {"results": "results.json", "loss_curve": "curves.png", "predictions": "predictions.png",
+                  "per_class_accuracy": "zeroshot/per_class_accuracy.png", "zeroshot_report": "zeroshot/report.json",
+                  "zeroshot_bare_report": "zeroshot_bare/report.json", "retrieval_report": "retrieval.json",
+                  "model": "model"},
+    }
+
+
+def draw_prediction_grid(data, result, path: str | os.PathLike, count: int = GRID_IMAGES, columns: int = 6,
+                         seed: int = 0) -> Path:
+    """A PNG of ``count`` eval images (a seeded sample), each with its true label and top-3 predictions.
+
+    ``data`` is the :class:`~clipforge.evaluate.ClassificationData` and ``result`` the
+    :class:`~clipforge.evaluate.ZeroShotResult` scored on it; a correct prediction is green.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    rows_of = {int(index): row for row, index in enumerate(result.indices.tolist())}
+    chosen = sorted(random.Random(seed).sample(sorted(rows_of), min(count, len(rows_of))))
+    probabilities = result.logits.softmax(dim=-1)  # (M, C)
+    font = ImageFont.load_default(size=11)
+    cell_w, thumb, line = 190, 96, 14
+    cell_h = thumb + 6 + 4 * line + 8
+    grid_rows = math.ceil(len(chosen) / columns)
+    canvas = Image.new("RGB", (columns * cell_w, max(1, grid_rows) * cell_h), "white")
+    draw = ImageDraw.Draw(canvas)
+    for slot, index in enumerate(chosen):
+        x, y = (slot % columns) * cell_w, (slot // columns) * cell_h
+        with Image.open(data.paths[index]) as image:
+            canvas.paste(image.convert("RGB").resize((thumb, thumb)), (x + (cell_w - thumb) // 2, y + 4))
+        truth = data.labels[index]
+        draw.text((x + 4, y + thumb + 6), _fit(f"true: {data.classes[truth]}", draw, font, cell_w - 8),
+                  fill="black", font=font)
+        top = probabilities[rows_of[index]].topk(3)
+        for rank, (score, label) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
+            text = _fit(f"{rank}. {data.classes[label]} {score:.0%}", draw, font, cell_w - 8)
+            draw.text((x + 4, y + thumb + 6 + rank * line), text,
+                      fill=(0, 140, 0) if label == truth else (90, 90, 90), font=font)
+    path = Path(path)
+    canvas.save(path)
+    return path
+
+
+def _fit(text: str, draw, font, width: int) -> str:
+    """``text`` cut with an ellipsis to fit ``width`` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+# ---------------------------------------------------------------------------------------- output
+def format_results(results: dict) -> str:
+    """The short results table ``clipforge demo`` prints."""
+    zeroshot, retrieval, seconds = results["zeroshot"], results["retrieval"], results["seconds"]
+    chance = zeroshot["chance"]
+    lines = [
+        f"clipforge demo: {results['model']}, {results['steps']} steps x {results['batch_size']} pairs "
+        f"({results['epochs']} epochs) on {results['device']}, {results['threads']} threads",
+        "",
+        f"zero-shot on Fluent 3D emoji ({zeroshot['classes']} classes, chance {chance:.1%})   top-1    top-5",
+        f"  class name only                                           {zeroshot['bare']['top1']:6.1%}   "
+        f"{zeroshot['bare']['top5']:6.1%}",
+        f"  prompt ensemble ({len(zeroshot['ensemble']['templates'])} templates)                              "
+        f"{zeroshot['ensemble']['top1']:6.1%}   {zeroshot['ensemble']['top5']:6.1%}",
+        f"  ensemble {'beats' if results['floor']['ensemble_beats_bare'] else 'does not beat'} bare names; "
+        + (f"quality floor (20x chance = {20 * chance:.0%} top-1) {'met' if results['floor']['met'] else 'NOT met'}"
+           if 20 * chance < 1 else "too few classes for the 20x-chance floor"),
+        "",
+        f"retrieval on held-out pairs ({retrieval['images']} images, {retrieval['texts']} captions)   "
+        "R@1     R@5    R@10",
+    ]
+    for direction, label in (("image_to_text", "image -> text"), ("text_to_image", "text -> image")):
+        recalls = "  ".join(f"{retrieval[f'{direction}_recall@{k}']:6.1%}" for k in (1, 5, 10))
+        lines.append(f"  {label:<56}{recalls}")
+    lines += ["", f"time: data {seconds['prepare']:.0f} s, training {seconds['calibrate'] + seconds['train']:.0f} s "
+                  f"(speed check {seconds['calibrate']:.0f} s), evaluation {seconds['evaluate']:.0f} s, "
+                  f"total {seconds['total']:.0f} s"]
+    return "\n".join(lines)
+
+
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def _log(progress: bool, message: str) -> None:
+    if progress:
+        print(message, file=sys.stderr, flush=True)

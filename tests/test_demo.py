@@ -1,0 +1,172 @@
+"""``clipforge demo`` end to end on a slice of the real demo data: prepare, train with the real
+trainer, evaluate with the real evaluation code, write the reports, resume after an interruption.
+
+The slice (a few dozen images per source, 10 eval classes) and the tiny model keep the module well
+under a minute. Where the demo sources are not installed the pipeline tests are skipped, naming the
+command that installs them.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import clipforge.demo as demo
+from clipforge.checkpoints import load
+from clipforge.cli import demo as cli_demo
+from clipforge.data.demo_dataset import DemoDataConfig, prepare_demo_data
+from clipforge.data.demo_sources import DemoSourceError, default_cache_dir, install_commands, missing_packages
+from clipforge.train import loop
+from clipforge.train.checkpointing import list_checkpoints
+
+SLICE = DemoDataConfig(max_per_source=30, openclipart_max=30, eval_classes=10, heldout_fraction=0.2)
+STEPS, BATCH = 20, 16
+
+
+@pytest.fixture(scope="module")
+def cache_dir() -> Path:
+    cache = default_cache_dir()
+    missing = missing_packages(cache)
+    if missing:
+        pytest.skip(f"demo sources not installed ({', '.join(missing)}); run: "
+                    f"{' && '.join(install_commands(missing, cache))}")
+    return cache
+
+
+@pytest.fixture(scope="module")
+def data_dir(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("demo_data") / "data"
+    prepare_demo_data(cache_dir, SLICE, data_dir=folder, install=False, progress=False)
+    return folder
+
+
+def _run(run_dir: Path, cache_dir: Path, data_dir: Path) -> demo.DemoResult:
+    return demo.run_demo(run_dir, model="tiny-vit", data_dir=data_dir, threads=1, steps=STEPS, batch_size=BATCH,
+                         cache_dir=cache_dir, data_config=SLICE, install=False, progress=False)
+
+
+@pytest.fixture(scope="module")
+def finished(cache_dir: Path, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> demo.DemoResult:
+    return _run(tmp_path_factory.mktemp("demo_run") / "run", cache_dir, data_dir)
+
+
+def test_demo_reports_counts_of_the_data_it_used(finished: demo.DemoResult):
+    results = finished.results
+    train_rows = finished.dataset.train_captions.read_text(encoding="utf-8").splitlines()
+    heldout_rows = finished.dataset.heldout_captions.read_text(encoding="utf-8").splitlines()
+    assert results["data"]["train_images"] == len(train_rows) > 50
+    assert results["retrieval"]["texts"] == len(heldout_rows)
+    assert results["retrieval"]["images"] == results["data"]["heldout_images"] > 0
+    assert results["zeroshot"]["classes"] == results["zeroshot"]["images"] == 10
+    assert results["zeroshot"]["chance"] == pytest.approx(0.1)
+    assert results["steps"] == STEPS and results["batch_size"] == BATCH
+    for mode in ("bare", "ensemble"):
+        assert 0 <= results["zeroshot"][mode]["top1"] <= results["zeroshot"][mode]["top5"] <= 1
+    assert results["zeroshot"]["ensemble"]["templates"] == list(demo.ENSEMBLE_TEMPLATES)
+    for key in ("image_to_text_recall@1", "image_to_text_recall@10", "text_to_image_recall@5"):
+        assert 0 <= results["retrieval"][key] <= 1
+
+
+def test_demo_writes_every_report_file(finished: demo.DemoResult):
+    run_dir = finished.run_dir
+    on_disk = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
+    assert on_disk["zeroshot"] == finished.results["zeroshot"]
+    for name in on_disk["files"].values():
+        assert (run_dir / name).exists(), name
+    per_class = json.loads((run_dir / "zeroshot" / "report.json").read_text(encoding="utf-8"))["per_class"]
+    assert len(per_class) == 10
+    for png in ("curves.png", "predictions.png", "zeroshot/per_class_accuracy.png"):
+        assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(on_disk["seconds"]) == {"prepare", "calibrate", "train", "evaluate", "total"}
+
+
+def test_training_loss_fell(finished: demo.DemoResult):
+    records = [json.loads(line) for line in (finished.run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) >= 4
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3  # averaged: single batches are noisy
+    assert finished.results["final_loss"] < finished.results["first_loss"]
+
+
+def test_model_folder_loads_with_clipforge_load_and_equals_the_last_checkpoint(finished: demo.DemoResult):
+    model, preprocess = load(finished.checkpoint)
+    last, _ = load(list_checkpoints(finished.run_dir)[-1])
+    assert model.config.vision.image_size == 64
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, last.state_dict()[name], rtol=0, atol=0)
+    image = preprocess(sorted(finished.dataset.eval_dir.glob("*/*.png"))[0])
+    assert model.encode_image(image[None]).shape == (1, model.config.embed_dim)
+
+
+def test_interrupted_training_resumes_and_a_finished_run_is_only_evaluated(
+        cache_dir: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    run_dir = tmp_path / "run"
+    real_step = loop._optimizer_step
+
+    def step_then_die(run, images, tokens):
+        if run.step == 12:  # the checkpoint of step 10 (every STEPS // 4 steps) is on disk
+            raise KeyboardInterrupt
+        return real_step(run, images, tokens)
+
+    monkeypatch.setattr(loop, "_optimizer_step", step_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _run(run_dir, cache_dir, data_dir)
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step_00000010"]
+    monkeypatch.setattr(loop, "_optimizer_step", real_step)
+    resumed = _run(run_dir, cache_dir, data_dir)
+    assert resumed.results["resumed_from_step"] == 10
+    assert [p.name for p in list_checkpoints(run_dir)] == [f"step_{STEPS:08d}"]
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == STEPS  # no step logged twice
+    again = _run(run_dir, cache_dir, data_dir)
+    assert again.results["resumed_from_step"] == STEPS
+    assert again.results["zeroshot"] == resumed.results["zeroshot"]
+
+
+def test_resuming_with_another_model_names_the_run_folder(finished: demo.DemoResult, cache_dir: Path, data_dir: Path):
+    with pytest.raises(ValueError, match="holds a run of model 'tiny-vit'"):
+        demo.run_demo(finished.run_dir, model="tiny-rn", data_dir=data_dir, threads=1, steps=STEPS, batch_size=BATCH,
+                      cache_dir=cache_dir, data_config=SLICE, install=False, progress=False)
+
+
+def test_format_results_prints_the_table(finished: demo.DemoResult):
+    table = demo.format_results(finished.results)
+    assert "zero-shot on Fluent 3D emoji (10 classes" in table
+    assert "prompt ensemble" in table and "text -> image" in table
+
+
+def test_cli_turns_a_missing_source_into_a_one_line_error_with_exit_2(monkeypatch: pytest.MonkeyPatch, capsys):
+    import clipforge.cli as cli
+
+    def missing(*args, **kwargs):
+        raise DemoSourceError("the demo needs the npm packages ['emojibase-data'] but npm is not on PATH; "
+                              "install Node.js, then run: npm install --prefix x emojibase-data@17.0.0")
+
+    monkeypatch.setattr(demo, "run_demo", missing)
+    monkeypatch.setattr(cli, "COMMANDS", ["demo"])  # this command alone, whatever else is registered
+    assert cli.main(["demo", "--quick", "--run-dir", "unused"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("clipforge demo: error: ") and "npm install" in error
+
+
+def test_cli_defaults_match_the_library(monkeypatch: pytest.MonkeyPatch):
+    import clipforge.cli as cli
+
+    monkeypatch.setattr(cli, "COMMANDS", ["demo"])
+    args = cli.build_parser().parse_args(["demo"])
+    assert (args.minutes, args.model, args.threads, args.run_dir) == (demo.DEFAULT_MINUTES, demo.DEFAULT_MODEL, "auto",
+                                                                      "runs/demo")
+    assert cli.build_parser().parse_args(["demo", "--threads", "2"]).threads == 2
+
+
+def test_pick_threads_takes_one_thread_when_other_programs_keep_the_cpu_busy(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(demo, "_load_average", lambda: 2 * demo.BUSY_LOAD)
+    assert demo.pick_threads("tiny-vit", 8) == 1
+
+
+def test_pick_threads_returns_one_of_the_candidates_and_restores_the_setting():
+    before = torch.get_num_threads()
+    assert demo.pick_threads("tiny-vit", 8, candidates=(2, 1)) in (1, 2)
+    assert torch.get_num_threads() == before
