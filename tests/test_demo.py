@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import clipforge
 import clipforge.demo as demo
-from clipforge.checkpoints import load
 from clipforge.cli import demo as cli_demo
 from clipforge.data.demo_dataset import DemoDataConfig, prepare_demo_data
 from clipforge.data.demo_sources import DemoSourceError, default_cache_dir, install_commands, missing_packages
@@ -91,8 +91,8 @@ def test_training_loss_fell(finished: demo.DemoResult):
 
 
 def test_model_folder_loads_with_clipforge_load_and_equals_the_last_checkpoint(finished: demo.DemoResult):
-    model, preprocess = load(finished.checkpoint)
-    last, _ = load(list_checkpoints(finished.run_dir)[-1])
+    model, preprocess = clipforge.load(finished.checkpoint)
+    last, _ = clipforge.load(list_checkpoints(finished.run_dir)[-1])
     assert model.config.vision.image_size == 64
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, last.state_dict()[name], rtol=0, atol=0)
