@@ -37,6 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="torch CPU threads (default auto: all cores, or one when that trains faster on a busy machine)")
     parser.add_argument("--steps", type=int, metavar="N", help="train exactly N steps instead of a time budget")
     parser.add_argument("--quick", action="store_true", help="a small data slice and 40 short steps")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="install the data sources and build the dataset, then stop (no training)")
     parser.set_defaults(func=run)
 
 
@@ -59,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise CliError("--device cuda: no CUDA device is available to torch here; use --device cpu")
+    if args.prepare_only:
+        return _prepare_only(args.data_dir)
     try:
         result = run_demo(args.run_dir, minutes=args.minutes, model=args.model, data_dir=args.data_dir,
                           device=args.device, threads=args.threads, quick=args.quick, steps=args.steps)
@@ -67,4 +71,17 @@ def run(args: argparse.Namespace) -> int:
     print(format_results(result.results))
     print(f"\nwrote {result.run_dir}/: results.json, curves.png, predictions.png, zeroshot/, retrieval.json, "
           f"model/ (clipforge.load('{result.checkpoint}'))")
+    return 0
+
+
+def _prepare_only(data_dir: str | None) -> int:
+    """Install the sources and build the dataset (idempotent); print where it is and its counts."""
+    from ..data.demo_dataset import prepare_demo_data
+    from ..data.demo_sources import DemoSourceError, default_cache_dir
+
+    try:
+        dataset = prepare_demo_data(default_cache_dir(), data_dir=data_dir)
+    except DemoSourceError as error:
+        raise CliError(str(error)) from None
+    print(f"prepared only; train on it with: clipforge demo --data-dir {dataset.root}")
     return 0
