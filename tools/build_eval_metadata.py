@@ -3,7 +3,7 @@
 Not imported by clipforge; run by hand when the sources change::
 
     pip download --no-deps clip_benchmark==1.6.2 -d /tmp/cb
-    python -m clipforge.evaluate.metadata.build_metadata \\
+    python tools/build_eval_metadata.py \\
         --prompts-md CLIP/data/prompts.md \\
         --clip-benchmark-wheel /tmp/cb/clip_benchmark-1.6.2-py2.py3-none-any.whl \\
         --open-clip-metadata .../site-packages/open_clip/zero_shot_metadata.py
@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--prompts-md", type=Path, required=True)
     parser.add_argument("--clip-benchmark-wheel", type=Path, required=True)
     parser.add_argument("--open-clip-metadata", type=Path, required=True)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "src" / "clipforge" / "evaluate" / "metadata")
     args = parser.parse_args()
     classnames, templates, notes = build(args.prompts_md, args.clip_benchmark_wheel, args.open_clip_metadata)
     for name, data in (("classnames.json", classnames), ("templates.json", templates)):
