@@ -3,9 +3,9 @@ open_clip's ClipLoss, peak memory and time, same inputs, one run.
 
 Every (method, N) case runs in a fresh subprocess: it builds the embeddings (two (N, 512) fp32
 tensors and a log-space logit scale), resets the peak-RSS counter (``/proc/self/clear_refs``), runs
-one forward+backward, and reports the peak RSS above the embeddings (gradients and every
-temporary included), wall time and process CPU time. CPU time is the fairer clock on a shared
-machine. open_clip runs in the peers venv (``--peers-python``); a method whose measured memory
+forward+backward (the median of 5 runs for N <= 4,096, one run above), and reports the peak RSS
+above the embeddings (gradients and every temporary included), wall time and process CPU time.
+CPU time is the fairer clock on a shared machine. open_clip runs in the peers venv (``--peers-python``); a method whose measured memory
 growth (a x N^2 at the largest N it ran) predicts more than ``--max-gib`` is not run, and the
 table says what it would need. Every method sees the same numbers, so the loss columns agree.
 
@@ -60,20 +60,28 @@ def _inputs(n: int, dim: int):
 
 
 def run_case(method: str, n: int, dim: int, threads: int, tile_size: "int | None") -> dict:
-    """One forward+backward in this (fresh) process; returns the measurements."""
+    """Forward+backward in this (fresh) process: peak memory, median time of the runs."""
+    repeats = 5 if n <= 4096 else 1
     torch.set_num_threads(threads)
     loss_fn = _loss_fn(method, tile_size)
     loss_fn(*_inputs(256, dim)[:2], torch.tensor(1.0)).item()  # warm-up: kernels, allocator
     image, text, scale = _inputs(n, dim)
     open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
     rss_before = _status_kib("VmRSS")
-    wall, cpu = time.perf_counter(), time.process_time()
-    loss = loss_fn(image, text, scale)
-    loss.backward()
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    walls, cpus, peak_kib, loss_value = [], [], 0, None
+    for _ in range(repeats):  # the median of a few runs at small N, where one run is noisy
+        image.grad = text.grad = scale.grad = None
+        wall, cpu = time.perf_counter(), time.process_time()
+        loss = loss_fn(image, text, scale)
+        loss.backward()
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+        peak_kib = peak_kib or _status_kib("VmHWM") - rss_before  # the first run's peak
+        loss_value, loss = loss.item(), None
     return {
-        "method": method, "n": n, "loss": loss.item(), "wall_s": wall, "cpu_s": cpu,
-        "peak_mib": (_status_kib("VmHWM") - rss_before) / 1024, "torch": torch.__version__,
+        "method": method, "n": n, "loss": loss_value, "wall_s": sorted(walls)[repeats // 2],
+        "cpu_s": sorted(cpus)[repeats // 2], "runs": repeats, "peak_mib": peak_kib / 1024,
+        "torch": torch.__version__,
     }
 
 

@@ -5,7 +5,8 @@ normalised text embeddings of the global batch ``text`` (N, d) whose rows
 ``row_offset : row_offset + n`` pair with ``image``, and the log-space ``logit_scale``. They walk
 the (n, N) logits ``S = exp(logit_scale) * image @ text.T`` in (tile, tile) blocks held in a few
 reused buffers, so memory is O((n + N) d + tile^2) whatever N is. Forward keeps per-row and
-per-column statistics; backward recomputes each block from them (flash-attention style).
+per-column statistics; backward recomputes each block from them (flash-attention style), unless
+the whole matrix fits in one block (see ``_LogitBlocks``).
 
 Gradient identities used (L the loss, x_i / y_j the rows, s = exp(logit_scale)):
   dL/dx_i = s * sum_j dL/dS_ij y_j,   dL/dy_j = s * sum_i dL/dS_ij x_i,
@@ -83,6 +84,7 @@ class _LogitBlocks:
                 index += 1
                 yield r0, r1, c0, c1, logits
 
+
 class TiledClipLoss(torch.autograd.Function):
     """Symmetric InfoNCE: mean over pairs of (row LSE - S_ii + column LSE - S_ii) / 2.
 
@@ -139,6 +141,7 @@ class TiledClipLoss(torch.autograd.Function):
             grad_image, grad_text = torch.zeros_like(image), torch.zeros_like(text) if need_text else None
             grad_scale = image.new_zeros((), dtype=torch.float64)
             blocks = _LogitBlocks(image, text, scale, tile, kept=ctx.kept_logits)
+            ctx.kept_logits = None  # the graph (and ctx) may outlive backward: do not pin the block
             buf_rows, buf_cols = _buffers(image, min(tile, n), min(tile, total))
             for r0, r1, c0, c1, logits in blocks:
                 shape = (r1 - r0, c1 - c0)
@@ -190,6 +193,7 @@ class TiledSigmoidLoss(torch.autograd.Function):
             grad_scale = image.new_zeros((), dtype=torch.float64)
             grad_bias = image.new_zeros((), dtype=torch.float64)
             blocks = _LogitBlocks(image, text, scale, tile, kept=ctx.kept_logits)
+            ctx.kept_logits = None  # the graph (and ctx) may outlive backward: do not pin the block
             (buf_grad,) = _buffers(image, min(tile, n), min(tile, total), count=1)
             for r0, r1, c0, c1, logits in blocks:
                 grad_logits = torch.add(logits, bias, out=_tile(buf_grad, r1 - r0, c1 - c0))  # (R, C)
