@@ -9,6 +9,7 @@ The public API mirrors openai/CLIP, so code written for it ports unchanged::
 """
 from .checkpoints import CheckpointError, export_hf, export_openai, infer_config, load, load_model, save
 from .config import ClipConfig, TextConfig, VisionConfig
+from .loss import ClipLoss, SigLipLoss, clamp_logit_scale_, contrastive_loss, sigmoid_loss
 from .models import CLIP
 from .evaluate.zeroshot import zero_shot_classifier
 from .registry import available_models, get_config, register_model
@@ -25,6 +26,11 @@ def create_model(name_or_config: "str | ClipConfig") -> CLIP:
 __all__ = [
     "CLIP",
     "CheckpointError",
+    "ClipLoss",
+    "SigLipLoss",
+    "clamp_logit_scale_",
+    "contrastive_loss",
+    "sigmoid_loss",
     "export_hf",
     "export_openai",
     "infer_config",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..loss import SIGLIP_INIT_LOGIT_BIAS, contrastive_loss, sigmoid_loss
+from ..loss import DEFAULT_TILE_SIZE, SIGLIP_INIT_LOGIT_BIAS, contrastive_loss, sigmoid_loss
 
 
 class Objective(nn.Module):
@@ -18,7 +18,7 @@ class Objective(nn.Module):
     them across processes when there are several (see :mod:`clipforge.loss`).
     """
 
-    def __init__(self, kind: str = "clip", tile_size: int = 2048):
+    def __init__(self, kind: str = "clip", tile_size: int = DEFAULT_TILE_SIZE):
         super().__init__()
         if kind not in ("clip", "siglip"):
             raise ValueError(f"loss kind must be 'clip' or 'siglip', got {kind!r}")
