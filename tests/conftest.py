@@ -1,5 +1,6 @@
 """Shared pytest set-up: small thread count so parallel engineers and CI share 2 cores fairly."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,3 +16,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    """The demo's source cache (apt/npm packages); skips, naming the install command, when missing."""
+    from clipforge.data.demo_sources import default_cache_dir, install_commands, missing_packages
+
+    cache = default_cache_dir()
+    missing = missing_packages(cache)
+    if missing:
+        pytest.skip(f"demo sources not installed ({', '.join(missing)}); run: "
+                    f"{' && '.join(install_commands(missing, cache))}")
+    return cache

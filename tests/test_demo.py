@@ -17,22 +17,12 @@ import clipforge
 import clipforge.demo as demo
 from clipforge.cli import demo as cli_demo
 from clipforge.data.demo_dataset import DemoDataConfig, prepare_demo_data
-from clipforge.data.demo_sources import DemoSourceError, default_cache_dir, install_commands, missing_packages
+from clipforge.data.demo_sources import DemoSourceError
 from clipforge.train import loop
 from clipforge.train.checkpointing import list_checkpoints
 
 SLICE = DemoDataConfig(max_per_source=30, openclipart_max=30, eval_classes=10, heldout_fraction=0.2)
 STEPS, BATCH = 20, 16
-
-
-@pytest.fixture(scope="module")
-def cache_dir() -> Path:
-    cache = default_cache_dir()
-    missing = missing_packages(cache)
-    if missing:
-        pytest.skip(f"demo sources not installed ({', '.join(missing)}); run: "
-                    f"{' && '.join(install_commands(missing, cache))}")
-    return cache
 
 
 @pytest.fixture(scope="module")

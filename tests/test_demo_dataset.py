@@ -18,19 +18,9 @@ from clipforge.data import demo_sources
 from clipforge.data.demo_dataset import (EVAL_SOURCE, TRAIN_SOURCES, DemoDataConfig, load_demo_dataset,
                                          prepare_demo_data, render_square)
 from clipforge.data.demo_records import emoji_key, with_article
-from clipforge.data.demo_sources import DemoSourceError, default_cache_dir, install_commands, missing_packages
+from clipforge.data.demo_sources import DemoSourceError
 
 SLICE = DemoDataConfig(max_per_source=40, openclipart_max=40, eval_classes=5, heldout_fraction=0.2)
-
-
-@pytest.fixture(scope="module")
-def cache_dir() -> Path:
-    cache = default_cache_dir()
-    missing = missing_packages(cache)
-    if missing:
-        pytest.skip(f"demo sources not installed ({', '.join(missing)}); run: "
-                    f"{' && '.join(install_commands(missing, cache))}")
-    return cache
 
 
 @pytest.fixture(scope="module")
