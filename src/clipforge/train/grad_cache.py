@@ -123,18 +123,16 @@ def _cached_step(model, images, tokens, loss_fn, chunk_size, autocast_dtype, sca
     with torch.random.fork_rng(devices=cuda_devices):
         for (lo, hi), (image_state, text_state) in zip(spans, rng_states):
             outputs, grads = [], []
-            if image_features.grad is not None:
-                _restore_rng(device, image_state)
+            towers = ((model.encode_image, images, image_features, image_state),
+                      (model.encode_text, tokens, text_features, text_state))
+            for encode, inputs, features, rng_state in towers:
+                if features.grad is None:
+                    continue
+                _restore_rng(device, rng_state)  # the same dropout/augmentation draws as pass 1
                 with _autocast(device, autocast_dtype):
-                    chunk_features = model.encode_image(images[lo:hi])
+                    chunk_features = encode(inputs[lo:hi])
                 outputs.append(chunk_features)
-                grads.append(image_features.grad[lo:hi].to(chunk_features.dtype))
-            if text_features.grad is not None:
-                _restore_rng(device, text_state)
-                with _autocast(device, autocast_dtype):
-                    chunk_features = model.encode_text(tokens[lo:hi])
-                outputs.append(chunk_features)
-                grads.append(text_features.grad[lo:hi].to(chunk_features.dtype))
+                grads.append(features.grad[lo:hi].to(chunk_features.dtype))
             pairs = [(out, grad) for out, grad in zip(outputs, grads) if out.requires_grad]
             if pairs:
                 torch.autograd.backward([out for out, _ in pairs], [grad for _, grad in pairs])
