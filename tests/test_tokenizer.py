@@ -22,7 +22,8 @@ import pytest
 import regex
 import torch
 
-from clipforge.tokenizer import VOCAB_PATH, Tokenizer, _needs_ftfy, clean_text, get_tokenizer, tokenize
+from clipforge.text_clean import needs_ftfy
+from clipforge.tokenizer import VOCAB_PATH, Tokenizer, clean_text, get_tokenizer, tokenize
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tokenizer" / "cases.jsonl.gz"
 SOT, EOT = 49406, 49407
@@ -182,6 +183,29 @@ def test_random_strings_match_reference_implementation(seed):
     assert not wrong, f"{len(wrong)} differ, e.g. {wrong[:3]!r}"
 
 
+def test_one_batch_of_many_new_texts_matches_reference_implementation():
+    # thousands of new words in one call: BPE runs in numpy on the batch, not word by word
+    tokenizer = Tokenizer()
+    texts = random_texts(11, 1500)
+    expected = [reference_encode(t) for t in texts]
+    assert tokenizer.encode_batch(texts) == expected
+    rows = Tokenizer()(texts, context_length=400).tolist()
+    assert [row[:len(ids) + 2] for row, ids in zip(rows, expected)] == \
+        [[SOT, *ids, EOT] for ids in expected]
+    assert not any(any(row[len(ids) + 2:]) for row, ids in zip(rows, expected))
+
+
+def test_batch_merger_equals_one_word_merge_loop(cases):
+    tokenizer = Tokenizer()
+    words = {w for c in cases for w in REF_PATTERN.findall(reference_clean(c["text"]))}
+    words |= {w for t in random_texts(12, 1000) for w in REF_PATTERN.findall(reference_clean(t))}
+    words = sorted(words - {"<|startoftext|>", "<|endoftext|>"})
+    assert len(words) > 10000 and max(len(w.encode()) for w in words) > 100  # every length group
+    data = [w.encode("utf-8") for w in words]
+    assert tokenizer._batch_merger(data) == [tokenizer._merge(d) for d in data]
+    assert tokenizer._batch_merger(data[:1]) == [tokenizer._merge(data[0])]
+
+
 def test_fast_path_skips_ftfy_only_where_ftfy_and_html_change_nothing(cases):
     rng = random.Random(0)
     printable = [chr(c) for c in range(32, 127)]
@@ -190,7 +214,7 @@ def test_fast_path_skips_ftfy_only_where_ftfy_and_html_change_nothing(cases):
     texts += ["".join(rng.choice("&#;xX0aAmp lgt19 .") for _ in range(rng.randint(1, 12)))
               for _ in range(3000)]
     texts += [c["text"] for c in cases]
-    fast = [t for t in texts if not _needs_ftfy(t)]
+    fast = [t for t in texts if not needs_ftfy(t)]
     assert len(fast) > 9000
     changed = [t for t in fast if ftfy.fix_text(t) != t or html.unescape(t) != t]
     assert not changed, changed[:5]
@@ -227,7 +251,7 @@ def test_word_cache_stays_bounded_and_ids_stay_exact():
     tokenizer = Tokenizer(cache_size=50)
     texts = random_texts(7, 300) + [f"word{i} w{i}x" for i in range(200)]
     assert [tokenizer.encode(t) for t in texts] == [reference_encode(t) for t in texts]
-    assert len(tokenizer._cache) <= 50
+    assert len(tokenizer._cache) - len(tokenizer._whole_word_pieces) <= 50
 
 
 # --- decode and bad input ---------------------------------------------------------------------

@@ -14,23 +14,28 @@ The algorithm (Radford et al. 2021, and OpenAI's released code) is:
 
 Speed comes from shortcuts that leave the ids unchanged (``tests/test_tokenizer.py`` checks them
 against OpenAI's ids and against a plain re-implementation on thousands of inputs): cleaning
-skips ftfy and html where both are provably the identity, the ids of each space-free piece of
-text are cached, BPE runs on integer ids and is skipped for words that are one vocabulary entry,
-and the padded batch is filled in one numpy assignment.
+skips ftfy where it provably changes nothing (:mod:`clipforge.text_clean`); a batch is handled
+as a whole, so each new space-free piece of text, and each new word, is split and merged once
+however often it occurs, and the cached ids of known pieces are joined by C-level loops; BPE
+runs on integer ids, is skipped for words that are one vocabulary entry, and runs on many new
+words at once in numpy (:mod:`clipforge._bpe_batch`); the padded batch is filled in one numpy
+assignment.
 """
 from __future__ import annotations
 
 import functools
 import gzip
 import hashlib
-import html
 from collections.abc import Sequence
+from itertools import chain, islice
 from pathlib import Path
 
-import ftfy
 import numpy as np
 import regex
 import torch
+
+from clipforge._bpe_batch import BatchMerger
+from clipforge.text_clean import clean_pieces, clean_text  # noqa: F401  (clean_text: public)
 
 VOCAB_PATH = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
 OPENAI_VOCAB_SHA256 = "67603cfda2e032ad77b5f8808af37789d590db664b26df8705d2bf8b3c553fc8"
@@ -40,8 +45,11 @@ SOT_TOKEN, EOT_TOKEN = "<|startoftext|>", "<|endoftext|>"
 # IGNORECASE matters even on lower-cased text: it lets "'s" match "'ſ" (long s), as OpenAI's does.
 WORD_PATTERN = regex.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"
                              r"[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+", regex.IGNORECASE)
-# An '&' that starts an entity for html.unescape or ftfy needs a non-space character after it.
-_ENTITY_START = regex.compile(r"&[^ ]")
+# WORD_PATTERN, plus newline as a match of its own: the separator of pieces split in one call.
+_SPLIT_PATTERN = regex.compile("\n|" + WORD_PATTERN.pattern, regex.IGNORECASE)
+_SPECIAL_TOKENS = frozenset((SOT_TOKEN, EOT_TOKEN))
+# Fewer new words than this go through the one-word merge loop, more through numpy in a batch.
+BATCH_BPE_MIN_WORDS = 64
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -59,40 +67,14 @@ def bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-def _needs_ftfy(text: str) -> bool:
-    """False only for printable ASCII in which no ``&`` is followed by a non-space character.
-
-    ftfy changes only non-ASCII characters, control characters and entities, and html.unescape
-    only entities, so both return such text unchanged (the tests check this on many inputs).
-    """
-    return not (text.isascii() and text.isprintable()
-                and ("&" not in text or _ENTITY_START.search(text) is None))
-
-
-def _clean_pieces(text: str) -> list[str]:
-    """The cleaned text's space-separated pieces (see :func:`clean_text`)."""
-    if _needs_ftfy(text):
-        text = html.unescape(html.unescape(ftfy.fix_text(text)))
-    # lower() neither makes nor changes whitespace, so lower-then-split is split-then-lower.
-    return text.lower().split()
-
-
-def clean_text(text: str) -> str:
-    """Clean ``text`` exactly as OpenAI does: ftfy, html.unescape twice, whitespace, lower case.
-
-    ``str.split`` equals OpenAI's ``regex.sub(r"\\s+", " ", ...)`` here: the only characters on
-    which the two disagree (U+001C..U+001F) are removed by ftfy and never made by html.unescape.
-    """
-    return " ".join(_clean_pieces(text))
-
-
 class Tokenizer:
     """CLIP's BPE tokenizer: ``encode``/``decode`` single texts, ``__call__`` for padded batches.
 
     Args:
         vocab_path: gzipped merges file (default: OpenAI's ``bpe_simple_vocab_16e6.txt.gz``).
-        cache_size: most pieces of text (words, or runs between spaces) whose ids are kept; the
-            cache is emptied when full.
+        cache_size: most pieces of text (words, or runs between spaces) whose ids are kept
+            besides the vocabulary's whole words; the cache is emptied when a batch would
+            overfill it.
     """
 
     def __init__(self, vocab_path: str | Path = VOCAB_PATH, cache_size: int = 100_000):
@@ -108,6 +90,7 @@ class Tokenizer:
                              f"after the header, found {len(merges)}")
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {char: byte for byte, char in self.byte_encoder.items()}
+        self._symbol_table = dict(self.byte_encoder)  # byte (as a latin-1 code) -> symbol
         byte_symbols = list(self.byte_encoder.values())
         vocab = [*byte_symbols, *(s + "</w>" for s in byte_symbols),
                  *("".join(pair) for pair in merges), SOT_TOKEN, EOT_TOKEN]
@@ -125,25 +108,56 @@ class Tokenizer:
         # tests check all 34,337), so such words skip the merge loop; other files always run it.
         is_openai = hashlib.sha256(raw).hexdigest() == OPENAI_VOCAB_SHA256
         self._whole_words = self.encoder if is_openai else {}
+        self._batch_merger = BatchMerger(self._merges, self._byte_ids, self.vocab_size)
         self.cache_size = cache_size
-        self._cache: dict[str, list[int]] = {}  # piece of cleaned text -> its ids
+        # piece of cleaned text -> its ids; always holds the vocabulary's whole words
+        self._whole_word_pieces = self._pieces_of_whole_words()
+        self._cache: dict[str, list[int]] = dict(self._whole_word_pieces)
+
+    def _pieces_of_whole_words(self) -> dict[str, list[int]]:
+        """The words that are one vocabulary entry, as pieces of text: ``{"cat": [2368], ...}``.
+
+        In the cache from the start, so the commonest words never reach BPE; only words that
+        the regex keeps whole (``"a1</w>"`` is an entry, but the text "a1" is two words).
+        """
+        to_latin1 = {ord(char): byte for char, byte in self.byte_decoder.items()}
+        pieces = {}
+        for symbol, index in self._whole_words.items():
+            if index < 512 or not symbol.endswith("</w>"):
+                continue  # single bytes are cheap anyway
+            try:
+                word = symbol[:-4].translate(to_latin1).encode("latin-1").decode("utf-8")
+            except UnicodeDecodeError:  # no text's word has these bytes
+                continue
+            if word.isascii() and word.isalpha() or WORD_PATTERN.findall(word) == [word]:
+                pieces[word] = [index]
+        return pieces
+
+    def _whole_word(self, word: str) -> int | None:
+        """The id of ``word`` when it is one vocabulary entry (or a special token), else None."""
+        if word in (SOT_TOKEN, EOT_TOKEN):
+            return self.encoder[word]
+        if word.isascii() and word.isprintable():
+            return self._whole_words.get(word + "</w>")  # printable ASCII maps to itself
+        return self._whole_words.get(self._symbols(word) + "</w>")
+
+    def _symbols(self, word: str) -> str:
+        """The word's UTF-8 bytes as vocabulary symbols (GPT-2's byte-to-unicode table)."""
+        return word.encode("utf-8").decode("latin-1").translate(self._symbol_table)
 
     def _bpe(self, word: str) -> list[int]:
-        """Ids of one word of the regex split.
+        """Ids of one word of the regex split."""
+        whole = self._whole_word(word)
+        return [whole] if whole is not None else self._merge(word.encode("utf-8"))
+
+    def _merge(self, data: bytes) -> list[int]:
+        """BPE ids of a word's UTF-8 bytes, one merge at a time.
 
         OpenAI's rule: find the best-ranked adjacent pair, merge all its occurrences left to
         right, repeat until no adjacent pair is a merge. Merging the leftmost occurrence at a time
         is the same: a merged id is larger than its parts, so the pairs a merge creates rank
         after it and the same pair stays best until its last occurrence is merged.
         """
-        if word in (SOT_TOKEN, EOT_TOKEN):
-            return [self.encoder[word]]
-        data = word.encode("utf-8")
-        symbol = word if len(data) == len(word) and word.isprintable() else \
-            "".join(self.byte_encoder[byte] for byte in data)  # printable ASCII maps to itself
-        whole = self._whole_words.get(symbol + "</w>")
-        if whole is not None:
-            return [whole]
         ids = list(data.translate(self._byte_ids))  # byte ids are 0..255
         ids[-1] += 256  # the same byte with </w>
         merges, no_merge = self._merges, self.vocab_size
@@ -161,33 +175,80 @@ class Tokenizer:
                 merged[i - 1] = merges.get(ids[i - 1] << 16 | best, no_merge)
         return ids
 
-    def _piece_ids(self, piece: str) -> list[int]:
-        """Ids of a space-free piece of cleaned text (cached).
+    def _add_words(self, words: set[str]) -> None:
+        """Cache the ids of new words: one vocabulary entry each, or merged (in a batch when
+        there are many). Comprehensions rather than a loop: this sees every new word."""
+        cache = self._cache
+        cache.update((word, [self.encoder[word]]) for word in words & _SPECIAL_TOKENS)
+        words = list(words - _SPECIAL_TOKENS)
+        symbols = [word if word.isascii() and word.isprintable() else self._symbols(word)
+                   for word in words]  # printable ASCII is its own symbols
+        wholes = list(map(self._whole_words.get, [symbol + "</w>" for symbol in symbols]))
+        cache.update([(word, [whole]) for word, whole in zip(words, wholes) if whole is not None])
+        to_merge = [word for word, whole in zip(words, wholes) if whole is None]
+        data = [word.encode("utf-8") for word in to_merge]
+        merged = self._batch_merger(data) if len(data) >= BATCH_BPE_MIN_WORDS else \
+            map(self._merge, data)
+        cache.update(zip(to_merge, merged))
+
+    def _add_pieces(self, pieces: set[str]) -> None:
+        """Cache the ids of new space-free pieces of cleaned text.
 
         No regex match crosses a space, so a text's ids are its pieces' ids in a row; and each
         regex word is a piece whose only match is itself, so words share the same cache.
         """
-        ids = self._cache.get(piece)
-        if ids is None:
-            # ASCII letters are one word; else the matches cover every non-space character, so
-            # a single match is the piece itself.
-            words = [piece] if piece.isascii() and piece.isalpha() else WORD_PATTERN.findall(piece)
-            if len(words) == 1:
-                ids = self._bpe(piece)
-            else:
-                ids = [i for word in words for i in self._piece_ids(word)]
-            if len(self._cache) >= self.cache_size:
-                self._cache.clear()
-            self._cache[piece] = ids
-        return ids
+        cache = self._cache
+        # A piece of ASCII letters is one word. The others are split by one regex call over all
+        # of them, joined by newlines that the pattern returns as separators (no word has one).
+        split = [piece for piece in pieces if not (piece.isascii() and piece.isalpha())]
+        # Every piece has a word (regex \s is narrower than str.split's whitespace) and no word
+        # has a newline, so three newlines in a row mark the end of a piece.
+        found = "\n".join(_SPLIT_PATTERN.findall("\n".join(split))).split("\n\n\n")
+        words_of = [words.split("\n") for words in found] if split else []
+        new_words = pieces.difference(split)  # the one-word pieces
+        new_words.update(chain.from_iterable(words_of))
+        self._add_words(new_words.difference(cache))
+        get = cache.__getitem__
+        cache.update([(piece, list(chain.from_iterable(map(get, words))))
+                      for piece, words in zip(split, words_of)
+                      if len(words) != 1 or words[0] != piece])
+
+    def _pieces_and_ids(self, texts: Sequence[str]) -> tuple[list[list[str]], list[list[int]]]:
+        """Each text's cleaned pieces, and the ids of all pieces in a row. New pieces and words
+        are split and merged once per batch, however often they occur."""
+        # printable ASCII without '&' needs no ftfy or html (see text_clean.needs_ftfy): inline
+        # here, as a function call per text costs as much as the cleaning.
+        pieces = [text.lower().split() if text.isascii() and text.isprintable() and "&" not in text
+                  else clean_pieces(text) for text in texts]
+        all_pieces = list(chain.from_iterable(pieces))
+        cache = self._cache
+        try:
+            piece_ids = list(map(cache.__getitem__, all_pieces))
+        except KeyError:  # new pieces
+            new = set(all_pieces).difference(cache)
+            if len(cache) - len(self._whole_word_pieces) + len(new) > self.cache_size:
+                self._reset_cache()  # bounded memory; this batch's pieces are added back below
+                new = set(all_pieces).difference(cache)
+            self._add_pieces(new)
+            piece_ids = list(map(cache.__getitem__, all_pieces))
+            if len(cache) - len(self._whole_word_pieces) > self.cache_size:
+                self._reset_cache()  # one batch alone held more than the cache
+        return pieces, piece_ids
+
+    def _reset_cache(self) -> None:
+        """Forget every piece but the vocabulary's whole words."""
+        self._cache.clear()
+        self._cache.update(self._whole_word_pieces)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """BPE ids of each text, without start/end tokens."""
+        pieces, piece_ids = self._pieces_and_ids(texts)
+        each = iter(piece_ids)
+        return [list(chain.from_iterable(islice(each, count))) for count in map(len, pieces)]
 
     def encode(self, text: str) -> list[int]:
         """Return the BPE ids of ``text`` without start/end tokens."""
-        cache, ids = self._cache, []
-        for piece in _clean_pieces(text):
-            piece_ids = cache.get(piece)
-            ids += self._piece_ids(piece) if piece_ids is None else piece_ids
-        return ids
+        return self.encode_batch([text])[0]
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Return the text of 1-D ``ids`` as OpenAI does: ``</w>`` becomes a space, bad UTF-8 is
@@ -215,25 +276,37 @@ class Tokenizer:
                 or context_length < 2:
             raise ValueError(f"context_length must be an int >= 2 (room for the start and end "
                              f"tokens), got {context_length!r}")
-        flat_ids, lengths = [], []
-        for index, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"texts[{index}] must be a str, got {type(text).__name__}")
-            ids = self.encode(text)
-            if len(ids) + 2 > context_length:
-                if not truncate:
-                    prefix = text if len(text) <= 40 else text[:40] + "..."
-                    raise ValueError(
-                        f"texts[{index}] ({prefix!r}) has {len(ids) + 2} tokens with start and "
-                        f"end, more than context_length={context_length}; shorten it or pass "
-                        "truncate=True")
-                del ids[context_length - 2:]  # keep sot + (L - 2) ids + eot: OpenAI's cut
-            flat_ids += (self.sot_token_id, *ids, self.eot_token_id)
-            lengths.append(len(ids) + 2)
-        # numpy fills the padded block ~5x faster than torch indexing for small batches.
-        lengths = np.array(lengths, dtype=np.int64).reshape(-1, 1)  # (N, 1)
+        if not all(isinstance(text, str) for text in texts):
+            index, text = next((i, t) for i, t in enumerate(texts) if not isinstance(t, str))
+            raise TypeError(f"texts[{index}] must be a str, got {type(text).__name__}")
+        # One flat list of ids and per-text lengths, built by C-level loops over the pieces.
+        pieces, piece_ids = self._pieces_and_ids(texts)
+        flat = np.array(list(chain.from_iterable(piece_ids)), dtype=np.int64)
+        piece_ends = np.zeros(len(piece_ids) + 1, dtype=np.int64)  # (P + 1,) ids before piece p
+        np.cumsum(list(map(len, piece_ids)), out=piece_ends[1:])
+        text_ends = np.zeros(len(pieces) + 1, dtype=np.int64)  # (N + 1,) pieces before text n
+        np.cumsum(list(map(len, pieces)), out=text_ends[1:])
+        starts = piece_ends[text_ends[:-1]]  # (N,) offset of each text's ids in flat
+        lengths = piece_ends[text_ends[1:]] - starts  # (N,)
+        too_long = lengths + 2 > context_length
+        if too_long.any():
+            if not truncate:
+                index = int(too_long.argmax())
+                text = texts[index]
+                prefix = text if len(text) <= 40 else text[:40] + "..."
+                raise ValueError(
+                    f"texts[{index}] ({prefix!r}) has {lengths[index] + 2} tokens with start and "
+                    f"end, more than context_length={context_length}; shorten it or pass "
+                    "truncate=True")
+            # keep sot + the first (L - 2) ids + eot: OpenAI's cut
+            position = np.arange(len(flat)) - np.repeat(starts, lengths)  # within its text
+            flat = flat[position < context_length - 2]
+            lengths = np.minimum(lengths, context_length - 2)
+        columns = np.arange(context_length)
         tokens = np.zeros((len(lengths), context_length), dtype=np.int64)  # (N, L)
-        tokens[np.arange(context_length) < lengths] = flat_ids  # row-major, same order as flat_ids
+        tokens[:, 0] = self.sot_token_id
+        tokens[(columns > 0) & (columns <= lengths[:, None])] = flat  # row-major: texts in order
+        tokens[np.arange(len(lengths)), lengths + 1] = self.eot_token_id
         return torch.from_numpy(tokens)
 
 

@@ -1,0 +1,121 @@
+"""Text cleaning before BPE, exactly as OpenAI's CLIP does it.
+
+OpenAI's ``basic_clean`` + ``whitespace_clean``: ``ftfy.fix_text``, ``html.unescape`` twice,
+whitespace runs collapsed to one space, ends stripped, lower-cased.
+
+``ftfy.fix_text`` is exact but slow: about 40 us a caption, nearly all of it the Python overhead
+of running a dozen fixers that change nothing. :func:`fix_text` gives the same result without
+calling ftfy when every step of ftfy 6's default pipeline provably leaves the text unchanged:
+
+- the fixers that rewrite characters (C1 controls, Latin ligatures, full/half width forms, curly
+  quotes, line breaks, surrogates, terminal escapes, control characters, HTML entities) each
+  change only text containing one of their characters, collected in ``_FTFY_CHARACTERS`` from
+  ftfy's own tables;
+- the mojibake fixer returns text unchanged when ``ftfy.badness.is_bad`` is false (the same call
+  ftfy makes); that regex cannot match text without one of the ~450 characters of
+  ``_MOJIBAKE_CHARACTERS`` (mostly Latin-1 letters and punctuation, and a few Greek and Cyrillic
+  letters), since each of its alternatives needs one, so it runs only on text that has one;
+- NFC normalisation changes nothing on text that ``unicodedata.is_normalized`` accepts.
+
+Anything else goes through ftfy itself. With another major version of ftfy, whose pipeline may
+differ, ftfy is always called; with a badness regex other than those of ftfy 6.0 to 6.3 (checked
+by hash), ``is_bad`` always runs. ``tests/test_text_clean.py`` checks the shortcut against
+``ftfy.fix_text`` over every code point and on thousands of real and random texts.
+"""
+from __future__ import annotations
+
+import hashlib
+import html
+import re
+import unicodedata
+
+import ftfy
+import ftfy.badness
+import ftfy.chardata
+
+# An '&' that starts an entity for html.unescape or ftfy needs a non-space character after it.
+_ENTITY_START = re.compile(r"&[^ ]")
+
+
+def _ftfy_characters() -> re.Pattern:
+    """One character class of every character that a rewriting fixer of ftfy 6 acts on."""
+    codes = {*ftfy.chardata.LIGATURES, *ftfy.chardata.WIDTH_MAP, *ftfy.chardata.CONTROL_CHARS}
+    codes.update(range(0x80, 0xA0))  # fix_c1_controls
+    codes.update([0x2BC, *range(0x2018, 0x2020)])  # uncurl_quotes
+    codes.update([0x0A, 0x0D, 0x85, 0x2028, 0x2029])  # fix_line_breaks (and fix_text's lines)
+    codes.update(range(0xD800, 0xE000))  # fix_surrogates
+    codes.update([0x1B, ord("&")])  # remove_terminal_escapes, unescape_html
+    return re.compile("[" + "".join(re.escape(chr(code)) for code in sorted(codes)) + "]")
+
+
+# sha256 of ftfy.badness.BADNESS_RE.pattern in ftfy 6.0.3, 6.1.x, 6.2.x and 6.3.x: each of their
+# alternatives has a character class drawn from MOJIBAKE_CATEGORIES or a non-ASCII literal that
+# every match must consume (tests/test_text_clean.py proves it for the installed ftfy).
+VERIFIED_BADNESS_PATTERNS = frozenset({
+    "a9bb79cfd1", "437197912c", "d4a9ba2b2e", "9dcc0f2ac9"})
+
+
+def badness_pattern_hash() -> str:
+    """First 10 hex digits of the sha256 of the installed ftfy's badness regex."""
+    pattern = ftfy.badness.BADNESS_RE.pattern
+    return hashlib.sha256(pattern.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+
+
+def mojibake_characters() -> set[str]:
+    """Characters of ftfy's mojibake categories and the non-ASCII literals of its badness regex."""
+    categories = re.compile("[" + "".join(ftfy.badness.MOJIBAKE_CATEGORIES.values()) + "]")
+    plane0 = "".join(map(chr, range(0x80, 0x10000)))  # the categories are all in plane 0
+    return {*categories.findall(plane0),
+            *(char for char in ftfy.badness.BADNESS_RE.pattern if ord(char) > 0x7F)}
+
+
+_FTFY_CHARACTERS = _ftfy_characters()
+_FTFY_SHORTCUT = ftfy.__version__.split(".")[0] == "6"
+_MOJIBAKE_CHARACTERS = re.compile("[" + "".join(map(re.escape, sorted(mojibake_characters())))
+                                  + "]") if badness_pattern_hash() in VERIFIED_BADNESS_PATTERNS \
+    else re.compile("")  # unknown regex: always ask is_bad
+
+
+def ftfy_is_identity(text: str) -> bool:
+    """True only when ``ftfy.fix_text(text) == text`` is certain without running ftfy.
+
+    Texts longer than ftfy's 1,000,000-character segment are never shortcut.
+    """
+    return (_FTFY_SHORTCUT and len(text) < 1_000_000 and _FTFY_CHARACTERS.search(text) is None
+            and unicodedata.is_normalized("NFC", text)
+            and (_MOJIBAKE_CHARACTERS.search(text) is None or not ftfy.badness.is_bad(text)))
+
+
+def fix_text(text: str) -> str:
+    """``ftfy.fix_text(text)`` with its default settings, without running ftfy where it would
+    change nothing (see the module docstring)."""
+    return text if ftfy_is_identity(text) else ftfy.fix_text(text)
+
+
+def needs_ftfy(text: str) -> bool:
+    """False only for printable ASCII in which no ``&`` is followed by a non-space character.
+
+    ftfy changes only non-ASCII characters, control characters and entities, and html.unescape
+    only entities, so both return such text unchanged (the tests check this on many inputs).
+    """
+    return not (text.isascii() and text.isprintable()
+                and ("&" not in text or _ENTITY_START.search(text) is None))
+
+
+def clean_pieces(text: str) -> list[str]:
+    """The cleaned text's space-separated pieces (see :func:`clean_text`)."""
+    if needs_ftfy(text):
+        text = fix_text(text)
+        if "&" in text:  # html.unescape changes nothing in text without '&'
+            text = html.unescape(html.unescape(text))
+    # lower() neither makes nor changes whitespace, so lower-then-split is split-then-lower.
+    return text.lower().split()
+
+
+def clean_text(text: str) -> str:
+    """Clean ``text`` exactly as OpenAI does: ftfy, html.unescape twice, whitespace, lower case.
+
+    ``str.split`` equals OpenAI's ``regex.sub(r"\\s+", " ", ...)`` here: the only characters on
+    which the two disagree (U+001C..U+001F) are removed by ftfy and never made by html.unescape.
+    """
+    return " ".join(clean_pieces(text))
