@@ -202,6 +202,7 @@ def test_batch_merger_equals_one_word_merge_loop(cases):
     words = sorted(words - {"<|startoftext|>", "<|endoftext|>"})
     assert len(words) > 10000 and max(len(w.encode()) for w in words) > 100  # every length group
     data = [w.encode("utf-8") for w in words]
+    assert tokenizer._batch_merger._merge(data) == [tokenizer._merge(d) for d in data]  # all numpy
     assert tokenizer._batch_merger(data) == [tokenizer._merge(d) for d in data]
     assert tokenizer._batch_merger(data[:1]) == [tokenizer._merge(data[0])]
 

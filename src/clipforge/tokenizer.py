@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import re
 from collections.abc import Sequence
 from itertools import chain, islice
 from pathlib import Path
@@ -47,9 +48,10 @@ WORD_PATTERN = regex.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'
                              r"[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+", regex.IGNORECASE)
 # WORD_PATTERN, plus newline as a match of its own: the separator of pieces split in one call.
 _SPLIT_PATTERN = regex.compile("\n|" + WORD_PATTERN.pattern, regex.IGNORECASE)
+# The same on ASCII text, where letters are [a-z] and numbers [0-9], in the stdlib's faster re.
+_SPLIT_PATTERN_ASCII = re.compile(r"\n|<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"
+                                  r"[a-z]+|[0-9]|[^\sa-z0-9]+", re.IGNORECASE | re.ASCII)
 _SPECIAL_TOKENS = frozenset((SOT_TOKEN, EOT_TOKEN))
-# Fewer new words than this go through the one-word merge loop, more through numpy in a batch.
-BATCH_BPE_MIN_WORDS = 64
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -108,7 +110,8 @@ class Tokenizer:
         # tests check all 34,337), so such words skip the merge loop; other files always run it.
         is_openai = hashlib.sha256(raw).hexdigest() == OPENAI_VOCAB_SHA256
         self._whole_words = self.encoder if is_openai else {}
-        self._batch_merger = BatchMerger(self._merges, self._byte_ids, self.vocab_size)
+        self._batch_merger = BatchMerger(self._merges, self._byte_ids, self.vocab_size,
+                                         self._merge)
         self.cache_size = cache_size
         # piece of cleaned text -> its ids; always holds the vocabulary's whole words
         self._whole_word_pieces = self._pieces_of_whole_words()
@@ -187,9 +190,7 @@ class Tokenizer:
         cache.update([(word, [whole]) for word, whole in zip(words, wholes) if whole is not None])
         to_merge = [word for word, whole in zip(words, wholes) if whole is None]
         data = [word.encode("utf-8") for word in to_merge]
-        merged = self._batch_merger(data) if len(data) >= BATCH_BPE_MIN_WORDS else \
-            map(self._merge, data)
-        cache.update(zip(to_merge, merged))
+        cache.update(zip(to_merge, self._batch_merger(data)))
 
     def _add_pieces(self, pieces: set[str]) -> None:
         """Cache the ids of new space-free pieces of cleaned text.
@@ -200,11 +201,16 @@ class Tokenizer:
         cache = self._cache
         # A piece of ASCII letters is one word. The others are split by one regex call over all
         # of them, joined by newlines that the pattern returns as separators (no word has one).
-        split = [piece for piece in pieces if not (piece.isascii() and piece.isalpha())]
+        ascii_split = [piece for piece in pieces if piece.isascii() and not piece.isalpha()]
+        other_split = [piece for piece in pieces if not piece.isascii()]
         # Every piece has a word (regex \s is narrower than str.split's whitespace) and no word
         # has a newline, so three newlines in a row mark the end of a piece.
-        found = "\n".join(_SPLIT_PATTERN.findall("\n".join(split))).split("\n\n\n")
-        words_of = [words.split("\n") for words in found] if split else []
+        words_of = []
+        for split, pattern in ((ascii_split, _SPLIT_PATTERN_ASCII), (other_split, _SPLIT_PATTERN)):
+            if split:
+                found = "\n".join(pattern.findall("\n".join(split))).split("\n\n\n")
+                words_of += [words.split("\n") for words in found]
+        split = ascii_split + other_split
         new_words = pieces.difference(split)  # the one-word pieces
         new_words.update(chain.from_iterable(words_of))
         self._add_words(new_words.difference(cache))
