@@ -16,7 +16,8 @@ Speed comes from shortcuts that leave the ids unchanged (``tests/test_tokenizer.
 against OpenAI's ids and against a plain re-implementation on thousands of inputs): cleaning
 skips ftfy where it provably changes nothing (:mod:`clipforge.text_clean`); a batch is handled
 as a whole, so each new space-free piece of text, and each new word, is split and merged once
-however often it occurs, and the cached ids of known pieces are joined by C-level loops; BPE
+however often it occurs (ASCII pieces split by the stdlib's ``re``, twice as fast as ``regex``),
+and the cached ids of known pieces are joined by C-level loops; BPE
 runs on integer ids, is skipped for words that are one vocabulary entry, and runs on many new
 words at once in numpy (:mod:`clipforge._bpe_batch`); the padded batch is filled in one numpy
 assignment.
