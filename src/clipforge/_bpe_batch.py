@@ -1,25 +1,47 @@
 """Byte-level BPE on many words at once, in numpy: the same ids as the one-word merge loop.
 
-A batch of words is a padded matrix of ids, one row a word; each round merges, in every row at
-once, the leftmost occurrence of that row's best-ranked pair. Rows whose pairs are no merge are
-finished and leave the matrix. Per round the work is a few numpy calls over the matrix, so a
-batch of thousands of new words costs about as much as a few dozen words merged one by one.
-Words are grouped by length so that short words don't pay for the width of long ones.
+The words of a batch lie end to end in one flat array of ids, with the rank of each adjacent
+pair beside it (pairs across a word's end are no merge). Each round merges, in every word at
+once, the leftmost occurrence of that word's best-ranked pair: a few numpy calls over the array,
+whatever the number of words. Words with nothing left to merge leave the array; when only a
+few remain, the one-word loop (:func:`merge_ids`) finishes them, as rounds on a handful of
+words cost more than the loop.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from itertools import islice
-
 import numpy as np
 
-PAD = 0xFFFF  # not an id (ids are < 49,408), so no pair with it is a merge
-LENGTH_GROUPS = (6, 12, 24, 48)  # upper bounds, in bytes, of the groups
-# A round costs ~0.2 ms whatever the group's size; groups smaller than this (measured crossover)
-# are merged one word at a time instead.
-MIN_GROUP_WORDS = 256
+# A round costs ~0.1 ms whatever the number of words, so batches of fewer new words than
+# MIN_BATCH_WORDS use the one-word loop, and so do the last TAIL_WORDS words left in a batch
+# (measured crossovers on real captions).
+MIN_BATCH_WORDS = 200
+TAIL_WORDS = 48
 HASH_SLOTS = 1 << 18  # power of two, ~5x the number of merges
 EMPTY = -1  # no key: keys are >= 0
+
+
+def merge_ids(ids: list[int], merges: dict[int, int], no_merge: int) -> list[int]:
+    """Finish BPE on one word's ids in place, and return them.
+
+    OpenAI's rule: find the best-ranked adjacent pair, merge all its occurrences left to right,
+    repeat until no adjacent pair is a merge. Merging the leftmost occurrence at a time is the
+    same: a merged id is larger than its parts, so the pairs a merge creates rank after it and
+    the same pair stays best until its last occurrence is merged. ``merges`` maps
+    ``left << 16 | right`` to the merged id, which is also the merge's rank.
+    """
+    merged = [merges.get(a << 16 | b, no_merge) for a, b in zip(ids, ids[1:])]  # pair i, i+1
+    while merged:
+        best = min(merged)
+        if best == no_merge:
+            break
+        i = merged.index(best)
+        ids[i:i + 2] = [best]
+        del merged[i]
+        if i < len(merged):
+            merged[i] = merges.get(best << 16 | ids[i + 1], no_merge)
+        if i > 0:
+            merged[i - 1] = merges.get(ids[i - 1] << 16 | best, no_merge)
+    return ids
 
 
 def _hash(keys: np.ndarray) -> np.ndarray:
@@ -35,11 +57,11 @@ class BatchMerger:
             higher the merge's rank.
         byte_ids: the id of each byte value (256 bytes, each < 256).
         no_merge: an id larger than every merged id.
-        merge_one: the one-word merge loop (bytes -> ids), for groups too small for numpy.
     """
 
-    def __init__(self, merges: dict[int, int], byte_ids: bytes, no_merge: int,
-                 merge_one: Callable[[bytes], list[int]]):
+    def __init__(self, merges: dict[int, int], byte_ids: bytes, no_merge: int):
+        self.merges, self.no_merge = merges, no_merge
+        self.byte_ids = np.frombuffer(byte_ids, dtype=np.uint8).astype(np.int64)
         keys = np.fromiter(merges.keys(), dtype=np.int64, count=len(merges))
         values = np.fromiter(merges.values(), dtype=np.int64, count=len(merges))
         # Open-addressing hash table (linear probing, load ~0.2): one or two probes per lookup,
@@ -57,13 +79,10 @@ class BatchMerger:
             rest = np.ones(len(keys), dtype=bool)
             rest[first] = False
             keys, values, slots = keys[rest], values[rest], (slots[rest] + 1) & (HASH_SLOTS - 1)
-        self.byte_ids = np.frombuffer(byte_ids, dtype=np.uint8).astype(np.int64)
-        self.no_merge = no_merge
-        self.merge_one = merge_one
 
     def _merged(self, left: np.ndarray, right: np.ndarray) -> np.ndarray:
         """Merged id of each pair ``(left[i], right[i])``, or ``no_merge`` where none."""
-        key = (left << 16 | right).ravel()
+        key = left << 16 | right
         slots = _hash(key)
         stored = self.table_keys[slots]
         merged = np.where(stored == key, self.table_values[slots], self.no_merge)
@@ -76,72 +95,72 @@ class BatchMerger:
             merged[probing[found]] = self.table_values[slots[found]]
             more = ~found & (stored != EMPTY)
             probing, slots, key = probing[more], slots[more], key[more]
-        return merged.reshape(left.shape)
+        return merged
 
     def __call__(self, words: list[bytes]) -> list[list[int]]:
-        """BPE ids of each word's UTF-8 bytes; the last byte of each word ends it (``</w>``)."""
-        out: list[list[int]] = [[] for _ in words]
-        lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
-        order = np.argsort(lengths, kind="stable")
-        low = 0
-        for high in (*LENGTH_GROUPS, int(lengths.max(initial=0))):
-            group = order[(lengths[order] > low) & (lengths[order] <= high)]
-            low = max(low, high)
-            group_words = [words[i] for i in group.tolist()]
-            merged = self._merge(group_words) if len(group) >= MIN_GROUP_WORDS else \
-                map(self.merge_one, group_words)
-            for index, ids in zip(group.tolist(), merged):
-                out[index] = ids
-        return out
-
-    def _merge(self, words: list[bytes]) -> list[list[int]]:
-        """BPE of words of similar length (all non-empty)."""
-        count, width = len(words), max(map(len, words))
-        lengths = np.fromiter(map(len, words), dtype=np.int64, count=count)
-        columns = np.arange(width)
-        inside = columns < lengths[:, None]  # (count, width)
-        ids = np.full((count, width), PAD, dtype=np.int64)
-        ids[inside] = self.byte_ids[np.frombuffer(b"".join(words), dtype=np.uint8)]
-        ids[np.arange(count), lengths - 1] += 256  # the last byte ends the word: id + 256
-        finished = np.empty_like(ids)  # rows in the caller's order once done
-        rows = np.arange(count)  # which word each row of ids holds
-        ranks = self._merged(ids[:, :-1], ids[:, 1:])  # (count, width - 1): pair j is j, j+1
-        while len(rows):
-            if ranks.shape[1] == 0:  # one id left in every row
-                finished[rows, :1] = ids
-                break
-            at = ranks.argmin(axis=1)  # leftmost best pair of each row
-            here = np.arange(len(rows))
-            best = ranks[here, at]
+        """BPE ids of each word's UTF-8 bytes (non-empty); the last byte of each word ends it
+        (``</w>``, id + 256)."""
+        if len(words) < MIN_BATCH_WORDS:
+            return [self._merge_one(word) for word in words]
+        out: list[list[int] | None] = [None] * len(words)
+        lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))  # (W,)
+        ids = self.byte_ids[np.frombuffer(b"".join(words), dtype=np.uint8)]  # (E,) all words
+        ends = np.cumsum(lengths)  # (W,) one past each word's last id
+        ids[ends - 1] += 256  # the last byte ends the word
+        ranks = np.full(len(ids), self.no_merge, dtype=np.int64)  # (E,) pair p is p, p + 1
+        ranks[:-1] = self._merged(ids[:-1], ids[1:])
+        ranks[ends - 1] = self.no_merge  # no pair across a word's end
+        rows = np.arange(len(words))  # which word each segment holds
+        while True:
+            starts = ends - lengths  # (W,)
+            best = np.minimum.reduceat(ranks, starts)  # (W,) each word's best rank
             done = best == self.no_merge
-            if done.any():
-                finished[rows[done], :ids.shape[1]] = ids[done]
-                if done.all():
-                    break
-                keep = ~done
-                rows, at, best = rows[keep], at[keep], best[keep]
-                width = int(lengths[rows].max())  # drop columns that are padding in every row
-                ids, ranks = ids[keep, :width], ranks[keep, :width - 1]
-                here = np.arange(len(rows))
-            lengths[rows] -= 1
-            # merge pair `at`: ids[at] becomes best, ids after at + 1 move one left
-            ids[here, at] = best
-            width = ids.shape[1]
-            shift = columns[:width - 1] + (columns[:width - 1] > at[:, None])  # (rows, width - 1)
-            ids = ids[here[:, None], shift]  # the last column (now padding) is dropped
-            # pairs after `at` move one left; pairs at - 1 and at are new
-            ranks = ranks[here[:, None], np.minimum(shift[:, :-1], width - 2)]  # (rows, width - 2)
-            if ranks.shape[1] == 0:
-                continue
-            # one lookup for both new pairs: (ids[at - 1], best) and (best, ids[at + 1])
-            left = np.maximum(at - 1, 0)
-            right = np.minimum(at + 1, width - 2)
-            new = self._merged(np.concatenate([ids[here, left], best]),
-                               np.concatenate([best, ids[here, right]]))
-            count = len(here)
-            has_left, has_right = at > 0, at < width - 2  # the pair exists in the new row
-            ranks[here[has_left], at[has_left] - 1] = new[:count][has_left]
-            ranks[here[has_right], at[has_right]] = new[count:][has_right]
-        kept = finished[np.arange(finished.shape[1]) < lengths[:, None]].tolist()  # row-major
-        each = iter(kept)
-        return [list(islice(each, n)) for n in lengths.tolist()]
+            if done.any():  # finished words leave the arrays
+                kept = np.repeat(~done, lengths)  # (E,)
+                self._finish(out, rows[done], ids, starts[done], lengths[done])
+                ids, ranks = ids[kept], ranks[kept]
+                rows, lengths, best = rows[~done], lengths[~done], best[~done]
+                ends = np.cumsum(lengths)
+                starts = ends - lengths
+            if len(rows) < TAIL_WORDS:  # a few words left: the loop is faster
+                for row, start, end in zip(rows.tolist(), starts.tolist(), ends.tolist()):
+                    out[row] = merge_ids(ids[start:end].tolist(), self.merges, self.no_merge)
+                return out
+            # leftmost position of each word's best pair
+            position = np.arange(len(ids))
+            at = np.minimum.reduceat(np.where(ranks == np.repeat(best, lengths), position,
+                                              len(ids)), starts)  # (W,) global index
+            ids[at] = best
+            # drop the merged pair's right id: everything after moves left by one per earlier
+            # word, so the merged id of word w ends up at at[w] - w
+            ids, ranks = np.delete(ids, at + 1), np.delete(ranks, at + 1)
+            lengths = lengths - 1
+            ends = np.cumsum(lengths)
+            at = at - np.arange(len(rows))
+            # the two pairs around the merged id are new: (ids[at - 1], best), (best, ids[at + 1])
+            has_left = at > ends - lengths  # not the word's first id
+            has_right = at < ends - 1  # not the word's last id
+            left = np.where(has_left, at - 1, at)
+            right = np.where(has_right, at + 1, at)
+            new = self._merged(np.concatenate([ids[left], best]),
+                               np.concatenate([best, ids[right]]))
+            count = len(rows)
+            ranks[left] = np.where(has_left, new[:count], ranks[left])
+            ranks[at] = np.where(has_right, new[count:], self.no_merge)
+
+    def _merge_one(self, word: bytes) -> list[int]:
+        """BPE ids of one word's bytes by the one-word loop."""
+        ids = self.byte_ids[np.frombuffer(word, dtype=np.uint8)].tolist()
+        ids[-1] += 256
+        return merge_ids(ids, self.merges, self.no_merge)
+
+    @staticmethod
+    def _finish(out: list, rows: np.ndarray, ids: np.ndarray, starts: np.ndarray,
+                lengths: np.ndarray) -> None:
+        """Store the ids of finished words (``rows``) in ``out``."""
+        flat = ids[np.repeat(starts - np.cumsum(lengths) + lengths, lengths)
+                   + np.arange(lengths.sum())].tolist()  # the words' ids, end to end
+        offset = 0
+        for row, length in zip(rows.tolist(), lengths.tolist()):
+            out[row] = flat[offset:offset + length]
+            offset += length

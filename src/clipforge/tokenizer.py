@@ -17,7 +17,7 @@ against OpenAI's ids and against a plain re-implementation on thousands of input
 skips ftfy where it provably changes nothing (:mod:`clipforge.text_clean`); a batch is handled
 as a whole, so each new space-free piece of text, and each new word, is split and merged once
 however often it occurs (ASCII pieces split by the stdlib's ``re``, twice as fast as ``regex``),
-and the cached ids of known pieces are joined by C-level loops; BPE
+and the cached ids of known pieces, kept as 16-bit bytes, are joined by ``bytes.join``; BPE
 runs on integer ids, is skipped for words that are one vocabulary entry, and runs on many new
 words at once in numpy (:mod:`clipforge._bpe_batch`); the padded batch is filled in one numpy
 assignment.
@@ -28,15 +28,16 @@ import functools
 import gzip
 import hashlib
 import re
+from array import array
 from collections.abc import Sequence
-from itertools import chain, islice
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
 import regex
 import torch
 
-from clipforge._bpe_batch import BatchMerger
+from clipforge._bpe_batch import BatchMerger, merge_ids
 from clipforge.text_clean import clean_pieces, clean_text  # noqa: F401  (clean_text: public)
 
 VOCAB_PATH = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
@@ -53,6 +54,12 @@ _SPLIT_PATTERN = regex.compile("\n|" + WORD_PATTERN.pattern, regex.IGNORECASE)
 _SPLIT_PATTERN_ASCII = re.compile(r"\n|<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"
                                   r"[a-z]+|[0-9]|[^\sa-z0-9]+", re.IGNORECASE | re.ASCII)
 _SPECIAL_TOKENS = frozenset((SOT_TOKEN, EOT_TOKEN))
+
+
+def _id_bytes(ids: Sequence[int]) -> bytes:
+    """Ids as native-order unsigned 16-bit integers (ids are < 49,408): the cache's values, so
+    that a text's ids are one ``bytes.join`` of its pieces' and numpy reads them as they are."""
+    return array("H", ids).tobytes()
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -111,15 +118,15 @@ class Tokenizer:
         # tests check all 34,337), so such words skip the merge loop; other files always run it.
         is_openai = hashlib.sha256(raw).hexdigest() == OPENAI_VOCAB_SHA256
         self._whole_words = self.encoder if is_openai else {}
-        self._batch_merger = BatchMerger(self._merges, self._byte_ids, self.vocab_size,
-                                         self._merge)
+        self._batch_merger = BatchMerger(self._merges, self._byte_ids, self.vocab_size)
         self.cache_size = cache_size
         # piece of cleaned text -> its ids; always holds the vocabulary's whole words
         self._whole_word_pieces = self._pieces_of_whole_words()
-        self._cache: dict[str, list[int]] = dict(self._whole_word_pieces)
+        self._cache: dict[str, bytes] = dict(self._whole_word_pieces)
 
-    def _pieces_of_whole_words(self) -> dict[str, list[int]]:
-        """The words that are one vocabulary entry, as pieces of text: ``{"cat": [2368], ...}``.
+    def _pieces_of_whole_words(self) -> dict[str, bytes]:
+        """The words that are one vocabulary entry, as pieces of text, with their id as cache
+        values: ``{"cat": _id_bytes([2368]), ...}``.
 
         In the cache from the start, so the commonest words never reach BPE; only words that
         the regex keeps whole (``"a1</w>"`` is an entry, but the text "a1" is two words).
@@ -134,7 +141,7 @@ class Tokenizer:
             except UnicodeDecodeError:  # no text's word has these bytes
                 continue
             if word.isascii() and word.isalpha() or WORD_PATTERN.findall(word) == [word]:
-                pieces[word] = [index]
+                pieces[word] = _id_bytes([index])
         return pieces
 
     def _whole_word(self, word: str) -> int | None:
@@ -155,43 +162,25 @@ class Tokenizer:
         return [whole] if whole is not None else self._merge(word.encode("utf-8"))
 
     def _merge(self, data: bytes) -> list[int]:
-        """BPE ids of a word's UTF-8 bytes, one merge at a time.
-
-        OpenAI's rule: find the best-ranked adjacent pair, merge all its occurrences left to
-        right, repeat until no adjacent pair is a merge. Merging the leftmost occurrence at a time
-        is the same: a merged id is larger than its parts, so the pairs a merge creates rank
-        after it and the same pair stays best until its last occurrence is merged.
-        """
+        """BPE ids of a word's UTF-8 bytes, one merge at a time (see :func:`merge_ids`)."""
         ids = list(data.translate(self._byte_ids))  # byte ids are 0..255
         ids[-1] += 256  # the same byte with </w>
-        merges, no_merge = self._merges, self.vocab_size
-        merged = [merges.get(a << 16 | b, no_merge) for a, b in zip(ids, ids[1:])]  # pair i, i+1
-        while merged:
-            best = min(merged)
-            if best == no_merge:
-                break
-            i = merged.index(best)
-            ids[i:i + 2] = [best]
-            del merged[i]
-            if i < len(merged):
-                merged[i] = merges.get(best << 16 | ids[i + 1], no_merge)
-            if i > 0:
-                merged[i - 1] = merges.get(ids[i - 1] << 16 | best, no_merge)
-        return ids
+        return merge_ids(ids, self._merges, self.vocab_size)
 
     def _add_words(self, words: set[str]) -> None:
         """Cache the ids of new words: one vocabulary entry each, or merged (in a batch when
         there are many). Comprehensions rather than a loop: this sees every new word."""
         cache = self._cache
-        cache.update((word, [self.encoder[word]]) for word in words & _SPECIAL_TOKENS)
+        cache.update((word, _id_bytes([self.encoder[word]])) for word in words & _SPECIAL_TOKENS)
         words = list(words - _SPECIAL_TOKENS)
         symbols = [word if word.isascii() and word.isprintable() else self._symbols(word)
                    for word in words]  # printable ASCII is its own symbols
         wholes = list(map(self._whole_words.get, [symbol + "</w>" for symbol in symbols]))
-        cache.update([(word, [whole]) for word, whole in zip(words, wholes) if whole is not None])
+        cache.update([(word, _id_bytes([whole])) for word, whole in zip(words, wholes)
+                      if whole is not None])
         to_merge = [word for word, whole in zip(words, wholes) if whole is None]
         data = [word.encode("utf-8") for word in to_merge]
-        cache.update(zip(to_merge, self._batch_merger(data)))
+        cache.update(zip(to_merge, map(_id_bytes, self._batch_merger(data))))
 
     def _add_pieces(self, pieces: set[str]) -> None:
         """Cache the ids of new space-free pieces of cleaned text.
@@ -216,31 +205,32 @@ class Tokenizer:
         new_words.update(chain.from_iterable(words_of))
         self._add_words(new_words.difference(cache))
         get = cache.__getitem__
-        cache.update([(piece, list(chain.from_iterable(map(get, words))))
+        cache.update([(piece, b"".join(map(get, words)))
                       for piece, words in zip(split, words_of)
                       if len(words) != 1 or words[0] != piece])
 
-    def _pieces_and_ids(self, texts: Sequence[str]) -> tuple[list[list[str]], list[list[int]]]:
-        """Each text's cleaned pieces, and the ids of all pieces in a row. New pieces and words
-        are split and merged once per batch, however often they occur."""
+    def _text_ids(self, texts: Sequence[str]) -> list[bytes]:
+        """Each text's ids as 16-bit bytes (see :func:`_id_bytes`). New pieces and words are
+        split and merged once per batch, however often they occur."""
         # printable ASCII without '&' needs no ftfy or html (see text_clean.needs_ftfy): inline
         # here, as a function call per text costs as much as the cleaning.
         pieces = [text.lower().split() if text.isascii() and text.isprintable() and "&" not in text
                   else clean_pieces(text) for text in texts]
-        all_pieces = list(chain.from_iterable(pieces))
         cache = self._cache
+        get = cache.__getitem__
         try:
-            piece_ids = list(map(cache.__getitem__, all_pieces))
+            return [b"".join(map(get, text_pieces)) for text_pieces in pieces]
         except KeyError:  # new pieces
-            new = set(all_pieces).difference(cache)
-            if len(cache) - len(self._whole_word_pieces) + len(new) > self.cache_size:
-                self._reset_cache()  # bounded memory; this batch's pieces are added back below
-                new = set(all_pieces).difference(cache)
-            self._add_pieces(new)
-            piece_ids = list(map(cache.__getitem__, all_pieces))
-            if len(cache) - len(self._whole_word_pieces) > self.cache_size:
-                self._reset_cache()  # one batch alone held more than the cache
-        return pieces, piece_ids
+            pass
+        new = set(chain.from_iterable(pieces)).difference(cache)
+        if len(cache) - len(self._whole_word_pieces) + len(new) > self.cache_size:
+            self._reset_cache()  # bounded memory; this batch's pieces are added back below
+            new = set(chain.from_iterable(pieces)).difference(cache)
+        self._add_pieces(new)
+        text_ids = [b"".join(map(get, text_pieces)) for text_pieces in pieces]
+        if len(cache) - len(self._whole_word_pieces) > self.cache_size:
+            self._reset_cache()  # one batch alone held more than the cache
+        return text_ids
 
     def _reset_cache(self) -> None:
         """Forget every piece but the vocabulary's whole words."""
@@ -249,9 +239,7 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """BPE ids of each text, without start/end tokens."""
-        pieces, piece_ids = self._pieces_and_ids(texts)
-        each = iter(piece_ids)
-        return [list(chain.from_iterable(islice(each, count))) for count in map(len, pieces)]
+        return [memoryview(ids).cast("H").tolist() for ids in self._text_ids(texts)]
 
     def encode(self, text: str) -> list[int]:
         """Return the BPE ids of ``text`` without start/end tokens."""
@@ -286,15 +274,10 @@ class Tokenizer:
         if not all(isinstance(text, str) for text in texts):
             index, text = next((i, t) for i, t in enumerate(texts) if not isinstance(t, str))
             raise TypeError(f"texts[{index}] must be a str, got {type(text).__name__}")
-        # One flat list of ids and per-text lengths, built by C-level loops over the pieces.
-        pieces, piece_ids = self._pieces_and_ids(texts)
-        flat = np.array(list(chain.from_iterable(piece_ids)), dtype=np.int64)
-        piece_ends = np.zeros(len(piece_ids) + 1, dtype=np.int64)  # (P + 1,) ids before piece p
-        np.cumsum(list(map(len, piece_ids)), out=piece_ends[1:])
-        text_ends = np.zeros(len(pieces) + 1, dtype=np.int64)  # (N + 1,) pieces before text n
-        np.cumsum(list(map(len, pieces)), out=text_ends[1:])
-        starts = piece_ends[text_ends[:-1]]  # (N,) offset of each text's ids in flat
-        lengths = piece_ends[text_ends[1:]] - starts  # (N,)
+        # All ids in one buffer (a bytes.join), and per-text lengths.
+        text_ids = self._text_ids(texts)
+        flat = np.frombuffer(b"".join(text_ids), dtype=np.uint16)  # (total ids,)
+        lengths = np.array(list(map(len, text_ids)), dtype=np.int64) // 2  # (N,)
         too_long = lengths + 2 > context_length
         if too_long.any():
             if not truncate:
@@ -306,6 +289,7 @@ class Tokenizer:
                     f"end, more than context_length={context_length}; shorten it or pass "
                     "truncate=True")
             # keep sot + the first (L - 2) ids + eot: OpenAI's cut
+            starts = np.cumsum(lengths) - lengths  # (N,) offset of each text's ids in flat
             position = np.arange(len(flat)) - np.repeat(starts, lengths)  # within its text
             flat = flat[position < context_length - 2]
             lengths = np.minimum(lengths, context_length - 2)
