@@ -9,6 +9,8 @@ words cost more than the loop.
 """
 from __future__ import annotations
 
+from array import array
+
 import numpy as np
 
 # A round costs ~0.1 ms whatever the number of words, so batches of fewer new words than
@@ -97,12 +99,12 @@ class BatchMerger:
             probing, slots, key = probing[more], slots[more], key[more]
         return merged
 
-    def __call__(self, words: list[bytes]) -> list[list[int]]:
-        """BPE ids of each word's UTF-8 bytes (non-empty); the last byte of each word ends it
-        (``</w>``, id + 256)."""
+    def __call__(self, words: list[bytes]) -> list[bytes]:
+        """BPE ids of each word's UTF-8 bytes (non-empty; the last byte ends the word: ``</w>``,
+        id + 256), as native 16-bit unsigned integers (``memoryview(b).cast("H")`` reads them)."""
         if len(words) < MIN_BATCH_WORDS:
             return [self._merge_one(word) for word in words]
-        out: list[list[int] | None] = [None] * len(words)
+        out: list[bytes | None] = [None] * len(words)
         lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))  # (W,)
         ids = self.byte_ids[np.frombuffer(b"".join(words), dtype=np.uint8)]  # (E,) all words
         ends = np.cumsum(lengths)  # (W,) one past each word's last id
@@ -124,7 +126,8 @@ class BatchMerger:
                 starts = ends - lengths
             if len(rows) < TAIL_WORDS:  # a few words left: the loop is faster
                 for row, start, end in zip(rows.tolist(), starts.tolist(), ends.tolist()):
-                    out[row] = merge_ids(ids[start:end].tolist(), self.merges, self.no_merge)
+                    out[row] = array("H", merge_ids(ids[start:end].tolist(), self.merges,
+                                                    self.no_merge)).tobytes()
                 return out
             # leftmost position of each word's best pair
             position = np.arange(len(ids))
@@ -148,19 +151,19 @@ class BatchMerger:
             ranks[left] = np.where(has_left, new[:count], ranks[left])
             ranks[at] = np.where(has_right, new[count:], self.no_merge)
 
-    def _merge_one(self, word: bytes) -> list[int]:
-        """BPE ids of one word's bytes by the one-word loop."""
+    def _merge_one(self, word: bytes) -> bytes:
+        """BPE ids of one word's bytes by the one-word loop, as 16-bit bytes."""
         ids = self.byte_ids[np.frombuffer(word, dtype=np.uint8)].tolist()
         ids[-1] += 256
-        return merge_ids(ids, self.merges, self.no_merge)
+        return array("H", merge_ids(ids, self.merges, self.no_merge)).tobytes()
 
     @staticmethod
     def _finish(out: list, rows: np.ndarray, ids: np.ndarray, starts: np.ndarray,
                 lengths: np.ndarray) -> None:
-        """Store the ids of finished words (``rows``) in ``out``."""
+        """Store the ids of finished words (``rows``) in ``out``, as 16-bit bytes."""
         flat = ids[np.repeat(starts - np.cumsum(lengths) + lengths, lengths)
-                   + np.arange(lengths.sum())].tolist()  # the words' ids, end to end
-        offset = 0
-        for row, length in zip(rows.tolist(), lengths.tolist()):
-            out[row] = flat[offset:offset + length]
-            offset += length
+                   + np.arange(lengths.sum())]  # the words' ids, end to end
+        data = flat.astype(np.uint16).tobytes()
+        ends = (2 * np.cumsum(lengths)).tolist()
+        for row, start, end in zip(rows.tolist(), [0, *ends[:-1]], ends):
+            out[row] = data[start:end]

@@ -100,7 +100,6 @@ class Tokenizer:
                              f"after the header, found {len(merges)}")
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {char: byte for byte, char in self.byte_encoder.items()}
-        self._symbol_table = dict(self.byte_encoder)  # byte (as a latin-1 code) -> symbol
         byte_symbols = list(self.byte_encoder.values())
         vocab = [*byte_symbols, *(s + "</w>" for s in byte_symbols),
                  *("".join(pair) for pair in merges), SOT_TOKEN, EOT_TOKEN]
@@ -115,7 +114,7 @@ class Tokenizer:
         self._merges = {self.encoder[a] << 16 | self.encoder[b]: self.encoder[a + b]
                         for a, b in merges}
         # In OpenAI's file every word-final entry ("cat</w>") is what BPE makes of its word (the
-        # tests check all 34,337), so such words skip the merge loop; other files always run it.
+        # tests check all 34,337), so such words start in the cache; other files merge them.
         is_openai = hashlib.sha256(raw).hexdigest() == OPENAI_VOCAB_SHA256
         self._whole_words = self.encoder if is_openai else {}
         self._batch_merger = BatchMerger(self._merges, self._byte_ids, self.vocab_size)
@@ -144,23 +143,6 @@ class Tokenizer:
                 pieces[word] = _id_bytes([index])
         return pieces
 
-    def _whole_word(self, word: str) -> int | None:
-        """The id of ``word`` when it is one vocabulary entry (or a special token), else None."""
-        if word in (SOT_TOKEN, EOT_TOKEN):
-            return self.encoder[word]
-        if word.isascii() and word.isprintable():
-            return self._whole_words.get(word + "</w>")  # printable ASCII maps to itself
-        return self._whole_words.get(self._symbols(word) + "</w>")
-
-    def _symbols(self, word: str) -> str:
-        """The word's UTF-8 bytes as vocabulary symbols (GPT-2's byte-to-unicode table)."""
-        return word.encode("utf-8").decode("latin-1").translate(self._symbol_table)
-
-    def _bpe(self, word: str) -> list[int]:
-        """Ids of one word of the regex split."""
-        whole = self._whole_word(word)
-        return [whole] if whole is not None else self._merge(word.encode("utf-8"))
-
     def _merge(self, data: bytes) -> list[int]:
         """BPE ids of a word's UTF-8 bytes, one merge at a time (see :func:`merge_ids`)."""
         ids = list(data.translate(self._byte_ids))  # byte ids are 0..255
@@ -168,19 +150,13 @@ class Tokenizer:
         return merge_ids(ids, self._merges, self.vocab_size)
 
     def _add_words(self, words: set[str]) -> None:
-        """Cache the ids of new words: one vocabulary entry each, or merged (in a batch when
-        there are many). Comprehensions rather than a loop: this sees every new word."""
+        """Cache the ids of new words, merged in one batch. The cache always holds the words that
+        are one vocabulary entry, so a new word is a special token or needs BPE (merging would
+        give the same single id anyway: the tests check every entry)."""
         cache = self._cache
         cache.update((word, _id_bytes([self.encoder[word]])) for word in words & _SPECIAL_TOKENS)
         words = list(words - _SPECIAL_TOKENS)
-        symbols = [word if word.isascii() and word.isprintable() else self._symbols(word)
-                   for word in words]  # printable ASCII is its own symbols
-        wholes = list(map(self._whole_words.get, [symbol + "</w>" for symbol in symbols]))
-        cache.update([(word, _id_bytes([whole])) for word, whole in zip(words, wholes)
-                      if whole is not None])
-        to_merge = [word for word, whole in zip(words, wholes) if whole is None]
-        data = [word.encode("utf-8") for word in to_merge]
-        cache.update(zip(to_merge, map(_id_bytes, self._batch_merger(data))))
+        cache.update(zip(words, self._batch_merger([word.encode("utf-8") for word in words])))
 
     def _add_pieces(self, pieces: set[str]) -> None:
         """Cache the ids of new space-free pieces of cleaned text.
