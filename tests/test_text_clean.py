@@ -3,7 +3,7 @@ provably changes nothing.
 
 The shortcut rests on two facts about the installed ftfy, both checked here: the rewriting
 fixers act only on the characters collected in ``_FTFY_CHARACTERS``, and every alternative of the
-badness regex consumes one character of ``mojibake_characters()``.
+badness regex consumes one of the characters that ``_ftfy_anchors.py`` lists for it.
 """
 from __future__ import annotations
 
@@ -19,36 +19,36 @@ import ftfy.badness
 import pytest
 
 from clipforge import text_clean
-from clipforge.text_clean import fix_text, ftfy_is_identity, mojibake_characters
+from clipforge._ftfy_anchors import BADNESS_ANCHORS
+from clipforge.text_clean import badness_pattern_hash, fix_text, ftfy_is_identity
 
 CASES = Path(__file__).parent / "fixtures" / "tokenizer" / "cases.jsonl.gz"
 ALL_CHARACTERS = [chr(code) for code in range(sys.maxunicode + 1)]
 
 
 def test_shortcut_is_on_for_the_installed_ftfy():
-    # ftfy 6.0.3 to 6.3.1 are verified; a newer badness regex turns only the is_bad skip off
+    # ftfy 6.0.3 to 6.3.1 are listed; a newer badness regex turns only the is_bad skip off
     assert text_clean._FTFY_SHORTCUT
-    assert text_clean.badness_pattern_hash() in text_clean.VERIFIED_BADNESS_PATTERNS
+    assert badness_pattern_hash() in BADNESS_ANCHORS
 
 
-def test_every_badness_alternative_needs_a_mojibake_character():
+def test_every_badness_alternative_consumes_an_anchor_character():
     """Parse ftfy's badness regex: each alternative must have a top-level single-character item
-    that matches nothing outside mojibake_characters(), so text without one cannot match."""
+    that matches nothing outside the listed anchors, so text without one cannot match."""
     parser = pytest.importorskip("re._parser")
     compiler = pytest.importorskip("re._compiler")
     constants = pytest.importorskip("re._constants")
     pattern = ftfy.badness.BADNESS_RE
-    allowed = mojibake_characters()
-    assert all(ord(char) > 0x7F for char in allowed)
-    outside = "".join(char for char in ALL_CHARACTERS if char not in allowed)
+    anchors = set(BADNESS_ANCHORS[badness_pattern_hash()])
+    outside = "".join(char for char in ALL_CHARACTERS if char not in anchors)
     (operation, (_, branches)), = parser.parse(pattern.pattern, pattern.flags).data
     assert operation is constants.BRANCH and len(branches) >= 30
     for branch in branches:
-        anchors = [item for item in branch.data
-                   if item[0] in (constants.LITERAL, constants.IN)
-                   and compiler.compile(parser.SubPattern(branch.state, [item]),
-                                        pattern.flags & ~re.VERBOSE).search(outside) is None]
-        assert anchors, f"alternative {branch.data!r} can match without a mojibake character"
+        held = [item for item in branch.data
+                if item[0] in (constants.LITERAL, constants.IN)
+                and compiler.compile(parser.SubPattern(branch.state, [item]),
+                                     pattern.flags & ~re.VERBOSE).search(outside) is None]
+        assert held, f"alternative {branch.data!r} can match without an anchor character"
 
 
 def test_fixers_act_only_on_the_collected_characters():

@@ -12,14 +12,15 @@ calling ftfy when every step of ftfy 6's default pipeline provably leaves the te
   change only text containing one of their characters, collected in ``_FTFY_CHARACTERS`` from
   ftfy's own tables;
 - the mojibake fixer returns text unchanged when ``ftfy.badness.is_bad`` is false (the same call
-  ftfy makes); that regex cannot match text without one of the ~450 characters of
-  ``_MOJIBAKE_CHARACTERS`` (mostly Latin-1 letters and punctuation, and a few Greek and Cyrillic
-  letters), since each of its alternatives needs one, so it runs only on text that has one;
+  ftfy makes); each alternative of that regex must consume a character of one item, and
+  ``_ftfy_anchors.py`` holds, per ftfy version, the ~220 characters of one such item chosen per
+  alternative (C1 controls, symbols, upper-case accented and a few Greek and Cyrillic capitals:
+  rare in real text), so ``is_bad`` runs only on text that has one of them;
 - NFC normalisation changes nothing on text that ``unicodedata.is_normalized`` accepts.
 
 Anything else goes through ftfy itself. With another major version of ftfy, whose pipeline may
-differ, ftfy is always called; with a badness regex other than those of ftfy 6.0 to 6.3 (checked
-by hash), ``is_bad`` always runs. ``tests/test_text_clean.py`` checks the shortcut against
+differ, ftfy is always called; with a badness regex not in ``_ftfy_anchors.py`` (ftfy 6.0.3 to
+6.3.1 are, by hash of the regex), ``is_bad`` always runs. ``tests/test_text_clean.py`` checks the shortcut against
 ``ftfy.fix_text`` over every code point and on thousands of real and random texts.
 """
 from __future__ import annotations
@@ -32,6 +33,8 @@ import unicodedata
 import ftfy
 import ftfy.badness
 import ftfy.chardata
+
+from clipforge._ftfy_anchors import BADNESS_ANCHORS
 
 # An '&' that starts an entity for html.unescape or ftfy needs a non-space character after it.
 _ENTITY_START = re.compile(r"&[^ ]")
@@ -48,31 +51,16 @@ def _ftfy_characters() -> re.Pattern:
     return re.compile("[" + "".join(re.escape(chr(code)) for code in sorted(codes)) + "]")
 
 
-# sha256 of ftfy.badness.BADNESS_RE.pattern in ftfy 6.0.3, 6.1.x, 6.2.x and 6.3.x: each of their
-# alternatives has a character class drawn from MOJIBAKE_CATEGORIES or a non-ASCII literal that
-# every match must consume (tests/test_text_clean.py proves it for the installed ftfy).
-VERIFIED_BADNESS_PATTERNS = frozenset({
-    "a9bb79cfd1", "437197912c", "d4a9ba2b2e", "9dcc0f2ac9"})
-
-
 def badness_pattern_hash() -> str:
     """First 10 hex digits of the sha256 of the installed ftfy's badness regex."""
     pattern = ftfy.badness.BADNESS_RE.pattern
     return hashlib.sha256(pattern.encode("utf-8", "surrogatepass")).hexdigest()[:10]
 
 
-def mojibake_characters() -> set[str]:
-    """Characters of ftfy's mojibake categories and the non-ASCII literals of its badness regex."""
-    categories = re.compile("[" + "".join(ftfy.badness.MOJIBAKE_CATEGORIES.values()) + "]")
-    plane0 = "".join(map(chr, range(0x80, 0x10000)))  # the categories are all in plane 0
-    return {*categories.findall(plane0),
-            *(char for char in ftfy.badness.BADNESS_RE.pattern if ord(char) > 0x7F)}
-
-
 _FTFY_CHARACTERS = _ftfy_characters()
 _FTFY_SHORTCUT = ftfy.__version__.split(".")[0] == "6"
-_MOJIBAKE_CHARACTERS = re.compile("[" + "".join(map(re.escape, sorted(mojibake_characters())))
-                                  + "]") if badness_pattern_hash() in VERIFIED_BADNESS_PATTERNS \
+_BADNESS_ANCHORS = BADNESS_ANCHORS.get(badness_pattern_hash())
+_MOJIBAKE_CHARACTERS = re.compile("[" + re.escape(_BADNESS_ANCHORS) + "]") if _BADNESS_ANCHORS \
     else re.compile("")  # unknown regex: always ask is_bad
 
 
