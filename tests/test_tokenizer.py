@@ -253,6 +253,15 @@ def test_words_and_space_free_pieces_split_into_themselves(cases):
         assert all(REF_PATTERN.findall(word) == [word] for word in words)
 
 
+def test_every_letter_is_a_word_of_its_own_for_the_regex():
+    # the premise of skipping the regex for pieces where str.isalpha() holds
+    letters = [chr(code) for code in range(0x110000) if chr(code).isalpha()]
+    assert len(letters) > 100_000
+    joined = " ".join(letters)
+    assert REF_PATTERN.findall(joined) == letters
+    assert REF_PATTERN.findall("".join(letters[:5000])) == ["".join(letters[:5000])]
+
+
 def test_word_cache_stays_bounded_and_ids_stay_exact():
     tokenizer = Tokenizer(cache_size=50)
     texts = random_texts(7, 300) + [f"word{i} w{i}x" for i in range(200)]

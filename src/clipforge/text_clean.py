@@ -92,8 +92,8 @@ def needs_ftfy(text: str) -> bool:
 
 def clean_pieces(text: str) -> list[str]:
     """The cleaned text's space-separated pieces (see :func:`clean_text`)."""
-    if needs_ftfy(text):
-        text = fix_text(text)
+    if needs_ftfy(text) and not ftfy_is_identity(text):  # else ftfy and html change nothing
+        text = ftfy.fix_text(text)
         if "&" in text:  # html.unescape changes nothing in text without '&'
             text = html.unescape(html.unescape(text))
     # lower() neither makes nor changes whitespace, so lower-then-split is split-then-lower.

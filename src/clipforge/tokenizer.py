@@ -38,7 +38,7 @@ import regex
 import torch
 
 from clipforge._bpe_batch import BatchMerger, merge_ids
-from clipforge.text_clean import clean_pieces, clean_text  # noqa: F401  (clean_text: public)
+from clipforge.text_clean import clean_pieces, clean_text, ftfy_is_identity  # noqa: F401
 
 VOCAB_PATH = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
 OPENAI_VOCAB_SHA256 = "67603cfda2e032ad77b5f8808af37789d590db664b26df8705d2bf8b3c553fc8"
@@ -165,10 +165,12 @@ class Tokenizer:
         regex word is a piece whose only match is itself, so words share the same cache.
         """
         cache = self._cache
-        # A piece of ASCII letters is one word. The others are split by one regex call over all
-        # of them, joined by newlines that the pattern returns as separators (no word has one).
-        ascii_split = [piece for piece in pieces if piece.isascii() and not piece.isalpha()]
-        other_split = [piece for piece in pieces if not piece.isascii()]
+        # A piece of letters is one word (str.isalpha is the regex's \p{L}: Unicode categories
+        # L*). The others are split by one regex call over all of them, joined by newlines that
+        # the pattern returns as separators (no word has one).
+        split = [piece for piece in pieces if not piece.isalpha()]
+        ascii_split = [piece for piece in split if piece.isascii()]
+        other_split = [piece for piece in split if not piece.isascii()]
         # Every piece has a word (regex \s is narrower than str.split's whitespace) and no word
         # has a newline, so three newlines in a row mark the end of a piece.
         words_of = []
@@ -188,10 +190,11 @@ class Tokenizer:
     def _text_ids(self, texts: Sequence[str]) -> list[bytes]:
         """Each text's ids as 16-bit bytes (see :func:`_id_bytes`). New pieces and words are
         split and merged once per batch, however often they occur."""
-        # printable ASCII without '&' needs no ftfy or html (see text_clean.needs_ftfy): inline
-        # here, as a function call per text costs as much as the cleaning.
+        # Text that ftfy and html.unescape leave as it is only needs lower() and split(): printable
+        # ASCII without '&' (checked inline: a call per text costs as much as the cleaning), or
+        # what ftfy_is_identity accepts (it excludes '&').
         pieces = [text.lower().split() if text.isascii() and text.isprintable() and "&" not in text
-                  else clean_pieces(text) for text in texts]
+                  or ftfy_is_identity(text) else clean_pieces(text) for text in texts]
         cache = self._cache
         get = cache.__getitem__
         try:
