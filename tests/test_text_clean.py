@@ -87,7 +87,7 @@ def test_fix_text_equals_ftfy_on_real_and_random_texts():
 
 
 def test_unknown_badness_regex_falls_back_to_is_bad(monkeypatch):
-    monkeypatch.setattr(text_clean, "_MOJIBAKE_CHARACTERS", re.compile(""))  # as when unverified
+    monkeypatch.setattr(text_clean, "_FTFY_OR_ANCHOR", None)  # as for an unlisted ftfy
     mojibake = "The Mona Lisa doesnÃ¢â‚¬â„¢t have eyebrows."
     assert not ftfy_is_identity(mojibake) and fix_text(mojibake) == ftfy.fix_text(mojibake)
     assert ftfy_is_identity("a plain caption")

@@ -40,15 +40,15 @@ from clipforge._ftfy_anchors import BADNESS_ANCHORS
 _ENTITY_START = re.compile(r"&[^ ]")
 
 
-def _ftfy_characters() -> re.Pattern:
-    """One character class of every character that a rewriting fixer of ftfy 6 acts on."""
+def _ftfy_characters() -> str:
+    """Every character that a rewriting fixer of ftfy 6 acts on."""
     codes = {*ftfy.chardata.LIGATURES, *ftfy.chardata.WIDTH_MAP, *ftfy.chardata.CONTROL_CHARS}
     codes.update(range(0x80, 0xA0))  # fix_c1_controls
     codes.update([0x2BC, *range(0x2018, 0x2020)])  # uncurl_quotes
     codes.update([0x0A, 0x0D, 0x85, 0x2028, 0x2029])  # fix_line_breaks (and fix_text's lines)
     codes.update(range(0xD800, 0xE000))  # fix_surrogates
     codes.update([0x1B, ord("&")])  # remove_terminal_escapes, unescape_html
-    return re.compile("[" + "".join(re.escape(chr(code)) for code in sorted(codes)) + "]")
+    return "".join(map(chr, sorted(codes)))
 
 
 def badness_pattern_hash() -> str:
@@ -57,11 +57,12 @@ def badness_pattern_hash() -> str:
     return hashlib.sha256(pattern.encode("utf-8", "surrogatepass")).hexdigest()[:10]
 
 
-_FTFY_CHARACTERS = _ftfy_characters()
+_FTFY_CHARACTERS = re.compile("[" + re.escape(_ftfy_characters()) + "]")
 _FTFY_SHORTCUT = ftfy.__version__.split(".")[0] == "6"
 _BADNESS_ANCHORS = BADNESS_ANCHORS.get(badness_pattern_hash())
-_MOJIBAKE_CHARACTERS = re.compile("[" + re.escape(_BADNESS_ANCHORS) + "]") if _BADNESS_ANCHORS \
-    else re.compile("")  # unknown regex: always ask is_bad
+# A fixer's character or a badness anchor; None for an unlisted badness regex (always ask is_bad)
+_FTFY_OR_ANCHOR = re.compile("[" + re.escape(_ftfy_characters() + _BADNESS_ANCHORS) + "]") \
+    if _BADNESS_ANCHORS else None
 
 
 def ftfy_is_identity(text: str) -> bool:
@@ -69,9 +70,11 @@ def ftfy_is_identity(text: str) -> bool:
 
     Texts longer than ftfy's 1,000,000-character segment are never shortcut.
     """
-    return (_FTFY_SHORTCUT and len(text) < 1_000_000 and _FTFY_CHARACTERS.search(text) is None
-            and unicodedata.is_normalized("NFC", text)
-            and (_MOJIBAKE_CHARACTERS.search(text) is None or not ftfy.badness.is_bad(text)))
+    if not (_FTFY_SHORTCUT and len(text) < 1_000_000 and unicodedata.is_normalized("NFC", text)):
+        return False
+    if _FTFY_OR_ANCHOR is not None and _FTFY_OR_ANCHOR.search(text) is None:
+        return True  # no fixer has anything to act on, and the badness regex cannot match
+    return _FTFY_CHARACTERS.search(text) is None and not ftfy.badness.is_bad(text)
 
 
 def fix_text(text: str) -> str:

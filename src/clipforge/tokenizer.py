@@ -54,6 +54,7 @@ _SPLIT_PATTERN = regex.compile("\n|" + WORD_PATTERN.pattern, regex.IGNORECASE)
 _SPLIT_PATTERN_ASCII = re.compile(r"\n|<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"
                                   r"[a-z]+|[0-9]|[^\sa-z0-9]+", re.IGNORECASE | re.ASCII)
 _SPECIAL_TOKENS = frozenset((SOT_TOKEN, EOT_TOKEN))
+_PIECE_SEPARATOR = b"\xff\xff"  # 0xFFFF as a 16-bit id: not an id, and no id's bytes hold it
 
 
 def _id_bytes(ids: Sequence[int]) -> bytes:
@@ -167,25 +168,23 @@ class Tokenizer:
         cache = self._cache
         # A piece of letters is one word (str.isalpha is the regex's \p{L}: Unicode categories
         # L*). The others are split by one regex call over all of them, joined by newlines that
-        # the pattern returns as separators (no word has one).
+        # the pattern returns as separators (every piece has a word, and no word a newline).
         split = [piece for piece in pieces if not piece.isalpha()]
         ascii_split = [piece for piece in split if piece.isascii()]
         other_split = [piece for piece in split if not piece.isascii()]
-        # Every piece has a word (regex \s is narrower than str.split's whitespace) and no word
-        # has a newline, so three newlines in a row mark the end of a piece.
-        words_of = []
-        for split, pattern in ((ascii_split, _SPLIT_PATTERN_ASCII), (other_split, _SPLIT_PATTERN)):
-            if split:
-                found = "\n".join(pattern.findall("\n".join(split))).split("\n\n\n")
-                words_of += [words.split("\n") for words in found]
-        split = ascii_split + other_split
+        found_ascii = _SPLIT_PATTERN_ASCII.findall("\n".join(ascii_split)) if ascii_split else []
+        found_other = _SPLIT_PATTERN.findall("\n".join(other_split)) if other_split else []
         new_words = pieces.difference(split)  # the one-word pieces
-        new_words.update(chain.from_iterable(words_of))
+        new_words.update(found_ascii, found_other)
+        new_words.discard("\n")
         self._add_words(new_words.difference(cache))
+        # Each split piece's ids: its words' ids joined, all pieces at once, the newlines
+        # becoming a separator that no id makes (ids are < 0xC100, so 0xFF is never a high byte)
+        cache["\n"] = _PIECE_SEPARATOR
         get = cache.__getitem__
-        cache.update([(piece, b"".join(map(get, words)))
-                      for piece, words in zip(split, words_of)
-                      if len(words) != 1 or words[0] != piece])
+        for some_pieces, found in ((ascii_split, found_ascii), (other_split, found_other)):
+            if some_pieces:
+                cache.update(zip(some_pieces, b"".join(map(get, found)).split(_PIECE_SEPARATOR)))
 
     def _text_ids(self, texts: Sequence[str]) -> list[bytes]:
         """Each text's ids as 16-bit bytes (see :func:`_id_bytes`). New pieces and words are
