@@ -169,6 +169,19 @@ def test_empty_and_whitespace_only_texts_give_sot_eot_and_padding():
     assert tokenize([]).shape == (0, 77)
 
 
+@pytest.mark.parametrize("size", [1, 3, 16, 17, 200])
+def test_small_and_large_batches_pad_alike(cases, size):
+    # small batches are padded row by row, large ones by numpy: same tensors, truncation too
+    texts = [c["text"] for c in cases][:size]
+    tokenizer = get_tokenizer()
+    rows = tokenizer(texts, context_length=20, truncate=True)
+    expected = torch.zeros(len(texts), 20, dtype=torch.long)
+    for row, text in enumerate(texts):
+        ids = [SOT, *tokenizer.encode(text)[:18], EOT]
+        expected[row, :len(ids)] = torch.tensor(ids)
+    assert rows.dtype == torch.long and torch.equal(rows, expected)
+
+
 def test_other_context_lengths_and_single_string():
     assert tokenize("a photo of a cat", context_length=8).tolist() == [
         [SOT, 320, 1125, 539, 320, 2368, EOT, 0]]
