@@ -10,7 +10,8 @@ Three timings, each the best of a few rounds run round-robin over the tokenizers
 ``cold``, the first call of a freshly built tokenizer (empty caches) on all captions;
 ``steady``, a call on the second half of the captions after the tokenizer has seen the first
 half (common words cached, new captions: a training run after its first batches);
-``warm``, the second half again (everything cached: a later epoch). Building the tokenizer
+``warm``, the second half again (everything cached: a later epoch); ``single``, the second
+half again one caption per call (a loop over prompts). Building the tokenizer
 (reading the vocabulary) is timed apart. Times are CPU time of this process (torch and the
 Hugging Face tokenizers run on one thread), so other load on the machine doesn't skew them.
 Run with::
@@ -109,7 +110,7 @@ def run(captions: list[str], found: dict, rounds: int) -> list[tuple]:
     """Round-robin over the tokenizers, ``rounds`` times, keeping each one's best times, so
     that load from other processes hits all of them alike."""
     half = len(captions) // 2
-    best = {name: [float("inf")] * 4 for name in found}  # build, cold, steady, warm seconds
+    best = {name: [float("inf")] * 5 for name in found}  # build, cold, steady, warm, single s
     tokens = {}
     for _ in range(rounds):
         for name, (build, call) in found.items():
@@ -121,9 +122,14 @@ def run(captions: list[str], found: dict, rounds: int) -> list[tuple]:
             call(tokenizer, captions[:half])  # caches filled by other captions
             steady_s, _ = timed(call, tokenizer, captions[half:])
             warm_s, _ = timed(call, tokenizer, captions[half:])  # the same captions again
-            best[name] = [min(a, b) for a, b in zip(best[name], (build_s, cold_s, steady_s, warm_s))]
+            start = time.process_time()
+            for caption in captions[half:]:
+                call(tokenizer, [caption])
+            single_s = time.process_time() - start
+            best[name] = [min(a, b) for a, b in
+                          zip(best[name], (build_s, cold_s, steady_s, warm_s, single_s))]
     reference = tokens["clipforge"]
-    sizes = (len(captions), len(captions) - half, len(captions) - half)
+    sizes = (len(captions), len(captions) - half, len(captions) - half, len(captions) - half)
     return [(name, times[0], *(n / t for n, t in zip(sizes, times[1:])),
              same_ids(tokens[name], reference)) for name, times in best.items()]
 
@@ -141,13 +147,14 @@ def main() -> None:
             print(f"\n{set_name}: {len(captions)} captions, one batch call, 1 thread, "
                   f"best of {args.rounds} rounds\n")
             print("| tokenizer | build s | cold captions/s | steady captions/s | warm captions/s "
-                  "| cold / steady / warm x open_clip | ids = clipforge |")
-            print("|---|---:|---:|---:|---:|---:|---:|")
-            for name, build_s, cold, steady, warm, agree in rows:
+                  "| single captions/s | cold / steady / warm / single x open_clip "
+                  "| ids = clipforge |")
+            print("|---|---:|---:|---:|---:|---:|---:|---:|")
+            for name, build_s, cold, steady, warm, single, agree in rows:
                 ratios = " / ".join(f"{mine / theirs:.1f}x" for mine, theirs in
-                                    zip((cold, steady, warm), base[2:5])) if base else "-"
+                                    zip((cold, steady, warm, single), base[2:6])) if base else "-"
                 print(f"| {name} | {build_s:.2f} | {cold:,.0f} | {steady:,.0f} | {warm:,.0f} "
-                      f"| {ratios} | {agree:.1%} |")
+                      f"| {single:,.0f} | {ratios} | {agree:.1%} |")
 
 
 if __name__ == "__main__":

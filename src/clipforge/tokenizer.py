@@ -58,6 +58,12 @@ SMALL_BATCH = 16  # batches up to this many texts are padded row by row (measure
 _PIECE_SEPARATOR = b"\xff\xff"  # 0xFFFF as a 16-bit id: not an id, and no id's bytes hold it
 
 
+@functools.lru_cache(maxsize=8)
+def _zeros(length: int) -> array:
+    """``length`` int64 zeros (padding to copy from; never modified)."""
+    return array("q", bytes(8 * length))
+
+
 def _id_bytes(ids: Sequence[int]) -> bytes:
     """Ids as native-order unsigned 16-bit integers (ids are < 49,408): the cache's values, so
     that a text's ids are one ``bytes.join`` of its pieces' and numpy reads them as they are."""
@@ -250,7 +256,8 @@ class Tokenizer:
                 or context_length < 2:
             raise ValueError(f"context_length must be an int >= 2 (room for the start and end "
                              f"tokens), got {context_length!r}")
-        if not all(isinstance(text, str) for text in texts):
+        if len(texts) > 1 and not all(isinstance(text, str) for text in texts) or \
+                len(texts) == 1 and not isinstance(texts[0], str):
             index, text = next((i, t) for i, t in enumerate(texts) if not isinstance(t, str))
             raise TypeError(f"texts[{index}] must be a str, got {type(text).__name__}")
         text_ids = self._text_ids(texts)
@@ -268,7 +275,7 @@ class Tokenizer:
             text_ids = [ids[:2 * keep] for ids in text_ids]
             lengths = [min(length, keep) for length in lengths]
         if len(texts) <= SMALL_BATCH:  # a row at a time: numpy's fixed costs dominate here
-            rows, zeros = array("q"), array("q", bytes(8 * context_length))
+            rows, zeros = array("q"), _zeros(context_length)
             for ids, length in zip(text_ids, lengths):
                 rows.append(self.sot_token_id)
                 rows.extend(memoryview(ids).cast("H"))
