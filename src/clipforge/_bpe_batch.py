@@ -18,6 +18,7 @@ import numpy as np
 # (measured crossovers on real captions).
 MIN_BATCH_WORDS = 200
 TAIL_WORDS = 48
+POSITION_BITS = 32  # a pair's position in its word, below its rank in one int64
 HASH_SLOTS = 1 << 18  # power of two, ~5x the number of merges
 EMPTY = -1  # no key: keys are >= 0
 
@@ -115,13 +116,17 @@ class BatchMerger:
         rows = np.arange(len(words))  # which word each segment holds
         while True:
             starts = ends - lengths  # (W,)
-            best = np.minimum.reduceat(ranks, starts)  # (W,) each word's best rank
+            # each word's best rank and the leftmost position holding it, in one reduction:
+            # the rank in the high bits, the position within the word in the low ones
+            local = np.arange(len(ids)) - np.repeat(starts, lengths)  # (E,)
+            least = np.minimum.reduceat(ranks << POSITION_BITS | local, starts)  # (W,)
+            best, at = least >> POSITION_BITS, least & (1 << POSITION_BITS) - 1
             done = best == self.no_merge
             if done.any():  # finished words leave the arrays
                 kept = np.repeat(~done, lengths)  # (E,)
                 self._finish(out, rows[done], ids, starts[done], lengths[done])
                 ids, ranks = ids[kept], ranks[kept]
-                rows, lengths, best = rows[~done], lengths[~done], best[~done]
+                rows, lengths, best, at = rows[~done], lengths[~done], best[~done], at[~done]
                 ends = np.cumsum(lengths)
                 starts = ends - lengths
             if len(rows) < TAIL_WORDS:  # a few words left: the loop is faster
@@ -129,14 +134,13 @@ class BatchMerger:
                     out[row] = array("H", merge_ids(ids[start:end].tolist(), self.merges,
                                                     self.no_merge)).tobytes()
                 return out
-            # leftmost position of each word's best pair
-            position = np.arange(len(ids))
-            at = np.minimum.reduceat(np.where(ranks == np.repeat(best, lengths), position,
-                                              len(ids)), starts)  # (W,) global index
+            at += starts  # global index of each word's merged pair
             ids[at] = best
             # drop the merged pair's right id: everything after moves left by one per earlier
             # word, so the merged id of word w ends up at at[w] - w
-            ids, ranks = np.delete(ids, at + 1), np.delete(ranks, at + 1)
+            kept = np.ones(len(ids), dtype=bool)
+            kept[at + 1] = False
+            ids, ranks = ids[kept], ranks[kept]
             lengths = lengths - 1
             ends = np.cumsum(lengths)
             at = at - np.arange(len(rows))
