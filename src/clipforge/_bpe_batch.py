@@ -23,6 +23,12 @@ HASH_SLOTS = 1 << 18  # power of two, ~5x the number of merges
 EMPTY = -1  # no key: keys are >= 0
 
 
+def id_bytes(ids: list[int]) -> bytes:
+    """Ids as native-order unsigned 16-bit integers (ids are < 49,408): the tokenizer cache's
+    values, so that a text's ids are one ``bytes.join`` and numpy reads them as they are."""
+    return array("H", ids).tobytes()
+
+
 def merge_ids(ids: list[int], merges: dict[int, int], no_merge: int) -> list[int]:
     """Finish BPE on one word's ids in place, and return them.
 
@@ -63,7 +69,7 @@ class BatchMerger:
     """
 
     def __init__(self, merges: dict[int, int], byte_ids: bytes, no_merge: int):
-        self.merges, self.no_merge = merges, no_merge
+        self.merges, self.no_merge, self.byte_table = merges, no_merge, byte_ids
         self.byte_ids = np.frombuffer(byte_ids, dtype=np.uint8).astype(np.int64)
         keys = np.fromiter(merges.keys(), dtype=np.int64, count=len(merges))
         values = np.fromiter(merges.values(), dtype=np.int64, count=len(merges))
@@ -104,7 +110,7 @@ class BatchMerger:
         """BPE ids of each word's UTF-8 bytes (non-empty; the last byte ends the word: ``</w>``,
         id + 256), as native 16-bit unsigned integers (``memoryview(b).cast("H")`` reads them)."""
         if len(words) < MIN_BATCH_WORDS:
-            return [self._merge_one(word) for word in words]
+            return [id_bytes(self.merge_word(word)) for word in words]
         out: list[bytes | None] = [None] * len(words)
         lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))  # (W,)
         ids = self.byte_ids[np.frombuffer(b"".join(words), dtype=np.uint8)]  # (E,) all words
@@ -131,8 +137,8 @@ class BatchMerger:
                 starts = ends - lengths
             if len(rows) < TAIL_WORDS:  # a few words left: the loop is faster
                 for row, start, end in zip(rows.tolist(), starts.tolist(), ends.tolist()):
-                    out[row] = array("H", merge_ids(ids[start:end].tolist(), self.merges,
-                                                    self.no_merge)).tobytes()
+                    out[row] = id_bytes(merge_ids(ids[start:end].tolist(), self.merges,
+                                                  self.no_merge))
                 return out
             at += starts  # global index of each word's merged pair
             ids[at] = best
@@ -155,11 +161,11 @@ class BatchMerger:
             ranks[left] = np.where(has_left, new[:count], ranks[left])
             ranks[at] = np.where(has_right, new[count:], self.no_merge)
 
-    def _merge_one(self, word: bytes) -> bytes:
-        """BPE ids of one word's bytes by the one-word loop, as 16-bit bytes."""
-        ids = self.byte_ids[np.frombuffer(word, dtype=np.uint8)].tolist()
-        ids[-1] += 256
-        return array("H", merge_ids(ids, self.merges, self.no_merge)).tobytes()
+    def merge_word(self, word: bytes) -> list[int]:
+        """BPE ids of one word's UTF-8 bytes (non-empty) by the one-word loop."""
+        ids = list(word.translate(self.byte_table))  # byte ids are 0..255
+        ids[-1] += 256  # the same byte with </w>
+        return merge_ids(ids, self.merges, self.no_merge)
 
     @staticmethod
     def _finish(out: list, rows: np.ndarray, ids: np.ndarray, starts: np.ndarray,

@@ -20,8 +20,9 @@ calling ftfy when every step of ftfy 6's default pipeline provably leaves the te
 
 Anything else goes through ftfy itself. With another major version of ftfy, whose pipeline may
 differ, ftfy is always called; with a badness regex not in ``_ftfy_anchors.py`` (ftfy 6.0.3 to
-6.3.1 are, by hash of the regex), ``is_bad`` always runs. ``tests/test_text_clean.py`` checks the shortcut against
-``ftfy.fix_text`` over every code point and on thousands of real and random texts.
+6.3.1 are, by hash of the regex), ``is_bad`` always runs. ``tests/test_text_clean.py`` checks
+the shortcut against ``ftfy.fix_text`` over every code point and on thousands of real and
+random texts.
 """
 from __future__ import annotations
 
@@ -57,11 +58,12 @@ def badness_pattern_hash() -> str:
     return hashlib.sha256(pattern.encode("utf-8", "surrogatepass")).hexdigest()[:10]
 
 
-_FTFY_CHARACTERS = re.compile("[" + re.escape(_ftfy_characters()) + "]")
+_FIXED_BY_FTFY = _ftfy_characters()
+_FTFY_CHARACTERS = re.compile("[" + re.escape(_FIXED_BY_FTFY) + "]")
 _FTFY_SHORTCUT = ftfy.__version__.split(".")[0] == "6"
 _BADNESS_ANCHORS = BADNESS_ANCHORS.get(badness_pattern_hash())
 # A fixer's character or a badness anchor; None for an unlisted badness regex (always ask is_bad)
-_FTFY_OR_ANCHOR = re.compile("[" + re.escape(_ftfy_characters() + _BADNESS_ANCHORS) + "]") \
+_FTFY_OR_ANCHOR = re.compile("[" + re.escape(_FIXED_BY_FTFY + _BADNESS_ANCHORS) + "]") \
     if _BADNESS_ANCHORS else None
 
 

@@ -37,7 +37,7 @@ import numpy as np
 import regex
 import torch
 
-from clipforge._bpe_batch import BatchMerger, merge_ids
+from clipforge._bpe_batch import BatchMerger, id_bytes
 from clipforge.text_clean import clean_pieces, clean_text, ftfy_is_identity  # noqa: F401
 
 VOCAB_PATH = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
@@ -62,12 +62,6 @@ _PIECE_SEPARATOR = b"\xff\xff"  # 0xFFFF as a 16-bit id: not an id, and no id's 
 def _zeros(length: int) -> array:
     """``length`` int64 zeros (padding to copy from; never modified)."""
     return array("q", bytes(8 * length))
-
-
-def _id_bytes(ids: Sequence[int]) -> bytes:
-    """Ids as native-order unsigned 16-bit integers (ids are < 49,408): the cache's values, so
-    that a text's ids are one ``bytes.join`` of its pieces' and numpy reads them as they are."""
-    return array("H", ids).tobytes()
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -133,7 +127,7 @@ class Tokenizer:
 
     def _pieces_of_whole_words(self) -> dict[str, bytes]:
         """The words that are one vocabulary entry, as pieces of text, with their id as cache
-        values: ``{"cat": _id_bytes([2368]), ...}``.
+        values: ``{"cat": id_bytes([2368]), ...}``.
 
         In the cache from the start, so the commonest words never reach BPE; only words that
         the regex keeps whole (``"a1</w>"`` is an entry, but the text "a1" is two words).
@@ -148,21 +142,19 @@ class Tokenizer:
             except UnicodeDecodeError:  # no text's word has these bytes
                 continue
             if word.isascii() and word.isalpha() or WORD_PATTERN.findall(word) == [word]:
-                pieces[word] = _id_bytes([index])
+                pieces[word] = id_bytes([index])
         return pieces
 
     def _merge(self, data: bytes) -> list[int]:
-        """BPE ids of a word's UTF-8 bytes, one merge at a time (see :func:`merge_ids`)."""
-        ids = list(data.translate(self._byte_ids))  # byte ids are 0..255
-        ids[-1] += 256  # the same byte with </w>
-        return merge_ids(ids, self._merges, self.vocab_size)
+        """BPE ids of a word's UTF-8 bytes, one merge at a time."""
+        return self._batch_merger.merge_word(data)
 
     def _add_words(self, words: set[str]) -> None:
         """Cache the ids of new words, merged in one batch. The cache always holds the words that
         are one vocabulary entry, so a new word is a special token or needs BPE (merging would
         give the same single id anyway: the tests check every entry)."""
         cache = self._cache
-        cache.update((word, _id_bytes([self.encoder[word]])) for word in words & _SPECIAL_TOKENS)
+        cache.update((word, id_bytes([self.encoder[word]])) for word in words & _SPECIAL_TOKENS)
         words = list(words - _SPECIAL_TOKENS)
         cache.update(zip(words, self._batch_merger([word.encode("utf-8") for word in words])))
 
@@ -194,8 +186,8 @@ class Tokenizer:
                 cache.update(zip(some_pieces, b"".join(map(get, found)).split(_PIECE_SEPARATOR)))
 
     def _text_ids(self, texts: Sequence[str]) -> list[bytes]:
-        """Each text's ids as 16-bit bytes (see :func:`_id_bytes`). New pieces and words are
-        split and merged once per batch, however often they occur."""
+        """Each text's ids as 16-bit bytes (:func:`~clipforge._bpe_batch.id_bytes`). New pieces
+        and words are split and merged once per batch, however often they occur."""
         # Text that ftfy and html.unescape leave as it is only needs lower() and split(): printable
         # ASCII without '&' (checked inline: a call per text costs as much as the cleaning), or
         # what ftfy_is_identity accepts (it excludes '&').
