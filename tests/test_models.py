@@ -1,15 +1,13 @@
 """Architectures: exact reference layout and counts, numerical parity with open_clip, invariants."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 import clipforge
-from clipforge import ClipConfig, TextConfig, VisionConfig
+from clipforge import ClipConfig
+from _model_fixtures import FIXTURES, load_openclip_fixture
 
-FIXTURES = Path(__file__).parent / "fixtures" / "models"
 OPENAI_NINE = ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14@336px"]
 
 
@@ -37,29 +35,9 @@ def test_paper_parameter_counts():
         assert sum(p.numel() for p in model.parameters()) == count
 
 
-def _load_openclip_fixture(family):
-    path = FIXTURES / f"openclip_{family}.safetensors"
-    with safe_open(str(path), framework="pt") as f:
-        cfg = json.loads(f.metadata()["config"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    vision = dict(cfg["vision_cfg"])
-    head_width = vision.pop("head_width")
-    layers = vision["layers"]
-    heads = vision["width"] * 32 // head_width if isinstance(layers, list) else vision["width"] // head_width
-    config = ClipConfig(
-        embed_dim=cfg["embed_dim"],
-        vision=VisionConfig(**{**vision, "layers": tuple(layers) if isinstance(layers, list) else layers}, heads=heads),
-        text=TextConfig(**cfg["text_cfg"]),
-    )
-    model = clipforge.create_model(config).eval()
-    weights = {k[len("weights."):]: v for k, v in tensors.items() if k.startswith("weights.")}
-    model.load_state_dict(weights, strict=True)
-    return model, tensors
-
-
 @pytest.mark.parametrize("family", ["vit", "resnet"])
 def test_embeddings_match_open_clip_within_1e5(family):
-    model, ref = _load_openclip_fixture(family)
+    model, ref = load_openclip_fixture(family)
     with torch.no_grad():
         image_features = model.encode_image(ref["images"])
         text_features = model.encode_text(ref["tokens"])
@@ -71,7 +49,7 @@ def test_embeddings_match_open_clip_within_1e5(family):
 
 
 def test_trimmed_text_tower_equals_full_length():
-    model, ref = _load_openclip_fixture("vit")
+    model, ref = load_openclip_fixture("vit")
     tokens = ref["tokens"][:3]  # the longest (75 tokens) is excluded so trimming really trims
     with torch.no_grad():
         trimmed = model.encode_text(tokens)
