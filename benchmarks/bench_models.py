@@ -5,6 +5,10 @@ inputs; each case runs in a fresh subprocess so peak RSS (VmHWM) is its own. Run
 open_clip_torch and transformers besides clipforge (e.g. ``pip install --no-deps -e .`` into it):
 
     /work/peers/bin/python benchmarks/bench_models.py --model ViT-B/32 --threads 2
+
+On a GPU, ``--device cuda --precision fp16`` times each implementation under ``torch.autocast``
+(fp32 weights, as open_clip's and transformers' defaults hold them) and reports peak GPU memory
+(``torch.cuda.max_memory_allocated``) instead of RSS.
 """
 from __future__ import annotations
 
@@ -35,11 +39,22 @@ def peak_rss_mib() -> float:
     return float("nan")
 
 
-def timed(fn, repeats: int) -> tuple[float, torch.Tensor]:
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, repeats: int, device: torch.device) -> tuple[float, torch.Tensor]:
+    """Mean seconds per call of ``fn`` after one warm-up call, and its last output."""
     out = fn()  # warm-up
+    _sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
         out = fn()
+    _sync(device)
     return (time.perf_counter() - start) / repeats, out
 
 
@@ -71,7 +86,7 @@ def build(impl: str, name: str, weights_dir: Path):
             # HF's processor pads to the longest caption and passes an attention mask.
             lengths = tokens.argmax(-1) + 1
             ids = tokens[:, : int(lengths.max())]
-            mask = (torch.arange(ids.shape[1])[None] < lengths[:, None]).long()
+            mask = (torch.arange(ids.shape[1], device=ids.device)[None] < lengths[:, None]).long()
             return _features(model.get_text_features(input_ids=ids, attention_mask=mask))
 
         def encode_image(images):
@@ -81,20 +96,27 @@ def build(impl: str, name: str, weights_dir: Path):
     raise ValueError(impl)
 
 
-def run_case(impl: str, name: str, weights_dir: Path, batch: int, text_batch: int, repeats: int, threads: int) -> dict:
+def run_case(impl: str, name: str, weights_dir: Path, batch: int, text_batch: int, repeats: int, threads: int,
+             device: str = "cpu", precision: str = "fp32") -> dict:
+    """Time one implementation's encode_image and encode_text; its peak memory; save its first outputs."""
     import clipforge
 
     torch.set_num_threads(threads)
+    device = torch.device(device)
     size = clipforge.get_config(name).vision.image_size
-    images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     model, encode_image, encode_text = build(impl, name, weights_dir)
-    tokens = clipforge.tokenize([CAPTIONS[i % len(CAPTIONS)] for i in range(text_batch)])
-    with torch.inference_mode():
-        image_s, image_out = timed(lambda: encode_image(images), repeats)
-        text_s, text_out = timed(lambda: encode_text(tokens), repeats)
-    torch.save({"image": image_out[:4].float(), "text": text_out[:4].float()}, weights_dir / f"out_{impl}.pt")
-    return {"impl": impl, "images_per_s": batch / image_s, "texts_per_s": text_batch / text_s,
-            "peak_rss_mib": peak_rss_mib()}
+    model.to(device)
+    tokens = clipforge.tokenize([CAPTIONS[i % len(CAPTIONS)] for i in range(text_batch)]).to(device)
+    dtype = PRECISIONS[precision]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        image_s, image_out = timed(lambda: encode_image(images), repeats, device)
+        text_s, text_out = timed(lambda: encode_text(tokens), repeats, device)
+    torch.save({"image": image_out[:4].float().cpu(), "text": text_out[:4].float().cpu()}, weights_dir / f"out_{impl}.pt")
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mib()
+    return {"impl": impl, "images_per_s": batch / image_s, "texts_per_s": text_batch / text_s, "peak_mib": peak}
 
 
 def export_weights(name: str, weights_dir: Path) -> None:
@@ -116,12 +138,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--impls", default="clipforge,open_clip,transformers")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS), help="autocast dtype (fp32: none)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--weights-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
         result = run_case(args.case, args.model, Path(args.weights_dir), args.batch, args.text_batch,
-                          args.repeats, args.threads)
+                          args.repeats, args.threads, args.device, args.precision)
         print(json.dumps(result))
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,7 +155,8 @@ def main() -> None:
         for impl in args.impls.split(","):
             cmd = [sys.executable, __file__, "--case", impl, "--weights-dir", tmp, "--model", args.model,
                    "--batch", str(args.batch), "--text-batch", str(args.text_batch),
-                   "--repeats", str(args.repeats), "--threads", str(args.threads)]
+                   "--repeats", str(args.repeats), "--threads", str(args.threads),
+                   "--device", args.device, "--precision", args.precision]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:
                 print(f"{impl}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
@@ -139,14 +164,16 @@ def main() -> None:
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         reference = torch.load(weights_dir / "out_clipforge.pt")
         base = rows[0]
-        print(f"model {args.model}, {args.batch} images/call, {args.text_batch} captions/call, {args.threads} threads")
-        print("| implementation | images/s (clipforge speed-up) | texts/s (clipforge speed-up) | peak RSS MiB | max abs diff vs clipforge (img, txt) |")
+        memory = "peak GPU MiB" if args.device.startswith("cuda") else "peak RSS MiB"
+        print(f"model {args.model}, {args.batch} images/call, {args.text_batch} captions/call, {args.threads} threads, "
+              f"{args.device}, {args.precision}, torch {torch.__version__}")
+        print(f"| implementation | images/s (clipforge speed-up) | texts/s (clipforge speed-up) | {memory} | max abs diff vs clipforge (img, txt) |")
         print("|---|---|---|---|---|")
         for row in rows:
             out = torch.load(weights_dir / f"out_{row['impl']}.pt")
             diff = ((out["image"] - reference["image"]).abs().max().item(), (out["text"] - reference["text"]).abs().max().item())
             print(f"| {row['impl']} | {row['images_per_s']:.1f} ({base['images_per_s'] / row['images_per_s']:.2f}x)"
-                  f" | {row['texts_per_s']:.1f} ({base['texts_per_s'] / row['texts_per_s']:.2f}x) | {row['peak_rss_mib']:.0f}"
+                  f" | {row['texts_per_s']:.1f} ({base['texts_per_s'] / row['texts_per_s']:.2f}x) | {row['peak_mib']:.0f}"
                   f" | {diff[0]:.1e}, {diff[1]:.1e} |")
 
 

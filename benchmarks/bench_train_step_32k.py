@@ -10,6 +10,9 @@ AdamW and the logit-scale clamp. Peak memory is the process's peak RSS (VmHWM, r
 the step) both in total and above what the process held before the step (model, batch).
 
     .venv/bin/python benchmarks/bench_train_step_32k.py --threads 1
+
+On a GPU (``--device cuda --model ViT-B/32 --precision bf16``) the batch lives on the GPU and the
+peak is the GPU's (``torch.cuda.max_memory_allocated``), in total and above the model and batch.
 """
 from __future__ import annotations
 
@@ -75,9 +78,10 @@ def build_batch(pairs, size: int, image_size: int, seed: int) -> tuple[torch.Ten
     return images, tokens
 
 
-def _step(model, images, tokens, chunk_size, optimizer=None):
+def _step(model, images, tokens, chunk_size, optimizer=None, autocast_dtype=None):
     loss, stats = contrastive_step(
-        model, images, tokens, lambda i, t: contrastive_loss(i, t, model.logit_scale), chunk_size
+        model, images, tokens, lambda i, t: contrastive_loss(i, t, model.logit_scale), chunk_size,
+        autocast_dtype=autocast_dtype,
     )
     if optimizer is not None:
         optimizer.step()
@@ -95,39 +99,56 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=512)
     parser.add_argument("--model", default="tiny-vit")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="autocast of the encoders")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    autocast_dtype = torch.bfloat16 if args.precision == "bf16" else None
+    cuda = device.type == "cuda"
 
     torch.manual_seed(0)
-    model = clipforge.create_model(args.model)
+    model = clipforge.create_model(args.model).to(device)
     image_size = model.config.vision.image_size
     started = time.perf_counter()
     pairs = load_pairs(args.images, args.distinct, side=image_size * 5 // 4)
     images, tokens = build_batch(pairs, args.batch, image_size, seed=0)
+    images, tokens = images.to(device), tokens.to(device)
     print(f"model {args.model}, {len(pairs)} distinct real images -> batch {args.batch} "
           f"({images.numel() * 4 / 2**30:.2f} GiB of pixels), built in {time.perf_counter() - started:.0f} s, "
-          f"torch {torch.__version__}, {args.threads} thread(s)", flush=True)
+          f"torch {torch.__version__}, {args.device}, {args.precision}, {args.threads} thread(s)", flush=True)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.2)
-    open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM
-    rss_before = _status_mib("VmRSS")
+    if cuda:
+        _step(model, images[:args.chunk_size], tokens[:args.chunk_size], None, autocast_dtype=autocast_dtype)
+        model.zero_grad(set_to_none=True)  # the warm-up above loads the kernels; it is not timed
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device) / 2**20
+    else:
+        open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM
+        before = _status_mib("VmRSS")
     wall, cpu = time.perf_counter(), time.process_time()
-    loss, stats = _step(model, images, tokens, args.chunk_size, optimizer)
+    loss, stats = _step(model, images, tokens, args.chunk_size, optimizer, autocast_dtype)
+    if cuda:
+        torch.cuda.synchronize(device)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    peak = _status_mib("VmHWM")
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else _status_mib("VmHWM")
+    where = "GPU memory" if cuda else "RSS"
     print(f"step at {args.batch}: loss {loss.item():.4f}, {stats['chunks']:.0f} chunks of {args.chunk_size}, "
           f"wall {wall:.1f} s (embed {stats['embed_s']:.1f}, loss {stats['loss_s']:.1f}, "
           f"re-forward+backward {stats['backward_s']:.1f}), CPU {cpu:.1f} s; "
-          f"peak RSS {peak / 1024:.2f} GiB in total, {peak - rss_before:.0f} MiB above the model and batch", flush=True)
+          f"peak {where} {peak / 1024:.2f} GiB in total, {peak - before:.0f} MiB above the model and batch", flush=True)
     del images, tokens
 
     # The same step at a batch a direct forward/backward can hold: weights and gradients must agree.
     images, tokens = build_batch(pairs, args.check_batch, image_size, seed=1)
+    images, tokens = images.to(device), tokens.to(device)
     torch.manual_seed(0)
-    cached = clipforge.create_model(args.model)
+    cached = clipforge.create_model(args.model).to(device)
     direct = copy.deepcopy(cached)
-    cached_loss, _ = _step(cached, images, tokens, args.chunk_size)
-    direct_loss, _ = _step(direct, images, tokens, None)
+    cached_loss, _ = _step(cached, images, tokens, args.chunk_size, autocast_dtype=autocast_dtype)
+    direct_loss, _ = _step(direct, images, tokens, None, autocast_dtype=autocast_dtype)
     worst_name, worst = "", 0.0
     for (name, a), b in zip(cached.named_parameters(), direct.parameters()):
         error = ((a.grad - b.grad).abs().max() / b.grad.abs().max().clamp_min(1e-12)).item()
