@@ -23,9 +23,10 @@ def _settings(run_dir, data) -> list[str]:
     # so both runs see the same pixels whatever random numbers each process draws. The learning
     # rate is small because Adam turns float noise in exactly-zero gradients (attention key
     # biases) into steps of up to lr * noise / eps.
-    return ["model.name=tiny-vit", "batch_size=8", f"steps={STEPS}", "data.workers=0", "data.crop_scale=1,1",
-            "optim.warmup_steps=1", "optim.lr=1e-4", "run.progress=false", "run.log_every=1",
-            f"run.run_dir={run_dir}", f"data.train={data}"]
+    # device=cpu: gloo on any machine (a one-GPU machine cannot give two ranks a GPU each).
+    return ["model.name=tiny-vit", "device=cpu", "batch_size=8", f"steps={STEPS}", "data.workers=0",
+            "data.crop_scale=1,1", "optim.warmup_steps=1", "optim.lr=1e-4", "run.progress=false",
+            "run.log_every=1", f"run.run_dir={run_dir}", f"data.train={data}"]
 
 
 def _metrics(run_dir) -> list[float]:
