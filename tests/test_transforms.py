@@ -2,14 +2,18 @@
 
 The reference tensors in tests/fixtures/transforms were made by make_fixtures.py in a side venv with
 torchvision + open_clip; these tests need neither (the live test at the end is skipped without
-torchvision). Resampling is PIL's, so the fixtures assume a Pillow whose bicubic resize matches the
-one in fixtures/transforms/versions.json (it has been stable for many releases).
+torchvision). Resampling is PIL's, so the comparison is exact (1e-6) under the Pillow named in
+fixtures/transforms/versions.json. Other Pillow releases resample a little differently: under
+Pillow 11.3 and 12.0 the 40x600 strip differs by up to 0.07 (a few 8-bit levels after
+normalisation) while clipforge still equals open_clip exactly on the same Pillow, so there the
+bound is a few levels, which still catches any wrong size, crop, interpolation or normalisation.
 """
 import json
 import pickle
 from pathlib import Path
 
 import numpy as np
+import PIL
 import pytest
 import torch
 from PIL import Image
@@ -34,11 +38,16 @@ def keys(kind: str) -> list[str]:
     return sorted(key for key in REFERENCE.files if key.startswith(kind + "/"))
 
 
+FIXTURE_PILLOW = json.loads((FIXTURES / "versions.json").read_text())["pillow"]
+# Exact under the fixtures' Pillow; else 6 levels of 255 over the smallest std (0.261): 0.09.
+TOLERANCE = 1e-6 if PIL.__version__ == FIXTURE_PILLOW else 6 / 255 / 0.261
+
+
 def assert_matches(actual: torch.Tensor, key: str) -> None:
     expected = torch.from_numpy(REFERENCE[key])
     assert actual.dtype == torch.float32 and actual.shape == expected.shape, key
     max_diff = (actual - expected).abs().max().item()
-    assert max_diff <= 1e-6, f"{key}: max abs diff {max_diff:.3g}"
+    assert max_diff <= TOLERANCE, f"{key}: max abs diff {max_diff:.3g} (Pillow {PIL.__version__}, fixtures {FIXTURE_PILLOW})"
 
 
 def test_fixtures_cover_every_mode_the_issue_names():
