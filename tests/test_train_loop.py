@@ -67,7 +67,9 @@ def test_chunked_batch_reaches_the_same_weights_as_the_full_batch(shapes, tmp_pa
     full = train(_config(shapes, tmp_path / "full"))
     chunked = train(_config(shapes, tmp_path / "chunked", chunk_size=2))
     assert full.losses == pytest.approx(chunked.losses, rel=1e-5)
-    assert _max_difference(_final_weights(full), _final_weights(chunked)) < 1e-5
+    # Adam turns float noise in near-zero gradients into steps of up to lr * noise / eps: 9e-6 here,
+    # 1.0e-5 with another torch build. A chunk-local loss would move weights by about lr (5e-4).
+    assert _max_difference(_final_weights(full), _final_weights(chunked)) < 5e-5
 
 
 def _nan_after(monkeypatch, first_bad_call: int, last_bad_call: int = 10**9):
