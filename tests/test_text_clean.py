@@ -77,7 +77,7 @@ def test_fix_text_equals_ftfy_on_real_and_random_texts():
         texts = [json.loads(line)["text"] for line in f]
     rng = random.Random(0)
     pools = ["abc xyz", "éàüñçÉ", "€£¥©®°±µ·", "ÃÂâ€œ™", "Ð¿Ñ€Ð¸", "привет", "日本語", "😀👍",
-             "\u0301\u0308", "ﬁﬂ", "’‘“”", "\r\n\t", "&amp;&lt;", "\x81\x9d"]
+             "\u0301\u0308", "ﬁﬂ", "’‘“”", "\r\n\t", "&amp;&lt;", "\x81\x9d", "ＡＢｃ１！＆", "ｶﾞﾊﾟｰ"]
     texts += ["".join(rng.choice(rng.choice(pools)) for _ in range(rng.randint(1, 30)))
               for _ in range(3000)]
     shortcut = sum(map(ftfy_is_identity, texts))
@@ -86,8 +86,39 @@ def test_fix_text_equals_ftfy_on_real_and_random_texts():
     assert not wrong, [ascii(text) for text in wrong[:5]]
 
 
+def test_other_fixers_leave_width_and_quote_characters_alone():
+    """The replay of ftfy's first pass maps these characters and nothing else acts on them."""
+    chars = "".join(map(chr, sorted(text_clean._WIDTH_AND_QUOTES)))
+    assert set("\u201c\u2019\u02bc\uff21\uff76\u3000") <= set(chars)
+    for name in ("fix_c1_controls", "fix_latin_ligatures", "fix_line_breaks", "fix_surrogates",
+                 "remove_terminal_escapes", "remove_control_chars", "unescape_html"):
+        assert getattr(ftfy.fixes, name)(chars) == chars, name
+    assert ftfy.fixes.uncurl_quotes(ftfy.fixes.fix_character_width(chars)) == chars.translate(
+        text_clean._WIDTH_AND_QUOTES)
+
+
+@pytest.mark.parametrize("context", ["{}", "a{}b", "“{}”", "É{}", "Ã{}", "{}\u0301", "ｶ{}", "{}amp;"])
+def test_fix_text_equals_ftfy_on_every_width_and_quote_character(context):
+    texts = [context.format(chr(code)) for code in text_clean._WIDTH_AND_QUOTES]
+    wrong = [text for text in texts if fix_text(text) != ftfy.fix_text(text)]
+    assert not wrong, [ascii(text) for text in wrong[:5]]
+
+
+def test_width_and_quote_fixes_skip_ftfy_and_fall_back_when_unsure(monkeypatch):
+    replayed = {"“Fine” isn’t it": '"Fine" isn\'t it', "ＬＯＵＤ　ｶﾞ": "LOUD ガ", "e\u0301": "\u00e9"}
+    for text, expected in replayed.items():
+        assert text_clean._fix_width_and_quotes(text) == expected == ftfy.fix_text(text)
+    # mojibake found by is_bad before (”Ñ is Ӄ in Windows-1252) or after the replay, an entity
+    # made by the width fixer, a line break, a ligature
+    for unsure in ("”Ñ", "“Ã©”", "ＡＢ＆amp;", "“a”\n", "ﬁ“x”"):
+        assert text_clean._fix_width_and_quotes(unsure) is None
+        assert fix_text(unsure) == ftfy.fix_text(unsure)
+
+
 def test_unknown_badness_regex_falls_back_to_is_bad(monkeypatch):
     monkeypatch.setattr(text_clean, "_FTFY_OR_ANCHOR", None)  # as for an unlisted ftfy
+    monkeypatch.setattr(text_clean, "_ANCHOR", None)
+    assert fix_text("“Ã©”") == ftfy.fix_text("“Ã©”") and fix_text("“ok”") == '"ok"'
     mojibake = "The Mona Lisa doesnÃ¢â‚¬â„¢t have eyebrows."
     assert not ftfy_is_identity(mojibake) and fix_text(mojibake) == ftfy.fix_text(mojibake)
     assert ftfy_is_identity("a plain caption")

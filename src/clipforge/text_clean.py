@@ -18,6 +18,12 @@ calling ftfy when every step of ftfy 6's default pipeline provably leaves the te
   rare in real text), so ``is_bad`` runs only on text that has one of them;
 - NFC normalisation changes nothing on text that ``unicodedata.is_normalized`` accepts.
 
+Text whose only fixable characters are full/half-width forms and curly quotes (and text that is
+not NFC) is fixed without ftfy too, by replaying its pipeline: when ``is_bad`` is false for the
+text, ftfy's first pass only maps those characters, as ``fix_character_width`` and
+``uncurl_quotes`` do, and NFC-normalises; if the result passes the identity test above, the
+second pass changes nothing and ftfy returns it.
+
 Anything else goes through ftfy itself. With another major version of ftfy, whose pipeline may
 differ, ftfy is always called; with a badness regex not in ``_ftfy_anchors.py`` (ftfy 6.0.3 to
 6.3.1 are, by hash of the regex), ``is_bad`` always runs. ``tests/test_text_clean.py`` checks
@@ -34,6 +40,7 @@ import unicodedata
 import ftfy
 import ftfy.badness
 import ftfy.chardata
+import ftfy.fixes
 
 from clipforge._ftfy_anchors import BADNESS_ANCHORS
 
@@ -58,6 +65,14 @@ def badness_pattern_hash() -> str:
     return hashlib.sha256(pattern.encode("utf-8", "surrogatepass")).hexdigest()[:10]
 
 
+def _width_and_quote_fixes() -> dict[int, str]:
+    """The characters that only ``fix_character_width`` and ``uncurl_quotes`` act on, mapped to
+    what those two fixers, in ftfy's order, make of them."""
+    codes = set(ftfy.chardata.WIDTH_MAP) | {0x2BC, *range(0x2018, 0x2020)}
+    codes -= {*ftfy.chardata.LIGATURES, *ftfy.chardata.CONTROL_CHARS, *range(0x80, 0xA0)}
+    return {code: ftfy.fixes.uncurl_quotes(ftfy.fixes.fix_character_width(chr(code))) for code in codes}
+
+
 _FIXED_BY_FTFY = _ftfy_characters()
 _FTFY_CHARACTERS = re.compile("[" + re.escape(_FIXED_BY_FTFY) + "]")
 _FTFY_SHORTCUT = ftfy.__version__.split(".")[0] == "6"
@@ -65,6 +80,11 @@ _BADNESS_ANCHORS = BADNESS_ANCHORS.get(badness_pattern_hash())
 # A fixer's character or a badness anchor; None for an unlisted badness regex (always ask is_bad)
 _FTFY_OR_ANCHOR = re.compile("[" + re.escape(_FIXED_BY_FTFY + _BADNESS_ANCHORS) + "]") \
     if _BADNESS_ANCHORS else None
+_ANCHOR = re.compile("[" + re.escape(_BADNESS_ANCHORS) + "]") if _BADNESS_ANCHORS else None
+_WIDTH_AND_QUOTES = _width_and_quote_fixes()
+# Characters of the other fixers (line breaks, controls, ligatures, '&', ...)
+_OTHER_FIXERS = re.compile("[" + re.escape("".join(
+    char for char in _FIXED_BY_FTFY if ord(char) not in _WIDTH_AND_QUOTES)) + "]")
 
 
 def ftfy_is_identity(text: str) -> bool:
@@ -79,10 +99,24 @@ def ftfy_is_identity(text: str) -> bool:
     return _FTFY_CHARACTERS.search(text) is None and not ftfy.badness.is_bad(text)
 
 
+def _fix_width_and_quotes(text: str) -> str | None:
+    """``ftfy.fix_text(text)`` where the width and quote fixers and NFC are all that act on
+    ``text``, else None (see the module docstring)."""
+    if not (_FTFY_SHORTCUT and len(text) < 1_000_000) or _OTHER_FIXERS.search(text) is not None:
+        return None
+    if (_ANCHOR is None or _ANCHOR.search(text) is not None) and ftfy.badness.is_bad(text):
+        return None  # the mojibake fixer would act
+    fixed = unicodedata.normalize("NFC", text.translate(_WIDTH_AND_QUOTES))  # ftfy's first pass
+    return fixed if ftfy_is_identity(fixed) else None
+
+
 def fix_text(text: str) -> str:
-    """``ftfy.fix_text(text)`` with its default settings, without running ftfy where it would
-    change nothing (see the module docstring)."""
-    return text if ftfy_is_identity(text) else ftfy.fix_text(text)
+    """``ftfy.fix_text(text)`` with its default settings, without running ftfy where the result
+    is certain (see the module docstring)."""
+    if ftfy_is_identity(text):
+        return text
+    fixed = _fix_width_and_quotes(text)
+    return ftfy.fix_text(text) if fixed is None else fixed
 
 
 def needs_ftfy(text: str) -> bool:
@@ -98,7 +132,7 @@ def needs_ftfy(text: str) -> bool:
 def clean_pieces(text: str) -> list[str]:
     """The cleaned text's space-separated pieces (see :func:`clean_text`)."""
     if needs_ftfy(text) and not ftfy_is_identity(text):  # else ftfy and html change nothing
-        text = ftfy.fix_text(text)
+        text = fix_text(text)
         if "&" in text:  # html.unescape changes nothing in text without '&'
             text = html.unescape(html.unescape(text))
     # lower() neither makes nor changes whitespace, so lower-then-split is split-then-lower.
