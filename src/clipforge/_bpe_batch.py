@@ -21,6 +21,10 @@ TAIL_WORDS = 48
 POSITION_BITS = 32  # a pair's position in its word, below its rank in one int64
 HASH_SLOTS = 1 << 18  # power of two, ~5x the number of merges
 EMPTY = -1  # no key: keys are >= 0
+# 0xFFFF as a 16-bit id: no id (all < 0xC100) holds the byte 0xFF in its high half, so the two
+# bytes never occur in a run of ids and mark where one word's ids end
+SEPARATOR_ID = 0xFFFF
+_SEPARATOR = b"\xff\xff"
 
 
 def id_bytes(ids: list[int]) -> bytes:
@@ -53,6 +57,14 @@ def merge_ids(ids: list[int], merges: dict[int, int], no_merge: int) -> list[int
     return ids
 
 
+def _with_separators(ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Words' ids end to end (``lengths`` each) with ``SEPARATOR_ID`` after each, as uint16."""
+    out = np.full(len(ids) + len(lengths), SEPARATOR_ID, dtype=np.uint16)
+    word = np.repeat(np.arange(len(lengths)), lengths)  # (E,) the word of each id
+    out[np.arange(len(ids)) + word] = ids  # each id moves right by one per earlier word
+    return out
+
+
 def _hash(keys: np.ndarray) -> np.ndarray:
     """Fibonacci hashing of keys < 2**32 to slots in [0, HASH_SLOTS)."""
     return ((keys * 0x9E3779B1) & 0xFFFFFFFF) >> (32 - HASH_SLOTS.bit_length() + 1)
@@ -73,6 +85,12 @@ class BatchMerger:
         self.byte_ids = np.frombuffer(byte_ids, dtype=np.uint8).astype(np.int64)
         keys = np.fromiter(merges.keys(), dtype=np.int64, count=len(merges))
         values = np.fromiter(merges.values(), dtype=np.int64, count=len(merges))
+        # Words start as byte ids (< 512 with </w>): their first pairs are read from a dense
+        # 512 x 512 table, left << 9 | right, in one gather.
+        left, right = keys >> 16, keys & 0xFFFF
+        of_bytes = (left < 512) & (right < 512)
+        self.byte_pairs = np.full(512 * 512, no_merge, dtype=np.int64)
+        self.byte_pairs[left[of_bytes] << 9 | right[of_bytes]] = values[of_bytes]
         # Open-addressing hash table (linear probing, load ~0.2): one or two probes per lookup,
         # where a binary search of the 48,894 keys costs sixteen scattered reads.
         self.table_keys = np.full(HASH_SLOTS, EMPTY, dtype=np.int64)
@@ -111,15 +129,15 @@ class BatchMerger:
         id + 256), as native 16-bit unsigned integers (``memoryview(b).cast("H")`` reads them)."""
         if len(words) < MIN_BATCH_WORDS:
             return [id_bytes(self.merge_word(word)) for word in words]
-        out: list[bytes | None] = [None] * len(words)
         lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))  # (W,)
         ids = self.byte_ids[np.frombuffer(b"".join(words), dtype=np.uint8)]  # (E,) all words
         ends = np.cumsum(lengths)  # (W,) one past each word's last id
         ids[ends - 1] += 256  # the last byte ends the word
         ranks = np.full(len(ids), self.no_merge, dtype=np.int64)  # (E,) pair p is p, p + 1
-        ranks[:-1] = self._merged(ids[:-1], ids[1:])
+        ranks[:-1] = self.byte_pairs[ids[:-1] << 9 | ids[1:]]
         ranks[ends - 1] = self.no_merge  # no pair across a word's end
         rows = np.arange(len(words))  # which word each segment holds
+        finished_rows, finished_ids = [], []  # per round: the words done, their ids + separators
         while True:
             starts = ends - lengths  # (W,)
             # each word's best rank and the leftmost position holding it, in one reduction:
@@ -130,16 +148,14 @@ class BatchMerger:
             done = best == self.no_merge
             if done.any():  # finished words leave the arrays
                 kept = np.repeat(~done, lengths)  # (E,)
-                self._finish(out, rows[done], ids, starts[done], lengths[done])
+                finished_rows.append(rows[done])
+                finished_ids.append(_with_separators(ids[~kept], lengths[done]))
                 ids, ranks = ids[kept], ranks[kept]
                 rows, lengths, best, at = rows[~done], lengths[~done], best[~done], at[~done]
                 ends = np.cumsum(lengths)
                 starts = ends - lengths
             if len(rows) < TAIL_WORDS:  # a few words left: the loop is faster
-                for row, start, end in zip(rows.tolist(), starts.tolist(), ends.tolist()):
-                    out[row] = id_bytes(merge_ids(ids[start:end].tolist(), self.merges,
-                                                  self.no_merge))
-                return out
+                return self._collect(len(words), finished_rows, finished_ids, rows, ids, starts, ends)
             at += starts  # global index of each word's merged pair
             ids[at] = best
             # drop the merged pair's right id: everything after moves left by one per earlier
@@ -161,19 +177,21 @@ class BatchMerger:
             ranks[left] = np.where(has_left, new[:count], ranks[left])
             ranks[at] = np.where(has_right, new[count:], self.no_merge)
 
+    def _collect(self, count: int, finished_rows: list, finished_ids: list, rows: np.ndarray,
+                 ids: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> list[bytes]:
+        """Every word's ids in input order: the finished ones cut from one buffer by one
+        ``bytes.split``, the few left (``rows``) finished by the one-word loop."""
+        order = np.concatenate(finished_rows) if finished_rows else np.zeros(0, np.int64)
+        parts = b"".join(part.tobytes() for part in finished_ids).split(_SEPARATOR)[:-1]
+        for start, end in zip(starts.tolist(), ends.tolist()):
+            parts.append(id_bytes(merge_ids(ids[start:end].tolist(), self.merges, self.no_merge)))
+        order = np.concatenate([order, rows])  # (W,) the word of each part
+        position = np.empty(count, dtype=np.int64)
+        position[order] = np.arange(count)  # where each word's part is
+        return list(map(parts.__getitem__, position.tolist()))
+
     def merge_word(self, word: bytes) -> list[int]:
         """BPE ids of one word's UTF-8 bytes (non-empty) by the one-word loop."""
         ids = list(word.translate(self.byte_table))  # byte ids are 0..255
         ids[-1] += 256  # the same byte with </w>
         return merge_ids(ids, self.merges, self.no_merge)
-
-    @staticmethod
-    def _finish(out: list, rows: np.ndarray, ids: np.ndarray, starts: np.ndarray,
-                lengths: np.ndarray) -> None:
-        """Store the ids of finished words (``rows``) in ``out``, as 16-bit bytes."""
-        flat = ids[np.repeat(starts - np.cumsum(lengths) + lengths, lengths)
-                   + np.arange(lengths.sum())]  # the words' ids, end to end
-        data = flat.astype(np.uint16).tobytes()
-        ends = (2 * np.cumsum(lengths)).tolist()
-        for row, start, end in zip(rows.tolist(), [0, *ends[:-1]], ends):
-            out[row] = data[start:end]
