@@ -170,8 +170,7 @@ def test_empty_and_whitespace_only_texts_give_sot_eot_and_padding():
 
 
 @pytest.mark.parametrize("size", [1, 3, 16, 17, 200])
-def test_small_and_large_batches_pad_alike(cases, size):
-    # small batches are padded row by row, large ones by numpy: same tensors, truncation too
+def test_batches_pad_and_truncate_like_a_plain_loop(cases, size):
     texts = [c["text"] for c in cases][:size]
     tokenizer = get_tokenizer()
     rows = tokenizer(texts, context_length=20, truncate=True)
@@ -273,6 +272,30 @@ def test_every_letter_is_a_word_of_its_own_for_the_regex():
     joined = " ".join(letters)
     assert REF_PATTERN.findall(joined) == letters
     assert REF_PATTERN.findall("".join(letters[:5000])) == ["".join(letters[:5000])]
+
+
+def test_letters_between_ascii_punctuation_are_three_words_for_the_regex():
+    # the premise of splitting such pieces without the regex: every run of ASCII punctuation but
+    # "'" before or after a run of letters is a word of its own
+    from clipforge.tokenizer import _EDGE_PUNCTUATION
+
+    rng = random.Random(0)
+    letters = [chr(code) for code in range(0x110000) if chr(code).isalpha()]
+    for _ in range(20_000):
+        before = "".join(rng.choices(_EDGE_PUNCTUATION, k=rng.choice([0, 1, 1, 3])))
+        after = "".join(rng.choices(_EDGE_PUNCTUATION, k=rng.choice([0, 1, 1, 2])))
+        word = "".join(rng.choices(letters, k=rng.choice([1, 2, 7])))
+        piece = before + word + after
+        if "<|" not in piece:
+            assert REF_PATTERN.findall(piece) == [w for w in (before, word, after) if w], ascii(piece)
+
+
+def test_pieces_near_contractions_and_special_tokens_match_reference():
+    tokenizer = Tokenizer()  # fresh caches
+    texts = ["(pavão), «g». ...abc... -x- $€x ~ñ~ x|y ||ab ab<| <b>bold</b>",
+             "<|endoftext|>. (<|startoftext|> .<|endoftext|>x 's. .'s a.'s (it's) 'quoted' ('x')",
+             "cimetière. павук, 思想的气球。 ऑक्टोबर| ok? (hi) [a] {b} @c #d %e ^f &g *h +i =j"]
+    assert tokenizer.encode_batch(texts * 100) == [reference_encode(text) for text in texts] * 100
 
 
 def test_word_cache_stays_bounded_and_ids_stay_exact():

@@ -19,8 +19,8 @@ as a whole, so each new space-free piece of text, and each new word, is split an
 however often it occurs (ASCII pieces split by the stdlib's ``re``, twice as fast as ``regex``),
 and the cached ids of known pieces, kept as 16-bit bytes, are joined by ``bytes.join``; BPE
 runs on integer ids, is skipped for words that are one vocabulary entry, and runs on many new
-words at once in numpy (:mod:`clipforge._bpe_batch`); the padded batch is filled in one numpy
-assignment.
+words at once in numpy (:mod:`clipforge._bpe_batch`); the padded rows are one ``bytes.join``
+widened to int64 by numpy.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import functools
 import gzip
 import hashlib
 import re
-from array import array
+import string
 from collections.abc import Sequence
 from itertools import chain
 from pathlib import Path
@@ -54,14 +54,15 @@ _SPLIT_PATTERN = regex.compile("\n|" + WORD_PATTERN.pattern, regex.IGNORECASE)
 _SPLIT_PATTERN_ASCII = re.compile(r"\n|<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"
                                   r"[a-z]+|[0-9]|[^\sa-z0-9]+", re.IGNORECASE | re.ASCII)
 _SPECIAL_TOKENS = frozenset((SOT_TOKEN, EOT_TOKEN))
-SMALL_BATCH = 16  # batches up to this many texts are padded row by row (measured crossover)
+# ASCII punctuation but "'": the regex makes a run of it beside letters one word of its own
+_EDGE_PUNCTUATION = "".join(char for char in string.punctuation if char != "'")
 _PIECE_SEPARATOR = b"\xff\xff"  # 0xFFFF as a 16-bit id: not an id, and no id's bytes hold it
 
 
 @functools.lru_cache(maxsize=8)
-def _zeros(length: int) -> array:
-    """``length`` int64 zeros (padding to copy from; never modified)."""
-    return array("q", bytes(8 * length))
+def _zero_bytes(size: int) -> bytes:
+    """``size`` zero bytes: the padding that rows are cut from."""
+    return bytes(size)
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -110,6 +111,7 @@ class Tokenizer:
         self.vocab_size = len(vocab)  # 49,408
         self.sot_token_id = self.encoder[SOT_TOKEN]  # 49406
         self.eot_token_id = self.encoder[EOT_TOKEN]  # 49407
+        self._sot_bytes, self._eot_bytes = id_bytes([self.sot_token_id]), id_bytes([self.eot_token_id])
         # BPE runs on ids. Merge k creates id 512 + k, so the best-ranked pair is the one whose
         # merged id is smallest: (left_id << 16 | right_id) -> merged id says both at once.
         self._byte_ids = bytes(self.encoder[self.byte_encoder[byte]] for byte in range(256))
@@ -166,21 +168,36 @@ class Tokenizer:
         """
         cache = self._cache
         # A piece of letters is one word (str.isalpha is the regex's \p{L}: Unicode categories
-        # L*). The others are split by one regex call over all of them, joined by newlines that
-        # the pattern returns as separators (every piece has a word, and no word a newline).
+        # L*). So are letters between ASCII punctuation ("(pavão),"): the regex makes the
+        # punctuation before, the letters and the punctuation after three words (no "'", which
+        # may start a contraction, and no "<|", which may start a special token).
         split = [piece for piece in pieces if not piece.isalpha()]
-        ascii_split = [piece for piece in split if piece.isascii()]
-        other_split = [piece for piece in split if not piece.isascii()]
+        edged, rest = [], []
+        for piece in split:
+            inner = piece.lstrip(_EDGE_PUNCTUATION)
+            letters = inner.rstrip(_EDGE_PUNCTUATION)
+            if letters.isalpha() and "<|" not in piece:
+                edged.append((piece, piece[:len(piece) - len(inner)], letters, inner[len(letters):]))
+            else:
+                rest.append(piece)
+        # The others are split by one regex call over all of them, joined by newlines that the
+        # pattern returns as separators (every piece has a word, and no word a newline).
+        ascii_split = [piece for piece in rest if piece.isascii()]
+        other_split = [piece for piece in rest if not piece.isascii()]
         found_ascii = _SPLIT_PATTERN_ASCII.findall("\n".join(ascii_split)) if ascii_split else []
         found_other = _SPLIT_PATTERN.findall("\n".join(other_split)) if other_split else []
         new_words = pieces.difference(split)  # the one-word pieces
         new_words.update(found_ascii, found_other)
-        new_words.discard("\n")
+        for _, before, letters, after in edged:
+            new_words.update((before, letters, after))
+        new_words.difference_update(("\n", ""))
         self._add_words(new_words.difference(cache))
+        get = cache.__getitem__
+        cache[""] = b""  # no punctuation on that side
+        cache.update((piece, get(before) + get(letters) + get(after)) for piece, before, letters, after in edged)
         # Each split piece's ids: its words' ids joined, all pieces at once, the newlines
         # becoming a separator that no id makes (ids are < 0xC100, so 0xFF is never a high byte)
         cache["\n"] = _PIECE_SEPARATOR
-        get = cache.__getitem__
         for some_pieces, found in ((ascii_split, found_ascii), (other_split, found_other)):
             if some_pieces:
                 cache.update(zip(some_pieces, b"".join(map(get, found)).split(_PIECE_SEPARATOR)))
@@ -253,37 +270,22 @@ class Tokenizer:
             index, text = next((i, t) for i, t in enumerate(texts) if not isinstance(t, str))
             raise TypeError(f"texts[{index}] must be a str, got {type(text).__name__}")
         text_ids = self._text_ids(texts)
-        lengths = [len(ids) // 2 for ids in text_ids]
-        if lengths and max(lengths) + 2 > context_length:
-            index = next(i for i, length in enumerate(lengths) if length + 2 > context_length)
+        room = 2 * (context_length - 2)  # bytes of ids that fit between start and end
+        if text_ids and max(map(len, text_ids)) > room:
+            index = next(i for i, ids in enumerate(text_ids) if len(ids) > room)
             if not truncate:
                 text = texts[index]
                 prefix = text if len(text) <= 40 else text[:40] + "..."
                 raise ValueError(
-                    f"texts[{index}] ({prefix!r}) has {lengths[index] + 2} tokens with start and "
-                    f"end, more than context_length={context_length}; shorten it or pass "
-                    "truncate=True")
-            keep = context_length - 2  # sot + the first (L - 2) ids + eot: OpenAI's cut
-            text_ids = [ids[:2 * keep] for ids in text_ids]
-            lengths = [min(length, keep) for length in lengths]
-        if len(texts) <= SMALL_BATCH:  # a row at a time: numpy's fixed costs dominate here
-            rows, zeros = array("q"), _zeros(context_length)
-            for ids, length in zip(text_ids, lengths):
-                rows.append(self.sot_token_id)
-                rows.extend(memoryview(ids).cast("H"))
-                rows.append(self.eot_token_id)
-                rows.extend(zeros[:context_length - length - 2])
-            tokens = np.frombuffer(rows, dtype=np.int64) if rows else np.zeros(0, np.int64)
-            return torch.from_numpy(tokens.reshape(len(texts), context_length))
-        # All ids in one buffer (a bytes.join), placed by one masked assignment.
-        flat = np.frombuffer(b"".join(text_ids), dtype=np.uint16)  # (total ids,)
-        lengths = np.array(lengths, dtype=np.int64)  # (N,)
-        columns = np.arange(context_length)
-        tokens = np.zeros((len(lengths), context_length), dtype=np.int64)  # (N, L)
-        tokens[:, 0] = self.sot_token_id
-        tokens[(columns > 0) & (columns <= lengths[:, None])] = flat  # row-major: texts in order
-        tokens[np.arange(len(lengths)), lengths + 1] = self.eot_token_id
-        return torch.from_numpy(tokens)
+                    f"texts[{index}] ({prefix!r}) has {len(text_ids[index]) // 2 + 2} tokens with "
+                    f"start and end, more than context_length={context_length}; shorten it or "
+                    "pass truncate=True")
+            text_ids = [ids[:room] for ids in text_ids]  # sot + the first L - 2 ids + eot: OpenAI's cut
+        # Each row as 16-bit bytes, all rows one bytes.join, widened to int64 by numpy at once.
+        sot, eot, zeros = self._sot_bytes, self._eot_bytes, _zero_bytes(room)
+        rows = b"".join([sot + ids + eot + zeros[len(ids):] for ids in text_ids])
+        tokens = np.ndarray((len(text_ids), context_length), np.uint16, rows)  # (N, L)
+        return torch.from_numpy(tokens.astype(np.int64))
 
 
 @functools.lru_cache(maxsize=1)
