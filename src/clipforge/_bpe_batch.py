@@ -92,34 +92,35 @@ class BatchMerger:
         self.byte_pairs = np.full(512 * 512, no_merge, dtype=np.int64)
         self.byte_pairs[left[of_bytes] << 9 | right[of_bytes]] = values[of_bytes]
         # Open-addressing hash table (linear probing, load ~0.2): one or two probes per lookup,
-        # where a binary search of the 48,894 keys costs sixteen scattered reads.
-        self.table_keys = np.full(HASH_SLOTS, EMPTY, dtype=np.int64)
-        self.table_values = np.full(HASH_SLOTS, no_merge, dtype=np.int64)
+        # where a binary search of the 48,894 keys costs sixteen scattered reads. Each slot
+        # holds key << 16 | merged id, so one read gives both.
+        self.table = np.full(HASH_SLOTS, EMPTY, dtype=np.int64)
+        entries = keys << 16 | values
         slots = _hash(keys)
         while len(keys):
-            free = self.table_keys[slots] == EMPTY
+            free = self.table[slots] == EMPTY
             # of the keys that want the same free slot, the first takes it; the rest probe on
             _, first = np.unique(np.where(free, slots, -1), return_index=True)
             first = first[free[first]]
-            self.table_keys[slots[first]] = keys[first]
-            self.table_values[slots[first]] = values[first]
+            self.table[slots[first]] = entries[first]
             rest = np.ones(len(keys), dtype=bool)
             rest[first] = False
-            keys, values, slots = keys[rest], values[rest], (slots[rest] + 1) & (HASH_SLOTS - 1)
+            keys, entries, slots = keys[rest], entries[rest], (slots[rest] + 1) & (HASH_SLOTS - 1)
 
     def _merged(self, left: np.ndarray, right: np.ndarray) -> np.ndarray:
         """Merged id of each pair ``(left[i], right[i])``, or ``no_merge`` where none."""
         key = left << 16 | right
         slots = _hash(key)
-        stored = self.table_keys[slots]
-        merged = np.where(stored == key, self.table_values[slots], self.no_merge)
-        probing = np.flatnonzero((stored != key) & (stored != EMPTY))  # neither found nor absent
+        stored = self.table[slots]
+        found = stored >> 16 == key
+        merged = np.where(found, stored & 0xFFFF, self.no_merge)
+        probing = np.flatnonzero(~found & (stored != EMPTY))  # neither found nor absent
         slots, key = slots[probing], key[probing]
         while len(probing):  # linear probing, on the few keys that need it
             slots = (slots + 1) & (HASH_SLOTS - 1)
-            stored = self.table_keys[slots]
-            found = stored == key
-            merged[probing[found]] = self.table_values[slots[found]]
+            stored = self.table[slots]
+            found = stored >> 16 == key
+            merged[probing[found]] = stored[found] & 0xFFFF
             more = ~found & (stored != EMPTY)
             probing, slots, key = probing[more], slots[more], key[more]
         return merged
@@ -133,18 +134,19 @@ class BatchMerger:
         ids = self.byte_ids[np.frombuffer(b"".join(words), dtype=np.uint8)]  # (E,) all words
         ends = np.cumsum(lengths)  # (W,) one past each word's last id
         ids[ends - 1] += 256  # the last byte ends the word
-        ranks = np.full(len(ids), self.no_merge, dtype=np.int64)  # (E,) pair p is p, p + 1
-        ranks[:-1] = self.byte_pairs[ids[:-1] << 9 | ids[1:]]
-        ranks[ends - 1] = self.no_merge  # no pair across a word's end
+        # ranks[p]: the rank of pair (p, p + 1) in the high bits, shifted once so that one OR
+        # with each position makes the key of a word's leftmost best pair
+        ranks = np.full(len(ids), self.no_merge << POSITION_BITS, dtype=np.int64)  # (E,)
+        ranks[:-1] = self.byte_pairs[ids[:-1] << 9 | ids[1:]] << POSITION_BITS
+        ranks[ends - 1] = self.no_merge << POSITION_BITS  # no pair across a word's end
         rows = np.arange(len(words))  # which word each segment holds
         finished_rows, finished_ids = [], []  # per round: the words done, their ids + separators
         while True:
             starts = ends - lengths  # (W,)
-            # each word's best rank and the leftmost position holding it, in one reduction:
-            # the rank in the high bits, the position within the word in the low ones
-            local = np.arange(len(ids)) - np.repeat(starts, lengths)  # (E,)
-            least = np.minimum.reduceat(ranks << POSITION_BITS | local, starts)  # (W,)
-            best, at = least >> POSITION_BITS, least & (1 << POSITION_BITS) - 1
+            # each word's best rank and the leftmost position holding it, in one reduction
+            least = np.minimum.reduceat(ranks | np.arange(len(ids)), starts)  # (W,)
+            best = least >> POSITION_BITS
+            at = (least & (1 << POSITION_BITS) - 1) - starts  # position within the word
             done = best == self.no_merge
             if done.any():  # finished words leave the arrays
                 kept = np.repeat(~done, lengths)  # (E,)
@@ -172,10 +174,10 @@ class BatchMerger:
             left = np.where(has_left, at - 1, at)
             right = np.where(has_right, at + 1, at)
             new = self._merged(np.concatenate([ids[left], best]),
-                               np.concatenate([best, ids[right]]))
+                               np.concatenate([best, ids[right]])) << POSITION_BITS
             count = len(rows)
             ranks[left] = np.where(has_left, new[:count], ranks[left])
-            ranks[at] = np.where(has_right, new[count:], self.no_merge)
+            ranks[at] = np.where(has_right, new[count:], self.no_merge << POSITION_BITS)
 
     def _collect(self, count: int, finished_rows: list, finished_ids: list, rows: np.ndarray,
                  ids: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> list[bytes]:
