@@ -24,7 +24,7 @@ EMPTY = -1  # no key: keys are >= 0
 # 0xFFFF as a 16-bit id: no id (all < 0xC100) holds the byte 0xFF in its high half, so the two
 # bytes never occur in a run of ids and mark where one word's ids end
 SEPARATOR_ID = 0xFFFF
-_SEPARATOR = b"\xff\xff"
+SEPARATOR = b"\xff\xff"  # SEPARATOR_ID as id_bytes gives it
 
 
 def id_bytes(ids: list[int]) -> bytes:
@@ -184,7 +184,7 @@ class BatchMerger:
         """Every word's ids in input order: the finished ones cut from one buffer by one
         ``bytes.split``, the few left (``rows``) finished by the one-word loop."""
         order = np.concatenate(finished_rows) if finished_rows else np.zeros(0, np.int64)
-        parts = b"".join(part.tobytes() for part in finished_ids).split(_SEPARATOR)[:-1]
+        parts = b"".join(part.tobytes() for part in finished_ids).split(SEPARATOR)[:-1]
         for start, end in zip(starts.tolist(), ends.tolist()):
             parts.append(id_bytes(merge_ids(ids[start:end].tolist(), self.merges, self.no_merge)))
         order = np.concatenate([order, rows])  # (W,) the word of each part

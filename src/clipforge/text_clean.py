@@ -110,13 +110,16 @@ def _fix_width_and_quotes(text: str) -> str | None:
     return fixed if ftfy_is_identity(fixed) else None
 
 
+def _fix_changed_text(text: str) -> str:
+    """``ftfy.fix_text(text)`` for text that ``ftfy_is_identity`` has turned down."""
+    fixed = _fix_width_and_quotes(text)
+    return ftfy.fix_text(text) if fixed is None else fixed
+
+
 def fix_text(text: str) -> str:
     """``ftfy.fix_text(text)`` with its default settings, without running ftfy where the result
     is certain (see the module docstring)."""
-    if ftfy_is_identity(text):
-        return text
-    fixed = _fix_width_and_quotes(text)
-    return ftfy.fix_text(text) if fixed is None else fixed
+    return text if ftfy_is_identity(text) else _fix_changed_text(text)
 
 
 def needs_ftfy(text: str) -> bool:
@@ -132,10 +135,16 @@ def needs_ftfy(text: str) -> bool:
 def clean_pieces(text: str) -> list[str]:
     """The cleaned text's space-separated pieces (see :func:`clean_text`)."""
     if needs_ftfy(text) and not ftfy_is_identity(text):  # else ftfy and html change nothing
-        text = fix_text(text)
-        if "&" in text:  # html.unescape changes nothing in text without '&'
-            text = html.unescape(html.unescape(text))
+        return fixed_pieces(text)
     # lower() neither makes nor changes whitespace, so lower-then-split is split-then-lower.
+    return text.lower().split()
+
+
+def fixed_pieces(text: str) -> list[str]:
+    """:func:`clean_pieces` of text that ``ftfy_is_identity`` has turned down (ftfy may act)."""
+    text = _fix_changed_text(text)
+    if "&" in text:  # html.unescape changes nothing in text without '&'
+        text = html.unescape(html.unescape(text))
     return text.lower().split()
 
 

@@ -37,8 +37,8 @@ import numpy as np
 import regex
 import torch
 
-from clipforge._bpe_batch import BatchMerger, id_bytes
-from clipforge.text_clean import clean_pieces, clean_text, ftfy_is_identity  # noqa: F401
+from clipforge._bpe_batch import SEPARATOR, BatchMerger, id_bytes
+from clipforge.text_clean import clean_pieces, clean_text, fixed_pieces, ftfy_is_identity, needs_ftfy  # noqa: F401
 
 VOCAB_PATH = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
 OPENAI_VOCAB_SHA256 = "67603cfda2e032ad77b5f8808af37789d590db664b26df8705d2bf8b3c553fc8"
@@ -56,7 +56,6 @@ _SPLIT_PATTERN_ASCII = re.compile(r"\n|<\|startoftext\|>|<\|endoftext\|>|'s|'t|'
 _SPECIAL_TOKENS = frozenset((SOT_TOKEN, EOT_TOKEN))
 # ASCII punctuation but "'": the regex makes a run of it beside letters one word of its own
 _EDGE_PUNCTUATION = "".join(char for char in string.punctuation if char != "'")
-_PIECE_SEPARATOR = b"\xff\xff"  # 0xFFFF as a 16-bit id: not an id, and no id's bytes hold it
 
 
 @functools.lru_cache(maxsize=8)
@@ -173,20 +172,19 @@ class Tokenizer:
         # (no "'", which may start a contraction, and no "<|", which may start a special token).
         # ASCII pieces are split faster by the stdlib's re.
         split = [piece for piece in pieces if not piece.isalpha()]
-        edged, rest = [], [piece for piece in split if piece.isascii()]
+        ascii_split, other_split, edged = [], [], []
         for piece in split:
             if piece.isascii():
+                ascii_split.append(piece)
                 continue
             inner = piece.lstrip(_EDGE_PUNCTUATION)
             letters = inner.rstrip(_EDGE_PUNCTUATION)
             if letters.isalpha() and "<|" not in piece:
                 edged.append((piece, piece[:len(piece) - len(inner)], letters, inner[len(letters):]))
             else:
-                rest.append(piece)
+                other_split.append(piece)
         # The others are split by one regex call over all of them, joined by newlines that the
         # pattern returns as separators (every piece has a word, and no word a newline).
-        ascii_split = [piece for piece in rest if piece.isascii()]
-        other_split = [piece for piece in rest if not piece.isascii()]
         found_ascii = _SPLIT_PATTERN_ASCII.findall("\n".join(ascii_split)) if ascii_split else []
         found_other = _SPLIT_PATTERN.findall("\n".join(other_split)) if other_split else []
         new_words = pieces.difference(split)  # the one-word pieces
@@ -200,19 +198,21 @@ class Tokenizer:
         cache.update((piece, get(before) + get(letters) + get(after)) for piece, before, letters, after in edged)
         # Each split piece's ids: its words' ids joined, all pieces at once, the newlines
         # becoming a separator that no id makes (ids are < 0xC100, so 0xFF is never a high byte)
-        cache["\n"] = _PIECE_SEPARATOR
+        cache["\n"] = SEPARATOR
         for some_pieces, found in ((ascii_split, found_ascii), (other_split, found_other)):
             if some_pieces:
-                cache.update(zip(some_pieces, b"".join(map(get, found)).split(_PIECE_SEPARATOR)))
+                cache.update(zip(some_pieces, b"".join(map(get, found)).split(SEPARATOR)))
 
     def _text_ids(self, texts: Sequence[str]) -> list[bytes]:
         """Each text's ids as 16-bit bytes (:func:`~clipforge._bpe_batch.id_bytes`). New pieces
         and words are split and merged once per batch, however often they occur."""
         # Text that ftfy and html.unescape leave as it is only needs lower() and split(): printable
-        # ASCII without '&' (checked inline: a call per text costs as much as the cleaning), or
-        # what ftfy_is_identity accepts (it excludes '&').
+        # ASCII without '&' (checked inline: a call per text costs as much as the cleaning), what
+        # ftfy_is_identity accepts (it excludes '&'), or ASCII whose '&'s start no entity. The
+        # rest goes to fixed_pieces, which does not repeat these checks.
         pieces = [text.lower().split() if text.isascii() and text.isprintable() and "&" not in text
-                  or ftfy_is_identity(text) else clean_pieces(text) for text in texts]
+                  or ftfy_is_identity(text) or not needs_ftfy(text) else fixed_pieces(text)
+                  for text in texts]
         cache = self._cache
         get = cache.__getitem__
         try:
