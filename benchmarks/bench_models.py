@@ -143,6 +143,8 @@ def main() -> None:
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--weights-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is available to torch here; use --device cpu")
     if args.case:
         result = run_case(args.case, args.model, Path(args.weights_dir), args.batch, args.text_batch,
                           args.repeats, args.threads, args.device, args.precision)

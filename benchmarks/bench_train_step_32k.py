@@ -102,6 +102,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="autocast of the encoders")
     args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is available to torch here; use --device cpu")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     autocast_dtype = torch.bfloat16 if args.precision == "bf16" else None
