@@ -80,11 +80,11 @@ def test_missing_images_stop_with_one_message_or_are_dropped_on_request(images):
 def test_bad_caption_listings_name_the_file_and_problem(images):
     headerless = images / "bad.csv"
     headerless.write_text("image,url\nimages/r.jpg,http://x\n")
-    with pytest.raises(ValueError, match="needs an image column .* and a caption column"):
+    with pytest.raises(ValueError, match="bad.csv: no caption column: looked for .caption."):
         load_retrieval_data(headerless)
     broken = images / "bad.jsonl"
     broken.write_text('{"image": "images/r.jpg", "caption": "ok"}\n{not json\n')
-    with pytest.raises(ValueError, match="bad.jsonl:2: not JSON"):
+    with pytest.raises(ValueError, match="bad.jsonl:2: not valid JSON"):
         load_retrieval_data(broken)
     with pytest.raises(ValueError, match="unrecognised JSON"):
         (images / "odd.json").write_text('{"hello": 1}')

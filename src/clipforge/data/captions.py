@@ -6,9 +6,10 @@ or absolute) and its caption::
     image,caption                      {"image": "a.jpg", "caption": "a dog"}
     a.jpg,a dog on the grass           {"image": "b.jpg", "caption": ["a cat", "a kitten asleep"]}
 
-Columns are found by name: the image column is the first of ``image``, ``filepath``,
-``file_name``, ``path`` present and the caption column the first of ``caption``, ``title``,
-``text``, unless ``image_key`` / ``caption_key`` say otherwise. TSV files are read without quoting
+:func:`read_listing` is the one reader of such listings, for training, evaluation and embedding.
+Columns are found by name (:data:`IMAGE_KEYS`, :data:`CAPTION_KEYS`, any case) unless
+``image_key`` / ``caption_key`` say otherwise; a CSV/TSV whose first cell is an image file name
+has no header. Files may start with a UTF-8 byte-order mark. TSV files are read without quoting
 (tabs separate fields, quotes are text). A JSONL caption may be a list: the image is still one
 sample per epoch, with one of its captions drawn per epoch from (seed, epoch) - so an image never
 meets itself as a negative in a batch, and over epochs every caption is used.
@@ -21,15 +22,30 @@ from __future__ import annotations
 import csv
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .samples import RawSample
 
-IMAGE_KEYS = ("image", "filepath", "file_name", "path")
-CAPTION_KEYS = ("caption", "title", "text")
+IMAGE_KEYS = ("image", "filepath", "file_path", "image_path", "path", "filename", "file_name", "file", "img")
+CAPTION_KEYS = ("caption", "title", "text", "sentence", "raw")
 CAPTION_FILE_SUFFIXES = (".csv", ".tsv", ".jsonl")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+class ListingError(ValueError):
+    """A caption listing that cannot be read: the message names the file (and line) and what was expected."""
+
+
+@dataclass
+class Listing:
+    """The rows of a caption listing: ``images[i]`` (as written in the file) has ``captions[i]``."""
+
+    images: list[str]
+    captions: list[list[str]]  # one or more captions per row; a JSONL list gives several
+    source: str
 
 
 class PackedStrings:
@@ -49,60 +65,106 @@ class PackedStrings:
         return self.buffer[start:stop].tobytes().decode("utf-8")
 
 
+def is_image_name(name: str | os.PathLike) -> bool:
+    """Whether a file name has one of the image extensions clipforge reads (contents are checked on decode)."""
+    return str(name).lower().endswith(IMAGE_EXTENSIONS)
+
+
 def _pick_column(path: Path, columns: list[str], wanted: str | None, candidates: tuple[str, ...], what: str) -> str:
-    """The column to read ``what`` from: ``wanted`` if given, else the first candidate present."""
-    names = [wanted] if wanted else list(candidates)
-    for name in names:
-        if name in columns:
-            return name
-    option = "image_key" if what == "image" else "caption_key"
-    raise ValueError(
-        f"{path}: no {what} column: looked for {', '.join(map(repr, names))}, found {', '.join(map(repr, columns))}; "
-        f"pass {option}= to name it"
-    )
+    """The column to read ``what`` from: ``wanted`` if given, else the first candidate present (any case)."""
+    by_lower = {column.lower(): column for column in reversed(columns)}
+    for name in [wanted] if wanted else candidates:
+        column = name if name in columns else by_lower.get(name.lower())
+        if column is not None:
+            return column
+    looked = repr(wanted) if wanted else ", ".join(map(repr, candidates))
+    raise ListingError(f"{path}: no {what} column: looked for {looked}, found {', '.join(map(repr, columns))}; "
+                       f"name it with data.{what}_key (clipforge train --set data.{what}_key=NAME)")
 
 
-def _read_delimited(path: Path, image_key: str | None, caption_key: str | None) -> tuple[list[str], list]:
-    """(image paths, captions) from a CSV or TSV file with a header row."""
+def _as_captions(value) -> list[str]:
+    """A cell or JSON value as a list of captions: a list stays a list, None is no caption."""
+    if isinstance(value, list):
+        return [str(item) for item in value if item is not None]
+    return [] if value is None else [str(value)]
+
+
+def _open_text(path: Path):
+    """The file as text: UTF-8 with or without a byte-order mark."""
+    return open(path, newline="", encoding="utf-8-sig")
+
+
+def _read_delimited(path: Path, image_key: str | None, caption_key: str | None) -> Listing:
+    """A CSV or TSV file: a header row naming the columns, or (image, caption) rows without one.
+
+    A first row is taken as data only when its first cell is an image file name; otherwise it must
+    name the columns. TSV is read without quoting (tabs separate fields, quotes are text).
+    """
     tsv = path.suffix.lower() == ".tsv"
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        if tsv:
-            reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        else:
-            reader = csv.DictReader(f)
-        if not reader.fieldnames:
-            raise ValueError(f"{path}: empty file, expected a header row naming the image and caption columns")
-        columns = [c.strip() for c in reader.fieldnames]
-        reader.fieldnames = columns
-        image_column = _pick_column(path, columns, image_key, IMAGE_KEYS, "image")
-        caption_column = _pick_column(path, columns, caption_key, CAPTION_KEYS, "caption")
-        images, captions = [], []
-        for row in reader:
-            images.append((row.get(image_column) or "").strip())
-            captions.append(row.get(caption_column) or "")
-    return images, captions
-
-
-def _read_jsonl(path: Path, image_key: str | None, caption_key: str | None) -> tuple[list[str], list]:
-    """(image paths, captions) from a JSON-lines file; a caption may be a list of strings."""
+    with _open_text(path) as file:
+        reader = csv.reader(file, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.reader(file)
+        rows = [(number, row) for number, row in enumerate(reader, 1) if any(cell.strip() for cell in row)]
+    if not rows:
+        raise ListingError(f"{path}: empty file, expected a header row naming the image and caption columns")
+    first = [cell.strip() for cell in rows[0][1]]
+    if not image_key and not caption_key and first and is_image_name(first[0]):
+        image_column, caption_column, data = 0, 1, rows  # no header: (image, caption) rows
+    else:
+        image_column = first.index(_pick_column(path, first, image_key, IMAGE_KEYS, "image"))
+        caption_column = first.index(_pick_column(path, first, caption_key, CAPTION_KEYS, "caption"))
+        data = rows[1:]
     images, captions = [], []
-    image_column = caption_column = None
-    with open(path, encoding="utf-8-sig") as f:
-        for line_number, line in enumerate(f, start=1):
+    for number, row in data:
+        if len(row) <= image_column:
+            raise ListingError(f"{path}:{number}: expected an image path in column {image_column + 1}, got {row}")
+        images.append(row[image_column].strip())
+        captions.append(_as_captions(row[caption_column] if len(row) > caption_column else None))
+    return Listing(images, captions, str(path))
+
+
+def _read_jsonl(path: Path, image_key: str | None, caption_key: str | None) -> Listing:
+    """A JSON-lines file of objects; a caption may be a list of strings (or a ``captions`` list)."""
+    images, captions = [], []
+    with _open_text(path) as file:
+        for number, line in enumerate(file, start=1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({err})") from None
+                raise ListingError(f"{path}:{number}: not valid JSON ({err.msg})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{line_number}: expected a JSON object per line, got {type(row).__name__}")
-            if image_column is None:  # columns are named by the first row
-                image_column = _pick_column(path, list(row), image_key, IMAGE_KEYS, "image")
+                raise ListingError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
+            image_column = _pick_column(path, list(row), image_key, IMAGE_KEYS, "image")
+            if caption_key is None and "captions" in row:
+                caption_column = "captions"
+            else:
                 caption_column = _pick_column(path, list(row), caption_key, CAPTION_KEYS, "caption")
             images.append(str(row.get(image_column) or "").strip())
-            captions.append(row.get(caption_column))
-    return images, captions
+            captions.append(_as_captions(row.get(caption_column)))
+    return Listing(images, captions, str(path))
+
+
+def read_listing(path: str | os.PathLike, image_key: str | None = None, caption_key: str | None = None) -> Listing:
+    """The rows of a CSV, TSV or JSONL image-caption listing, for training, evaluation and embedding alike.
+
+    Columns are found by name (case-insensitive; the first of :data:`IMAGE_KEYS` and of
+    :data:`CAPTION_KEYS` present) unless ``image_key`` / ``caption_key`` name them. Raises
+    ``FileNotFoundError`` for a missing file and :class:`ListingError` (a ``ValueError``) for an
+    unknown suffix, a file that is not UTF-8, missing columns or a malformed row, naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder, expected a caption file" if path.is_dir() else "no such file"
+        raise FileNotFoundError(f"{path}: {what} (.csv, .tsv or .jsonl of image, caption rows)")
+    suffix = path.suffix.lower()
+    if suffix not in CAPTION_FILE_SUFFIXES:
+        raise ListingError(f"{path}: unknown caption file type {suffix!r}, expected .csv, .tsv or .jsonl")
+    read = _read_jsonl if suffix == ".jsonl" else _read_delimited
+    try:
+        return read(path, image_key, caption_key)
+    except UnicodeDecodeError as err:
+        raise ListingError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
 
 
 class CaptionDataset:
@@ -121,21 +183,17 @@ class CaptionDataset:
         self.caption_file = Path(caption_file)
         if not self.caption_file.is_file():
             raise FileNotFoundError(f"caption file not found: {self.caption_file}")
-        suffix = self.caption_file.suffix.lower()
-        if suffix not in CAPTION_FILE_SUFFIXES:
-            raise ValueError(f"{self.caption_file}: unknown caption file type {suffix!r}, expected .csv, .tsv or .jsonl")
         self.image_root = Path(image_root) if image_root is not None else self.caption_file.parent
         if not self.image_root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.image_root}")
-        read = _read_jsonl if suffix == ".jsonl" else _read_delimited
-        images, captions = read(self.caption_file, image_key, caption_key)
-        if not images:
+        listing = read_listing(self.caption_file, image_key, caption_key)
+        if not listing.images:
             raise ValueError(f"{self.caption_file}: no rows, expected one (image, caption) row per sample")
-        self._check_images_exist(images[:5])
-        self.images = PackedStrings(images)
-        # A list caption is stored as its JSON text and flagged, so one string buffer holds both kinds.
-        self.multi = np.array([isinstance(c, list) for c in captions], dtype=bool)
-        self.captions = PackedStrings([json.dumps(c) if isinstance(c, list) else str(c or "") for c in captions])
+        self._check_images_exist(listing.images[:5])
+        self.images = PackedStrings(listing.images)
+        # Several captions are stored as their JSON text and flagged, so one string buffer holds both kinds.
+        self.multi = np.array([len(c) > 1 for c in listing.captions], dtype=bool)
+        self.captions = PackedStrings([json.dumps(c) if len(c) > 1 else (c[0] if c else "") for c in listing.captions])
 
     def _check_images_exist(self, first_images: list[str]) -> None:
         """Fail early when image_root is wrong: at least one of the first rows must exist."""

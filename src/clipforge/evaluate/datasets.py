@@ -17,9 +17,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-IMAGE_KEYS = ("image", "filepath", "file_path", "image_path", "path", "filename", "file_name", "file", "img")
-CAPTION_KEYS = ("caption", "text", "title", "sentence", "raw")
+from ..data.captions import CAPTION_FILE_SUFFIXES, CAPTION_KEYS, IMAGE_KEYS, is_image_name, read_listing
+
 LABEL_KEYS = ("label", "class", "classname", "class_name", "category", "target")
 
 
@@ -46,7 +45,7 @@ class RetrievalData:
 
 def is_image_file(path: str | os.PathLike) -> bool:
     """Whether the file name has an image extension (contents are checked when decoded)."""
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+    return is_image_name(path)
 
 
 def load_image_folder(root: str | os.PathLike) -> ClassificationData:
@@ -90,7 +89,7 @@ def _read_table(path: Path, value_keys: tuple[str, ...]) -> tuple[list[str] | No
     The first row is a header when it names an image column or a ``value_keys`` column.
     """
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with open(path, newline="", encoding="utf-8") as file:
+    with open(path, newline="", encoding="utf-8-sig") as file:
         rows = [(n, row) for n, row in enumerate(csv.reader(file, delimiter=delimiter), 1) if any(row)]
     if not rows:
         raise ValueError(f"{path}: empty file")
@@ -162,7 +161,8 @@ def _pairs_from_records(records: list[dict], path: Path) -> list[tuple[str, str]
             if caption_key is None:
                 raise ValueError(f"{path}: record {number} has no caption field "
                                  f"({', '.join(CAPTION_KEYS)} or captions)")
-            captions = [record[caption_key]]
+            value = record[caption_key]
+            captions = value if isinstance(value, list) else [value]
         pairs += [(str(record[image_key]), str(caption)) for caption in captions]
     return pairs
 
@@ -190,28 +190,14 @@ def _pairs_from_json(data, path: Path, split: str | None) -> list[tuple[str, str
 
 def _read_caption_pairs(path: Path, split: str | None) -> list[tuple[str, str]]:
     suffix = path.suffix.lower()
-    if suffix in (".csv", ".tsv"):
-        header, rows = _read_table(path, CAPTION_KEYS)
-        image_col, caption_col = (0, 1) if header is None else (_pick(header, IMAGE_KEYS), _pick(header, CAPTION_KEYS))
-        if image_col is None or caption_col is None:
-            raise ValueError(f"{path}: header {header} needs an image column ({', '.join(IMAGE_KEYS)}) "
-                             f"and a caption column ({', '.join(CAPTION_KEYS)})")
+    if suffix in CAPTION_FILE_SUFFIXES:  # the one listing reader, shared with training and embedding
+        listing = read_listing(path)
         pairs = []
-        for line, row in rows:
-            if len(row) <= max(image_col, caption_col) or not row[image_col].strip():
-                raise ValueError(f"{path}:{line}: expected an image path and a caption, got {row}")
-            pairs.append((row[image_col].strip(), row[caption_col]))
+        for image, captions in zip(listing.images, listing.captions):
+            if not image:
+                raise ValueError(f"{path}: a row has captions {captions} but no image path")
+            pairs += [(image, caption) for caption in captions]
         return pairs
-    if suffix == ".jsonl":
-        records = []
-        with open(path, encoding="utf-8") as file:
-            for line_number, line in enumerate(file, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as error:
-                        raise ValueError(f"{path}:{line_number}: not JSON ({error.msg})") from None
-        return _pairs_from_records(records, path)
     if suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
