@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from clipforge.tokenizer import VOCAB_PATH, NUM_MERGES, Tokenizer
+from clipforge.tokenizer.bpe import VOCAB_PATH, NUM_MERGES, Tokenizer
 
 CASES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tokenizer" / "cases.jsonl.gz"
 SETS = {"english": {"tuxpaint-en", "debian", "docstring"},

@@ -21,7 +21,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def cache_dir() -> Path:
     """The demo's source cache (apt/npm packages); skips, naming the install command, when missing."""
-    from clipforge.data.demo_sources import default_cache_dir, install_commands, missing_packages
+    from clipforge.demo.sources import default_cache_dir, install_commands, missing_packages
 
     cache = default_cache_dir()
     missing = missing_packages(cache)

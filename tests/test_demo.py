@@ -14,12 +14,14 @@ import pytest
 import torch
 
 import clipforge
-import clipforge.demo as demo
+import clipforge.demo as demo_package
+import clipforge.demo.run as demo
+from clipforge.demo import report as demo_report
 from clipforge.cli import demo as cli_demo
-from clipforge.data.demo_dataset import DemoDataConfig, prepare_demo_data
-from clipforge.data.demo_sources import DemoSourceError
+from clipforge.demo.dataset import DemoDataConfig, prepare_demo_data
+from clipforge.demo.sources import DemoSourceError
 from clipforge.train import loop
-from clipforge.train.checkpointing import list_checkpoints
+from clipforge.train.resume import list_checkpoints
 
 SLICE = DemoDataConfig(max_per_source=30, openclipart_max=30, eval_classes=10, heldout_fraction=0.2)
 STEPS, BATCH = 20, 16
@@ -122,7 +124,7 @@ def test_resuming_with_another_model_names_the_run_folder(finished: demo.DemoRes
 
 
 def test_format_results_prints_the_table(finished: demo.DemoResult):
-    table = demo.format_results(finished.results)
+    table = demo_report.format_results(finished.results)
     assert "zero-shot on Fluent 3D emoji (10 classes" in table
     assert "prompt ensemble" in table and "text -> image" in table
 
@@ -134,7 +136,7 @@ def test_cli_turns_a_missing_source_into_a_one_line_error_with_exit_2(monkeypatc
         raise DemoSourceError("the demo needs the npm packages ['emojibase-data'] but npm is not on PATH; "
                               "install Node.js, then run: npm install --prefix x emojibase-data@17.0.0")
 
-    monkeypatch.setattr(demo, "run_demo", missing)
+    monkeypatch.setattr(demo_package, "run_demo", missing)
     monkeypatch.setattr(cli, "COMMANDS", ["demo"])  # this command alone, whatever else is registered
     assert cli.main(["demo", "--quick", "--run-dir", "unused"]) == 2
     error = capsys.readouterr().err

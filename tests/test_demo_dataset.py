@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageStat
 
-from clipforge.data import demo_sources
-from clipforge.data.demo_dataset import (EVAL_SOURCE, TRAIN_SOURCES, DemoDataConfig, load_demo_dataset,
+from clipforge.demo import sources as demo_sources
+from clipforge.demo.dataset import (EVAL_SOURCE, TRAIN_SOURCES, DemoDataConfig, load_demo_dataset,
                                          prepare_demo_data, render_square)
-from clipforge.data.demo_records import emoji_key, with_article
-from clipforge.data.demo_sources import DemoSourceError
+from clipforge.demo.records import emoji_key, with_article
+from clipforge.demo.sources import DemoSourceError
 
 SLICE = DemoDataConfig(max_per_source=40, openclipart_max=40, eval_classes=5, heldout_fraction=0.2)
 

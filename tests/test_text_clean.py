@@ -1,4 +1,4 @@
-"""clipforge.text_clean.fix_text equals ftfy.fix_text: its shortcut skips ftfy only where ftfy
+"""clipforge.tokenizer.clean.fix_text equals ftfy.fix_text: its shortcut skips ftfy only where ftfy
 provably changes nothing.
 
 The shortcut rests on two facts about the installed ftfy, both checked here: the rewriting
@@ -18,9 +18,9 @@ import ftfy
 import ftfy.badness
 import pytest
 
-from clipforge import text_clean
-from clipforge._ftfy_anchors import BADNESS_ANCHORS
-from clipforge.text_clean import badness_pattern_hash, fix_text, ftfy_is_identity
+from clipforge.tokenizer import clean as text_clean
+from clipforge.tokenizer._ftfy_anchors import BADNESS_ANCHORS
+from clipforge.tokenizer.clean import badness_pattern_hash, fix_text, ftfy_is_identity
 
 CASES = Path(__file__).parent / "fixtures" / "tokenizer" / "cases.jsonl.gz"
 ALL_CHARACTERS = [chr(code) for code in range(sys.maxunicode + 1)]

@@ -22,9 +22,9 @@ import pytest
 import regex
 import torch
 
-from clipforge import _bpe_batch
-from clipforge.text_clean import needs_ftfy
-from clipforge.tokenizer import VOCAB_PATH, Tokenizer, clean_text, get_tokenizer, tokenize
+from clipforge.tokenizer import _batch_merge as _bpe_batch
+from clipforge.tokenizer.clean import needs_ftfy
+from clipforge.tokenizer.bpe import VOCAB_PATH, Tokenizer, clean_text, get_tokenizer, tokenize
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tokenizer" / "cases.jsonl.gz"
 SOT, EOT = 49406, 49407
@@ -277,7 +277,7 @@ def test_every_letter_is_a_word_of_its_own_for_the_regex():
 def test_letters_between_ascii_punctuation_are_three_words_for_the_regex():
     # the premise of splitting such pieces without the regex: every run of ASCII punctuation but
     # "'" before or after a run of letters is a word of its own
-    from clipforge.tokenizer import _EDGE_PUNCTUATION
+    from clipforge.tokenizer.bpe import _EDGE_PUNCTUATION
 
     rng = random.Random(0)
     letters = [chr(code) for code in range(0x110000) if chr(code).isalpha()]

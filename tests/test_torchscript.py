@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from clipforge import checkpoints
-from clipforge._torchscript import read_torchscript_state_dict
+from clipforge.checkpoints._torchscript import read_torchscript_state_dict
 from clipforge.checkpoints import CheckpointError
 from clipforge.models.layers import Attention
 

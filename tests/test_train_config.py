@@ -140,7 +140,7 @@ def test_cosine_schedule_warms_up_linearly_then_decays_to_zero():
 
 
 def test_each_process_of_a_node_needs_its_own_gpu(monkeypatch):
-    from clipforge.train.distributed_setup import resolve_device
+    from clipforge.runtime import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -148,5 +148,5 @@ def test_each_process_of_a_node_needs_its_own_gpu(monkeypatch):
     assert resolve_device("cpu", 5) == torch.device("cpu")
     for requested in ("auto", "cuda"):
         with pytest.raises(ValueError, match=r"LOCAL_RANK=2 needs a GPU of its own but 2 CUDA device\(s\) are "
-                                             r"visible: .*--nproc_per_node=2\), or train on the CPU with device=cpu"):
+                                             r"visible: .*--nproc_per_node=2\), or run on the CPU with device=cpu"):
             resolve_device(requested, 2)

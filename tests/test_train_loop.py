@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import clipforge
 from clipforge.checkpoints import save as save_model_folder
 from clipforge.train import TrainConfig, TrainingStopped, train
-from clipforge.train.objective import Objective
+from clipforge.loss import Objective
 
 from _train_data import make_shapes
 

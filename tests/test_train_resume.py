@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from clipforge.cli import main
-from clipforge.train.checkpointing import list_checkpoints, load_checkpoint, save_checkpoint
+from clipforge.train.resume import list_checkpoints, load_checkpoint, save_checkpoint
 
 from _train_data import make_shapes
 

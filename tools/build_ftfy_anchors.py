@@ -1,5 +1,5 @@
-"""Write ``src/clipforge/_ftfy_anchors.py``: for each ftfy badness regex, a set of characters
-that every match of it contains (see ``clipforge.text_clean``).
+"""Write ``src/clipforge/tokenizer/_ftfy_anchors.py``: for each ftfy badness regex, a set of characters
+that every match of it contains (see ``clipforge.tokenizer.clean``).
 
 ftfy's ``BADNESS_RE`` is an alternation; each alternative is a sequence whose top-level
 single-character items (a literal or a class) must each consume one character of a match.
@@ -11,7 +11,7 @@ ftfy's entry over every code point.
 
 Run with several ftfy versions on the path, e.g. for each unpacked wheel:
 
-    PYTHONPATH=/tmp/ftfy-6.3.1 python tools/build_ftfy_anchors.py --add src/clipforge/_ftfy_anchors.py
+    PYTHONPATH=/tmp/ftfy-6.3.1 python tools/build_ftfy_anchors.py --add src/clipforge/tokenizer/_ftfy_anchors.py
 """
 from __future__ import annotations
 

@@ -8,20 +8,11 @@ The public API mirrors openai/CLIP, so code written for it ports unchanged::
     image_features = model.encode_image(preprocess(image).unsqueeze(0))
 """
 from .checkpoints import CheckpointError, export_hf, export_openai, infer_config, load, load_model, save
-from .config import ClipConfig, TextConfig, VisionConfig
-from .loss import ClipLoss, SigLipLoss, clamp_logit_scale_, contrastive_loss, sigmoid_loss
-from .models import CLIP
 from .evaluate.zeroshot import zero_shot_classifier
-from .registry import available_models, get_config, register_model
+from .loss import ClipLoss, SigLipLoss, clamp_logit_scale_, contrastive_loss, sigmoid_loss
+from .models import CLIP, ClipConfig, TextConfig, VisionConfig, available_models, create_model, get_config, register_model
 from .tokenizer import Tokenizer, get_tokenizer, tokenize
 from .transforms import OPENAI_MEAN, OPENAI_STD, image_transform, load_image
-
-
-def create_model(name_or_config: "str | ClipConfig") -> CLIP:
-    """A randomly initialised :class:`CLIP` from a preset name or a :class:`ClipConfig`."""
-    config = get_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
-    return CLIP(config)
-
 
 __all__ = [
     "CLIP",

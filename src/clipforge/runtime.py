@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -77,3 +78,9 @@ def autocast(device: "torch.device | str", precision: "str | torch.dtype | None"
         return contextlib.nullcontext()
     device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
     return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def log_progress(progress: bool, message: str) -> None:
+    """Print a progress line to stderr (flushed) when ``progress`` is on; results go to stdout."""
+    if progress:
+        print(message, file=sys.stderr, flush=True)

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from ..files import DiskFullError
 
 # One module per command group, in the order ``clipforge --help`` lists them.
 COMMANDS = ["models", "convert", "shards", "classify", "eval", "train", "demo"]
@@ -35,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (CliError, FileNotFoundError, ValueError) as err:
+    except BrokenPipeError:  # `clipforge ... | head -1`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (CliError, FileNotFoundError, ValueError, DiskFullError) as err:
         print(f"clipforge {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

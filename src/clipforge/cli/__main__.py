@@ -1,3 +1,4 @@
+"""``python -m clipforge.cli``: the same as the ``clipforge`` command."""
 import sys
 
 from . import main

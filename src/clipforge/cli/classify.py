@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from . import CliError
-from .eval import add_model_arguments, load_model_arg, resolve_device
+from ._common import add_model_arguments, load_model_arg, resolve_device_arg
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,7 +45,7 @@ def parse_labels(text: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Classify; exit 1 when some image could not be read (the others are still printed)."""
-    from ..evaluate.zeroshot import check_classnames, classify, resolve_templates
+    from ..evaluate import check_classnames, classify, resolve_templates
 
     if args.top_k < 1:
         raise CliError(f"--top-k must be at least 1, got {args.top_k}")
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise FileNotFoundError(f"{missing[0]}: no such file{more}")
-    device = resolve_device(args.device)
+    device = resolve_device_arg(args.device)
     model, preprocess = load_model_arg(args.model, device, args.seed)
     results = classify(model, args.images, labels, args.templates, preprocess, args.top_k, args.batch_size,
                        device, args.precision)

@@ -52,7 +52,7 @@ def _threads(value: str) -> int | str:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo and print its results table; a missing data source is a one-line error."""
-    from ..data.demo_sources import DemoSourceError
+    from ..demo.sources import DemoSourceError
     from ..demo import format_results, run_demo
     from ..train.main import TrainingStopped
 
@@ -76,8 +76,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _prepare_only(data_dir: str | None) -> int:
     """Install the sources and build the dataset (idempotent); print where it is and its counts."""
-    from ..data.demo_dataset import prepare_demo_data
-    from ..data.demo_sources import DemoSourceError, default_cache_dir
+    from ..demo.dataset import prepare_demo_data
+    from ..demo.sources import DemoSourceError, default_cache_dir
 
     try:
         dataset = prepare_demo_data(default_cache_dir(), data_dir=data_dir)

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from . import CliError
+from ._common import add_cache_arguments, add_model_arguments, feature_cache_dir, load_model_arg, resolve_device_arg
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -65,76 +66,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         task.add_argument("--batch-size", type=int, default=64, metavar="N")
         task.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
                           help="DataLoader processes decoding images")
-        task.add_argument("--cache-dir", metavar="DIR", help="feature cache (default: $CLIPFORGE_CACHE/features "
-                          "or ~/.cache/clipforge/features)")
-        task.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")
+        add_cache_arguments(task)
         task.add_argument("--out", metavar="DIR", help="write report.json (and plots) here")
         task.add_argument("--json", action="store_true", help="print the report as JSON instead of a summary")
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--device``, ``--precision`` and ``--seed``, shared with ``clipforge classify``."""
-    parser.add_argument("--model", default=os.environ.get("CLIPFORGE_MODEL"), metavar="CKPT|PRESET",
-                        help="checkpoint clipforge.load reads, or a preset name for random weights "
-                        "(default: $CLIPFORGE_MODEL)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-                        help="autocast precision of the encoders")
-    parser.add_argument("--seed", type=int, default=0, help="seed of random preset weights and data splits")
-
-
-def resolve_device(name: str):
-    """``auto`` -> cuda when available, else cpu."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def load_model_arg(spec: str | None, device, seed: int = 0):
-    """``(model, preprocess)`` for ``--model``: a checkpoint, or a preset with random weights (warned)."""
-    import torch
-
-    import clipforge
-
-    if not spec:
-        raise CliError("no model: pass --model CHECKPOINT (or a preset name such as tiny-vit) "
-                       "or set CLIPFORGE_MODEL")
-    load = getattr(clipforge, "load", None)
-    if load is None:
-        from ..checkpoints import load
-    is_preset = spec in clipforge.available_models() and not Path(spec).expanduser().exists()
-    if not is_preset:
-        model, preprocess = load(spec, device=device)
-        return model.eval(), preprocess
-    try:
-        model, preprocess = load(spec, device=device)  # released weights, when cached locally
-        return model.eval(), preprocess
-    except ValueError:
-        pass
-    print(f"warning: {spec!r} is a preset without local weights: using RANDOM weights (seed {seed}); "
-          "scores will be near chance. Pass a checkpoint for real results.", file=sys.stderr)
-    from ..transforms import image_transform
-
-    torch.manual_seed(seed)
-    model = clipforge.create_model(spec).to(device).eval()
-    return model, image_transform(model.config.vision.image_size)
-
-
-def _cache_dir(args: argparse.Namespace) -> str | None:
-    if args.no_cache:
-        return None
-    if args.cache_dir:
-        return args.cache_dir
-    root = os.environ.get("CLIPFORGE_CACHE") or Path.home() / ".cache" / "clipforge"
-    return str(Path(root).expanduser() / "features")
-
-
 def _common(args: argparse.Namespace) -> dict:
-    device = resolve_device(args.device)
+    device = resolve_device_arg(args.device)
     return dict(device=device, precision=args.precision, num_workers=args.workers,
-                cache_dir=_cache_dir(args), progress=not args.json)
+                cache_dir=feature_cache_dir(args), progress=not args.json)
 
 
 def _finish(args: argparse.Namespace, report: dict, summary: list[str], written: list[Path]) -> int:

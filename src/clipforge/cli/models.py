@@ -5,7 +5,7 @@ import argparse
 
 import torch
 
-from .. import available_models, create_model
+from ..models import available_models, create_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

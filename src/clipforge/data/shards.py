@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .captions import CaptionDataset
-from .webdataset import IMAGE_EXTENSIONS, SIZES_FILE, require_webdataset
+from .webdataset import IMAGE_MEMBERS, SIZES_FILE, require_webdataset
 
 logger = logging.getLogger("clipforge.data")
 
@@ -57,7 +57,7 @@ def _encode(dataset: CaptionDataset, row: int) -> dict | None:
         logger.warning("left out %s: %s", raw.key, raw.error)
         return None
     extension = Path(raw.key).suffix.lower().lstrip(".")
-    extension = extension if extension in IMAGE_EXTENSIONS else "jpg"  # the loader decodes by content anyway
+    extension = extension if extension in IMAGE_MEMBERS else "jpg"  # the loader decodes by content anyway
     sample = {"__key__": f"{row:08d}", extension: raw.image,
               "json": json.dumps({"image": raw.key, "caption": raw.captions[0] if len(raw.captions) == 1
                                   else raw.captions}).encode("utf-8")}

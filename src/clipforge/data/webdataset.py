@@ -22,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .captions import CAPTION_KEYS
+from .captions import CAPTION_KEYS, IMAGE_EXTENSIONS
 from .samples import RawSample
 
 logger = logging.getLogger("clipforge.data")
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# Shard member names of an image: the image file extensions of the caption reader, without the dot.
+IMAGE_MEMBERS = tuple(extension.lstrip(".") for extension in IMAGE_EXTENSIONS)
 SIZES_FILE = "sizes.json"
 _META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset skips members named like __meta__
 
@@ -100,7 +101,7 @@ def _iter_samples(path: str):
 def to_raw(sample: dict, shard_name: str, caption_keys: tuple[str, ...]) -> RawSample:
     """A webdataset sample dict as a RawSample: the first image extension present and its caption(s)."""
     key = f"{shard_name}:{sample['__key__']}"
-    image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+    image = next((sample[ext] for ext in IMAGE_MEMBERS if ext in sample), None)
     captions, error = [], None
     try:
         if "txt" in sample:
@@ -112,7 +113,7 @@ def to_raw(sample: dict, shard_name: str, caption_keys: tuple[str, ...]) -> RawS
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         error = f"unreadable caption: {err}"
     if image is None and error is None:
-        error = f"no image (.{', .'.join(IMAGE_EXTENSIONS)}); members: {', '.join(k for k in sample if not k.startswith('__'))}"
+        error = f"no image (.{', .'.join(IMAGE_MEMBERS)}); members: {', '.join(k for k in sample if not k.startswith('__'))}"
     return RawSample(key=key, image=image, captions=captions, error=error)
 
 

@@ -29,20 +29,11 @@ from .metrics import (
     topk_accuracy,
 )
 from .retrieval import evaluate_retrieval
-from .zeroshot import (
-    ZeroShotResult,
-    classify,
-    evaluate_zeroshot,
-    fill_template,
-    resolve_classnames,
-    resolve_templates,
-    zero_shot_classifier,
-    zero_shot_logits,
-    zero_shot_predict,
-)
+from .prompts import check_classnames, fill_template, resolve_classnames, resolve_templates
+from .zeroshot import ZeroShotResult, classify, evaluate_zeroshot, zero_shot_classifier, zero_shot_logits, zero_shot_predict
 
 __all__ = [
-    "ClassificationData", "ImageFeatures", "RetrievalData", "ZeroShotResult", "classify",
+    "ClassificationData", "ImageFeatures", "RetrievalData", "ZeroShotResult", "check_classnames", "classify",
     "confusion_matrix", "encode_images", "encode_texts", "evaluate_linear_probe", "evaluate_retrieval",
     "evaluate_zeroshot", "fill_template", "first_positive_ranks", "linear_probe",
     "load_classification_data", "load_image_folder", "load_labels_csv", "load_retrieval_data",

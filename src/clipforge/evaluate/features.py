@@ -24,7 +24,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from ..runtime import autocast, check_precision
+
 
 
 @dataclass
@@ -62,19 +63,6 @@ def _collate(batch):
 
 def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)  # workers only decode; leave the cores to the model
-
-
-def check_precision(precision: str) -> None:
-    """Raise ``ValueError`` unless ``precision`` is one of fp32, bf16, fp16."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-
-
-def _autocast(device: torch.device, precision: str):
-    check_precision(precision)
-    if PRECISIONS[precision] is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=PRECISIONS[precision])
 
 
 @contextlib.contextmanager
@@ -185,7 +173,7 @@ def encode_images(model: torch.nn.Module, paths: Sequence[str], preprocess: Call
             for images, indices, failures in loader:
                 skipped += [(str(paths[index]), reason) for index, reason in failures]
                 if images is not None:
-                    with _autocast(device, precision):
+                    with autocast(device, precision):
                         features = model.encode_image(images.to(device, non_blocking=True))
                     chunks.append(features.float().cpu())  # (B, embed_dim)
                     kept.append(indices)
@@ -231,7 +219,7 @@ def encode_texts(model: torch.nn.Module, texts: Sequence[str], tokenizer: Callab
                                          disable=None if progress else True) as bar:
             for start in range(0, len(texts), batch_size):
                 tokens = tokenizer(texts[start:start + batch_size]).to(device)  # (B, L)
-                with _autocast(device, precision):
+                with autocast(device, precision):
                     features = model.encode_text(tokens)
                 chunks.append(features.float().cpu())  # (B, embed_dim)
                 bar.update(len(tokens))

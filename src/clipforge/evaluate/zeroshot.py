@@ -7,86 +7,17 @@ paper's prompt ensembling. The stacked class embeddings form a (embed_dim, class
 """
 from __future__ import annotations
 
-import json
 import os
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from . import metadata
 from .datasets import ClassificationData
 from .features import encode_images, encode_texts, model_device
 from .metrics import confusion_matrix, mean_per_class_recall, per_class_recall, topk_accuracy
-
-_PLACEHOLDER = re.compile(r"\{c?\}")
-
-
-def fill_template(template: str, classname: str) -> str:
-    """``template`` with its ``{}`` (OpenAI style) or ``{c}`` placeholder replaced by ``classname``."""
-    return _PLACEHOLDER.sub(lambda _: classname, template)
-
-
-def _read_list_file(path: Path) -> list:
-    if path.suffix.lower() == ".json":
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not JSON ({error.msg} at line {error.lineno})") from None
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-
-
-def resolve_templates(templates: str | Sequence[str] | None) -> list[str]:
-    """Templates from None/"none" (class name only), a dataset name, a file, one template or a list.
-
-    A file is a JSON list or one template per line (``#`` comments allowed). Every template must
-    hold a ``{}`` or ``{c}`` placeholder.
-    """
-    if templates is None or (isinstance(templates, str) and templates.strip().lower() == "none"):
-        return ["{}"]
-    if isinstance(templates, str):
-        if os.path.isfile(templates):
-            resolved = _read_list_file(Path(templates))
-            source = templates
-        elif metadata.has_templates(templates):
-            return metadata.templates(templates)
-        elif _PLACEHOLDER.search(templates):
-            return [templates]
-        else:
-            raise ValueError(f"templates {templates!r} is not a file, a known dataset "
-                             f"({', '.join(metadata.dataset_names())}), 'none', or a template with {{}}")
-    else:
-        resolved, source = list(templates), "templates"
-    if not resolved or not isinstance(resolved, list):
-        raise ValueError(f"{source}: expected a non-empty list of templates")
-    for template in resolved:
-        if not isinstance(template, str) or not _PLACEHOLDER.search(template):
-            raise ValueError(f"{source}: template {template!r} has no {{}} or {{c}} placeholder for the class name")
-    return resolved
-
-
-def _names(entry) -> list[str]:
-    names = [entry] if isinstance(entry, str) else list(entry)
-    if not names or not all(isinstance(name, str) and name.strip() for name in names):
-        raise ValueError(f"class name {entry!r} must be a non-empty string or list of strings")
-    return names
-
-
-def check_classnames(classnames: Sequence) -> None:
-    """Raise ``ValueError`` for an empty list or a class name given twice (case-insensitive)."""
-    if len(classnames) == 0:
-        raise ValueError("no class names given")
-    seen: dict[str, int] = {}
-    for index, entry in enumerate(classnames):
-        key = " ".join(_names(entry)).strip().lower()
-        if key in seen:
-            raise ValueError(f"label {_names(entry)[0]!r} is given twice (positions {seen[key]} and {index})")
-        seen[key] = index
-
+from .prompts import check_classnames, class_synonyms, fill_template, resolve_classnames, resolve_templates
 
 def zero_shot_classifier(model: torch.nn.Module, classnames: Sequence, templates=None,
                          tokenizer: Callable | None = None, device: str | torch.device | None = None,
@@ -103,7 +34,7 @@ def zero_shot_classifier(model: torch.nn.Module, classnames: Sequence, templates
     device = torch.device(device) if device is not None else model_device(model)
     prompts, owners = [], []
     for class_index, entry in enumerate(classnames):
-        for name in _names(entry):
+        for name in class_synonyms(entry):
             prompts += [fill_template(template, name) for template in templates]
             owners += [class_index] * len(templates)
     prompt_features = encode_texts(model, prompts, tokenizer, batch_size, device, precision, cache_dir,
@@ -166,55 +97,10 @@ def classify(model: torch.nn.Module, images: Sequence, labels: Sequence, templat
         top = probs.topk(min(top_k, len(labels)), dim=-1)  # (N, k)
         for row, index in enumerate(features.indices.tolist()):
             results[index]["predictions"] = [
-                {"label": _names(labels[c])[0], "score": float(p)}
+                {"label": class_synonyms(labels[c])[0], "score": float(p)}
                 for p, c in zip(top.values[row].tolist(), top.indices[row].tolist())
             ]
     return results
-
-
-def _norm(name: str) -> str:
-    return " ".join(name.replace("_", " ").split()).lower()
-
-
-def resolve_classnames(spec, classes: Sequence[str]) -> list:
-    """Prompt names for a dataset's ``classes`` (folder names or CSV labels, in label order).
-
-    ``spec``: None (the class names with ``_`` as spaces); a dict or JSON object file mapping each
-    class to a name or synonyms; a list, text file (one per line) or JSON list, in label order;
-    or a built-in dataset name (its names matched to the classes by name, or to integer folder
-    names by index). A list that matches the classes by name or integer index is aligned that way.
-    """
-    if spec is None:
-        names = [" ".join(c.replace("_", " ").split()) for c in classes]
-    else:
-        source = str(spec)
-        if isinstance(spec, (str, os.PathLike)) and os.path.isfile(spec):
-            spec = _read_list_file(Path(spec))
-        elif isinstance(spec, str):
-            if not metadata.has_classnames(spec):
-                raise ValueError(f"classnames {spec!r} is neither a file nor a known dataset "
-                                 f"({', '.join(metadata.dataset_names())})")
-            spec = metadata.classnames(spec)
-        names = _align(spec, classes, source)
-    check_classnames(names)
-    return names
-
-
-def _align(spec, classes: Sequence[str], source: str) -> list:
-    if isinstance(spec, dict):
-        missing = [c for c in classes if c not in spec]
-        if missing:
-            raise ValueError(f"{source}: no name for class(es) {missing[:5]}")
-        return [spec[c] for c in classes]
-    spec = list(spec)
-    if len(spec) != len(classes):
-        raise ValueError(f"{source}: {len(spec)} class names for {len(classes)} classes in the data")
-    by_name = {_norm(_names(entry)[0]): entry for entry in spec}
-    if all(_norm(c) in by_name for c in classes):
-        return [by_name[_norm(c)] for c in classes]
-    if all(c.strip().isdigit() for c in classes) and sorted(int(c) for c in classes) == list(range(len(spec))):
-        return [spec[int(c)] for c in classes]
-    return spec
 
 
 @dataclass
@@ -239,7 +125,7 @@ class ZeroShotResult:
             "num_classes": len(self.classes),
             "num_templates": self.num_templates,
             "per_class": [
-                {"class": c, "name": _names(n)[0], "recall": None if s == 0 else float(r), "support": int(s)}
+                {"class": c, "name": class_synonyms(n)[0], "recall": None if s == 0 else float(r), "support": int(s)}
                 for c, n, r, s in zip(self.classes, self.classnames, recall.tolist(), support.tolist())
             ],
             "confusion_matrix": self.confusion.tolist(),

@@ -1,4 +1,12 @@
-"""CLIP model code: layers, the two image towers, the text tower inside :class:`CLIP`, presets."""
-from .clip import CLIP
+"""CLIP model code: config, registry of named presets, layers, the two image towers and the pair.
 
-__all__ = ["CLIP"]
+Importing this package registers every preset (``presets.py``), so ``available_models`` is
+complete whichever module is imported first.
+"""
+from . import presets  # noqa: F401  (registers the presets)
+from .clip import CLIP
+from .config import ClipConfig, TextConfig, VisionConfig
+from .registry import available_models, create_model, get_config, register_model
+
+__all__ = ["CLIP", "ClipConfig", "TextConfig", "VisionConfig", "available_models", "create_model", "get_config",
+           "register_model"]

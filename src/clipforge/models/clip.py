@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ClipConfig
+from .config import ClipConfig
 from .layers import LayerNorm, Transformer
 from .resnet import ModifiedResNet
 from .vit import VisionTransformer

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import VisionConfig
+from .config import VisionConfig
 
 
 class Bottleneck(nn.Module):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import VisionConfig
+from .config import VisionConfig
 from .layers import LayerNorm, Transformer
 
 

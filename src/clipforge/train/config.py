@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..loss import DEFAULT_TILE_SIZE
+from ..runtime import PRECISIONS
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 LOSSES = ("clip", "siglip")
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..runtime import resolve_device
+
 
 @dataclass(frozen=True)
 class DistributedContext:
@@ -38,26 +40,6 @@ def _env_int(name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise ValueError(f"environment variable {name}={raw!r} must be an integer") from None
-
-
-def resolve_device(requested: str, local_rank: int) -> torch.device:
-    """``"auto"`` means this process's GPU when CUDA is available, else the CPU.
-
-    Each process of a node needs a GPU of its own (NCCL refuses two ranks on one device), so a
-    ``local_rank`` without one is an error that says how many processes the node can take.
-    """
-    if requested not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {requested!r}")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but CUDA is not available; use device=cpu")
-    if requested == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    gpus = torch.cuda.device_count()
-    if local_rank >= gpus:
-        raise ValueError(f"LOCAL_RANK={local_rank} needs a GPU of its own but {gpus} CUDA device(s) are visible: "
-                         f"start at most {gpus} process(es) per node (torchrun --nproc_per_node={gpus}), "
-                         "or train on the CPU with device=cpu")
-    return torch.device("cuda", local_rank)
 
 
 def read_environment(requested_device: str = "auto") -> DistributedContext:

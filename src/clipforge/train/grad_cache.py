@@ -23,12 +23,13 @@ forward and one backward per step).
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Callable
 
 import torch
 import torch.nn as nn
+
+from ..runtime import autocast
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -70,19 +71,13 @@ def contrastive_step(
     return _cached_step(model, images, tokens, loss_fn, chunk_size, autocast_dtype, scale_loss)
 
 
-def _autocast(device: torch.device, dtype: "torch.dtype | None"):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def _backward(loss: torch.Tensor, scale_loss) -> None:
     (scale_loss(loss) if scale_loss is not None else loss).backward()
 
 
 def _direct_step(model, images, tokens, loss_fn, autocast_dtype, scale_loss):
     start = time.perf_counter()
-    with _autocast(images.device, autocast_dtype):
+    with autocast(images.device, autocast_dtype):
         image_features = model.encode_image(images)  # (B, D)
         text_features = model.encode_text(tokens)  # (B, D)
     embedded = time.perf_counter()
@@ -100,7 +95,7 @@ def _cached_step(model, images, tokens, loss_fn, chunk_size, autocast_dtype, sca
     # Pass 1: embeddings of the whole batch, no activations kept; RNG state noted per forward.
     start = time.perf_counter()
     rng_states, image_chunks, text_chunks = [], [], []
-    with torch.no_grad(), _autocast(device, autocast_dtype):
+    with torch.no_grad(), autocast(device, autocast_dtype):
         for lo, hi in spans:
             image_state = _capture_rng(device)
             image_chunks.append(model.encode_image(images[lo:hi]))  # (chunk, D)
@@ -129,7 +124,7 @@ def _cached_step(model, images, tokens, loss_fn, chunk_size, autocast_dtype, sca
                 if features.grad is None:
                     continue
                 _restore_rng(device, rng_state)  # the same dropout/augmentation draws as pass 1
-                with _autocast(device, autocast_dtype):
+                with autocast(device, autocast_dtype):
                     chunk_features = encode(inputs[lo:hi])
                 outputs.append(chunk_features)
                 grads.append(features.grad[lo:hi].to(chunk_features.dtype))

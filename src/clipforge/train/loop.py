@@ -22,11 +22,11 @@ from torch import nn
 from ..data import TooManyBadSamples, make_train_loader
 from ..distributed import all_reduce_sum, average_gradients
 from ..loss import clamp_logit_scale_
-from .checkpointing import list_checkpoints, rng_state, save_checkpoint
+from .resume import list_checkpoints, rng_state, save_checkpoint
 from .config import TrainConfig
 from .distributed_setup import DistributedContext
 from .grad_cache import contrastive_step
-from .metrics import MetricsLog, plot_curves
+from .log import MetricsLog, plot_curves
 
 STATE_FORMAT = 1  # version of the state.pt layout written by this loop
 

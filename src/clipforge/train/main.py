@@ -46,20 +46,18 @@ import torch.distributed as dist
 
 from ..checkpoints import load_model
 from ..data import open_dataset
-from ..loss import SIGLIP_INIT_LOGIT_SCALE
-from ..models import CLIP
-from ..registry import get_config
+from ..loss import SIGLIP_INIT_LOGIT_SCALE, Objective
+from ..models import CLIP, get_config
+from ..runtime import autocast_dtype
 from ..tokenizer import tokenize
 from ..transforms import image_transform
-from .checkpointing import load_checkpoint, resolve_resume, set_rng_state
+from .resume import read_training_state, resolve_resume, set_rng_state
 from .config import TrainConfig, validate
 from .distributed_setup import DistributedContext, cleanup_distributed, init_distributed, read_environment
 from .loop import Run, TrainingStopped, TrainResult, epoch_loader, run_loop
-from .objective import Objective
 from .optim import build_optimizer, build_scheduler
 
 CONFIG_FILE = "train_config.json"  # the resolved config, saved in the run folder
-_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 __all__ = ["CONFIG_FILE", "TrainResult", "TrainingStopped", "train"]
 
@@ -85,7 +83,7 @@ def train(config: TrainConfig) -> TrainResult:
         if config.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
             torch.use_deterministic_algorithms(True)
-        run = _build_run(config, context, dataset)
+        run = _build_run(config, context, dataset, resume)
         if resume is not None:
             _restore(run, resume)
         elif context.is_main:
@@ -105,14 +103,18 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def build_model(config: TrainConfig, device: torch.device) -> CLIP:
+def build_model(config: TrainConfig, device: torch.device, resume: Path | None = None) -> CLIP:
     """The model to train: a preset with random weights, or ``model.init_checkpoint``'s weights.
 
-    Applies gradient checkpointing and tower locking; the model is fp32 (autocast handles bf16
-    and fp16) and in training mode, except for a locked image tower, which stays in eval mode.
+    When resuming, the weights come from the checkpoint ``resume`` alone (read by
+    :func:`clipforge.load_model`), never from the initial weights first. Applies gradient
+    checkpointing and tower locking; the model is fp32 (autocast handles bf16 and fp16) and in
+    training mode, except for a locked image tower, which stays in eval mode.
     """
     section = config.model
-    if section.init_checkpoint:
+    if resume is not None:
+        model = load_model(resume)
+    elif section.init_checkpoint:
         model = load_model(section.init_checkpoint)
     else:
         model = CLIP(get_config(section.name))
@@ -136,11 +138,11 @@ def _compile(model: CLIP) -> None:
     model.encode_text = torch.compile(model.encode_text)
 
 
-def _build_run(config: TrainConfig, context: DistributedContext, dataset) -> Run:
+def _build_run(config: TrainConfig, context: DistributedContext, dataset, resume: Path | None) -> Run:
     if config.deterministic:
         torch.backends.cudnn.benchmark = False
     _seed_everything(config.seed)  # the same initial weights on every process
-    model = build_model(config, context.device)
+    model = build_model(config, context.device, resume)
     if context.world_size > 1:  # make sure, whatever the init did on each device
         for tensor in model.state_dict().values():
             dist.broadcast(tensor, src=0)
@@ -155,7 +157,7 @@ def _build_run(config: TrainConfig, context: DistributedContext, dataset) -> Run
         dataset=dataset,
         preprocess=image_transform(model.config.vision.image_size, train=True, scale=config.data.crop_scale),
         tokenize=partial(tokenize, context_length=context_length, truncate=True),
-        total_steps=0, autocast_dtype=_AUTOCAST[config.precision],
+        total_steps=0, autocast_dtype=autocast_dtype(config.precision),
     )
     steps_per_epoch = epoch_loader(run, 0).num_batches  # also fails now if the data cannot fill a batch
     run.total_steps = config.steps if config.steps is not None else config.epochs * steps_per_epoch
@@ -164,8 +166,9 @@ def _build_run(config: TrainConfig, context: DistributedContext, dataset) -> Run
 
 
 def _restore(run: Run, checkpoint: Path) -> None:
-    """Load weights, optimizer, schedule, scaler, RNG and data position from ``checkpoint``."""
-    state = load_checkpoint(checkpoint, run.model)
+    """Load optimizer, schedule, scaler, RNG and data position from ``checkpoint`` (the weights
+    were loaded from it when the model was built)."""
+    state = read_training_state(checkpoint)
     saved = TrainConfig.from_dict(state["config"])
     now = run.config
     checks = [

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ._checkpoint_files import SAFE_LOADING, CheckpointError
+from ._files import SAFE_LOADING, CheckpointError
 
 # Storage class names in data.pkl -> element dtype.
 _STORAGE_DTYPES = {

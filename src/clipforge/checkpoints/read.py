@@ -1,4 +1,4 @@
-"""Load and save CLIP weights in every common layout, without ever running code from a file.
+"""Load CLIP weights from every common layout, without ever running code from a file.
 
 Sources ``load`` understands (the layout is detected from the content, not the file name):
 
@@ -20,24 +20,19 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
-from safetensors.torch import save_file
 from torch.overrides import TorchFunctionMode
 
-from ._checkpoint_files import (CheckpointError, read_safetensors, safetensors_metadata, sniff,
-                                torch_load_safely, unwrap_state_dict)
-from ._hf_keys import clip_to_hf_config, hf_config_overrides, hf_to_openai, openai_to_hf
+from ..models import CLIP, ClipConfig, available_models, get_config
+from ..runtime import cache_root, resolve_device
+from ._files import (FORMAT_VERSION, CheckpointError, read_safetensors, safetensors_metadata, sniff,
+                     torch_load_safely, unwrap_state_dict)
+from ._hf_keys import hf_config_overrides, hf_to_openai
 from ._torchscript import read_torchscript_state_dict
-from .config import ClipConfig, TextConfig, VisionConfig
-from .models import CLIP
-from .registry import available_models, get_config
+from .architecture import infer_config
 
-__all__ = ["CheckpointError", "load", "load_model", "save", "load_state_dict_any", "infer_config",
-           "export_openai", "export_hf", "cache_dir", "OPENAI_URLS"]
-
-FORMAT_VERSION = 1  # of clipforge's own folder layout (config.json "format_version")
 _OPENAI_BASE = "https://openaipublic.azureedge.net/clip/models"
 # Where OpenAI publishes each release (the path segment is the file's SHA-256).
 OPENAI_URLS = {
@@ -65,8 +60,8 @@ class _Checkpoint:
 
 
 def cache_dir() -> Path:
-    """Where a bare model name is looked up: ``$CLIPFORGE_CACHE`` or ``~/.cache/clipforge``."""
-    return Path(os.environ.get("CLIPFORGE_CACHE") or Path.home() / ".cache" / "clipforge").expanduser()
+    """Where a bare model name is looked up: the cache root (``$CLIPFORGE_CACHE``, ``~/.cache/clipforge``)."""
+    return cache_root()
 
 
 def _resolve(name_or_path: str | os.PathLike) -> Path:
@@ -171,68 +166,6 @@ def load_state_dict_any(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor
     return checkpoint.state_dict, checkpoint.kind
 
 
-def _count_blocks(state_dict: dict[str, Any], prefix: str) -> int:
-    return len({k[len(prefix):].split(".")[0] for k in state_dict if k.startswith(prefix)})
-
-
-def infer_config(state_dict: dict[str, torch.Tensor], *, source: str = "state dict",
-                 match_presets: bool = True) -> ClipConfig:
-    """The :class:`ClipConfig` of an OpenAI-format state dict, read off its shapes as OpenAI's ``build_model``.
-
-    Head counts are not stored in weights: OpenAI's rule (``width // 64``) applies, unless
-    ``match_presets`` and every shape matches a registered preset, whose head counts are then used.
-    """
-    def shape(key: str) -> tuple[int, ...]:
-        if key not in state_dict:
-            raise CheckpointError(f"{source}: no {key!r}; expected an OpenAI-format CLIP state dict "
-                                  f"(first keys found: {list(state_dict)[:5]})")
-        return tuple(state_dict[key].shape)
-
-    if "visual.proj" in state_dict:
-        width, _, patch, _ = shape("visual.conv1.weight")
-        grid = round((shape("visual.positional_embedding")[0] - 1) ** 0.5)
-        vision = VisionConfig(
-            image_size=patch * grid, layers=_count_blocks(state_dict, "visual.transformer.resblocks."),
-            width=width, patch_size=patch, heads=None if width >= 64 else 1,
-            mlp_ratio=shape("visual.transformer.resblocks.0.mlp.c_fc.weight")[0] / width,
-        )
-    elif "visual.layer1.0.conv1.weight" in state_dict:
-        stages = tuple(_count_blocks(state_dict, f"visual.layer{i}.") for i in range(1, 5))
-        grid = round((shape("visual.attnpool.positional_embedding")[0] - 1) ** 0.5)
-        vision = VisionConfig(image_size=grid * 32, layers=stages, width=shape("visual.layer1.0.conv1.weight")[0])
-    else:
-        raise CheckpointError(
-            f"{source}: unknown architecture: no ViT ('visual.proj') or ModifiedResNet "
-            f"('visual.layer1.0.conv1.weight') image tower; first keys found: {list(state_dict)[:5]}"
-        )
-    text_width = shape("ln_final.weight")[0]
-    text = TextConfig(
-        context_length=shape("positional_embedding")[0], vocab_size=shape("token_embedding.weight")[0],
-        width=text_width, heads=max(1, text_width // 64), layers=_count_blocks(state_dict, "transformer.resblocks."),
-        mlp_ratio=shape("transformer.resblocks.0.mlp.c_fc.weight")[0] / text_width,
-    )
-    config = ClipConfig(embed_dim=shape("text_projection")[1], vision=vision, text=text)
-    if match_presets:
-        return _matching_preset(config) or config
-    return config
-
-
-def _shape_signature(config: ClipConfig) -> dict[str, Any]:
-    vision = dataclasses.replace(config.vision, heads=None)
-    if vision.is_resnet:  # these two do not exist in a ResNet
-        vision = dataclasses.replace(vision, patch_size=0, mlp_ratio=0.0)
-    return {"embed_dim": config.embed_dim, "vision": vision, "text": dataclasses.replace(config.text, heads=0)}
-
-
-def _matching_preset(config: ClipConfig) -> ClipConfig | None:
-    signature = _shape_signature(config)
-    for name in available_models():
-        preset = get_config(name)
-        if _shape_signature(preset) == signature:
-            return dataclasses.replace(config, vision=preset.vision, text=preset.text)
-    return None
-
-
 class _SkipInit(TorchFunctionMode):
     """Makes ``torch.nn.init`` calls no-ops while a model is built only to receive checkpoint weights
     (random init of ViT-L/14 takes seconds; building on the meta device costs a slow first import)."""
@@ -302,7 +235,7 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
                           stacklevel=2)
     if quick_gelu is not None:
         resolved = dataclasses.replace(resolved, quick_gelu=quick_gelu)
-    return _fill(resolved, checkpoint.state_dict, str(path)).to(device)
+    return _fill(resolved, checkpoint.state_dict, str(path)).to(resolve_device(device))
 
 
 def load(name_or_path: str | os.PathLike, device: str | torch.device = "cpu", jit: bool = False, *,
@@ -315,55 +248,9 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device = "cpu", ji
     if jit:
         raise ValueError("jit=True is not supported: clipforge reads TorchScript archives as data and never "
                          "runs their code; use the default jit=False (same weights, same outputs)")
-    from .transforms import image_transform  # lazy: checkpoint tools do not need PIL
+    from ..transforms import image_transform  # lazy: checkpoint tools do not need PIL
 
     model = load_model(name_or_path, device, quick_gelu=quick_gelu, config=config)
     return model, image_transform(model.config.vision.image_size)
 
 
-def _cpu_tensors(model: CLIP) -> dict[str, torch.Tensor]:
-    if not isinstance(getattr(model, "config", None), ClipConfig):
-        raise TypeError(f"expected a clipforge CLIP model with a .config, got {type(model).__name__}")
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-
-
-def save(model: CLIP, folder: str | os.PathLike) -> Path:
-    """Write ``model`` to ``folder`` as ``model.safetensors`` + ``config.json`` (its :class:`ClipConfig`)."""
-    folder = Path(folder)
-    tensors = _cpu_tensors(model)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    meta = {"format": "clipforge", "format_version": FORMAT_VERSION, "config": model.config.to_dict()}
-    (folder / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return folder
-
-
-def export_openai(model: CLIP, path: str | os.PathLike) -> Path:
-    """Write an OpenAI-format state dict: ``.pt``/``.pth`` (``torch.save`` of a dict of tensors) or
-    ``.safetensors`` (with the :class:`ClipConfig` as metadata, read back by :func:`load`)."""
-    path = Path(path)
-    tensors = _cpu_tensors(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix in (".pt", ".pth", ".bin"):
-        torch.save(tensors, path)
-    elif path.suffix == ".safetensors":
-        save_file(tensors, str(path), metadata={"format": "pt", "clipforge_config": json.dumps(model.config.to_dict())})
-    else:
-        raise CheckpointError(f"{path}: expected a .pt, .pth, .bin or .safetensors file name")
-    return path
-
-
-def export_hf(model: CLIP, folder: str | os.PathLike) -> Path:
-    """Write a Hugging Face CLIP folder (``config.json`` + ``model.safetensors``) that
-    ``transformers.CLIPModel.from_pretrained`` loads. ViT models only."""
-    folder = Path(folder)
-    tensors = _cpu_tensors(model)
-    try:
-        hf_config = clip_to_hf_config(model.config, model.dtype)
-    except ValueError as err:
-        raise CheckpointError(f"cannot export to {folder}: {err}") from None
-    hf_tensors = {k: v.clone() for k, v in openai_to_hf(tensors).items()}  # q/k/v must not share storage
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(hf_tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    return folder

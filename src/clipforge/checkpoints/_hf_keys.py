@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .config import ClipConfig
+from ..models.config import ClipConfig
 
 _NORMS = {"visual.ln_pre": "vision_model.pre_layrnorm", "visual.ln_post": "vision_model.post_layernorm",
           "ln_final": "text_model.final_layer_norm"}

@@ -10,7 +10,7 @@ raises ``DemoSourceError`` whose message is the exact command to run by hand.
 
 Typical use (``prepare_demo_data`` does this for you)::
 
-    from clipforge.data.demo_sources import default_cache_dir, install_sources
+    from clipforge.demo.sources import default_cache_dir, install_sources
     install_sources(default_cache_dir())
 """
 from __future__ import annotations
@@ -23,6 +23,9 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..runtime import cache_root
+from ..runtime import log_progress as _log
 
 
 class DemoSourceError(RuntimeError):
@@ -82,12 +85,8 @@ SOURCES: dict[str, Source] = {s.name: s for s in [
 
 
 def default_cache_dir() -> Path:
-    """``$CLIPFORGE_CACHE_DIR/demo``, else ``$XDG_CACHE_HOME/clipforge/demo``, else ``~/.cache/clipforge/demo``."""
-    if os.environ.get("CLIPFORGE_CACHE_DIR"):
-        return Path(os.environ["CLIPFORGE_CACHE_DIR"]).expanduser() / "demo"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "clipforge" / "demo"
+    """``demo/`` under the cache root (``$CLIPFORGE_CACHE``, default ``~/.cache/clipforge``)."""
+    return cache_root() / "demo"
 
 
 def npm_modules_dir(cache_dir: str | os.PathLike) -> Path:
@@ -213,7 +212,3 @@ def _run(argv: list[str], env: dict[str, str], progress: bool) -> int:
         sys.stderr.write(done.stdout[-2000:] + done.stderr[-2000:])
     return done.returncode
 
-
-def _log(progress: bool, message: str) -> None:
-    if progress:
-        print(message, file=sys.stderr, flush=True)

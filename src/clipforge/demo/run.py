@@ -28,18 +28,18 @@ import json
 import math
 import os
 import platform
-import random
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .data.demo_dataset import DemoDataConfig, DemoDataset, default_data_dir, prepare_demo_data
-from .data.demo_records import with_article
-from .data.demo_sources import default_cache_dir
+from ..runtime import log_progress as _log
+from .dataset import DemoDataConfig, DemoDataset, default_data_dir, prepare_demo_data
+from .records import with_article
+from .report import draw_prediction_grid
+from .sources import default_cache_dir
 
 DEFAULT_MODEL = "demo-vit"
 DEFAULT_MINUTES = 8.0
@@ -59,7 +59,6 @@ ENSEMBLE_TEMPLATES = (
 # ``--quick``: a slice of every source and a short fixed run, to check a set-up in about a minute.
 QUICK_DATA = DemoDataConfig(max_per_source=60, openclipart_max=60, eval_classes=20, heldout_fraction=0.2)
 QUICK_STEPS, QUICK_BATCH = 40, 32
-GRID_IMAGES = 24  # eval images shown in predictions.png
 BUSY_LOAD = 1.0  # 1-minute load average from which other programs count as busy (see pick_threads)
 
 
@@ -135,7 +134,7 @@ def run_demo(run_dir: str | os.PathLike = "runs/demo", minutes: float = DEFAULT_
 def demo_train_config(model: str, train_file: str | os.PathLike, run_dir: str | os.PathLike, steps: int,
                       batch_size: int = BATCH_SIZE, device: str = "cpu"):
     """The demo's :class:`~clipforge.train.config.TrainConfig` for ``steps`` optimizer steps."""
-    from .train.config import TrainConfig
+    from ..train.config import TrainConfig
 
     config = TrainConfig(batch_size=batch_size, steps=steps, device=device, seed=0)
     config.model.name = model
@@ -163,8 +162,7 @@ def pick_threads(model: str, batch_size: int, candidates: tuple[int, ...] | None
     without explicit ``candidates``, a 1-minute load average of ``BUSY_LOAD`` or more picks one
     thread, which slows down gracefully; otherwise the faster choice is measured.
     """
-    from .models import CLIP
-    from .registry import get_config
+    from ..models import CLIP, get_config
 
     saved = torch.get_num_threads()
     load = _load_average()
@@ -200,7 +198,7 @@ def measure_speed(config, run_dir: Path, progress: bool = True) -> tuple[float, 
 
     The first half of the steps warms up (allocations, worker start); the second half is timed.
     """
-    from .train.main import train
+    from ..train.main import train
 
     half = CALIBRATION_STEPS // 2
     probe = dataclasses.replace(config, steps=CALIBRATION_STEPS)
@@ -211,7 +209,7 @@ def measure_speed(config, run_dir: Path, progress: bool = True) -> tuple[float, 
     started = time.perf_counter()
     try:
         train(probe)
-        from .train.metrics import read_metrics
+        from ..train.log import read_metrics
 
         timed = [r["samples_per_s"] for r in read_metrics(run_dir / "metrics.jsonl") if r.get("step") == CALIBRATION_STEPS]
     finally:
@@ -226,11 +224,11 @@ def _train(run_dir: Path, dataset: DemoDataset, model: str, minutes: float, step
            batch_size: int, device: str, progress: bool) -> tuple[dict, float]:
     """Train (or resume, or skip a finished run); returns what results.json records about it and
     the seconds the speed check took."""
-    from .checkpoints import load_model, save
-    from .train.checkpointing import list_checkpoints
-    from .train.config import TrainConfig
-    from .train.main import CONFIG_FILE, train
-    from .train.metrics import read_metrics
+    from ..checkpoints import load_model, save
+    from ..train.resume import list_checkpoints
+    from ..train.config import TrainConfig
+    from ..train.main import CONFIG_FILE, train
+    from ..train.log import read_metrics
 
     saved_path = run_dir / CONFIG_FILE
     found = list_checkpoints(run_dir)
@@ -276,9 +274,9 @@ def _train(run_dir: Path, dataset: DemoDataset, model: str, minutes: float, step
 # ----------------------------------------------------------------------------------- evaluation
 def evaluate_demo(run_dir: str | os.PathLike, dataset: DemoDataset, device: str = "cpu", progress: bool = True) -> dict:
     """Zero-shot (bare names and the ensemble) and retrieval scores of ``run_dir/model``; writes the reports."""
-    from .checkpoints import load
-    from .evaluate import evaluate_retrieval, evaluate_zeroshot, load_image_folder, load_retrieval_data
-    from .evaluate.report import write_json, write_zeroshot_report
+    from ..checkpoints import load
+    from ..evaluate import evaluate_retrieval, evaluate_zeroshot, load_image_folder, load_retrieval_data
+    from ..evaluate.report import write_json, write_zeroshot_report
 
     run_dir = Path(run_dir)
     model, preprocess = load(run_dir / "model", device=device)
@@ -312,87 +310,9 @@ def evaluate_demo(run_dir: str | os.PathLike, dataset: DemoDataset, device: str 
     }
 
 
-def draw_prediction_grid(data, result, path: str | os.PathLike, count: int = GRID_IMAGES, columns: int = 6,
-                         seed: int = 0) -> Path:
-    """A PNG of ``count`` eval images (a seeded sample), each with its true label and top-3 predictions.
-
-    ``data`` is the :class:`~clipforge.evaluate.ClassificationData` and ``result`` the
-    :class:`~clipforge.evaluate.ZeroShotResult` scored on it; a correct prediction is green.
-    """
-    from PIL import Image, ImageDraw, ImageFont
-
-    rows_of = {int(index): row for row, index in enumerate(result.indices.tolist())}
-    chosen = sorted(random.Random(seed).sample(sorted(rows_of), min(count, len(rows_of))))
-    probabilities = result.logits.softmax(dim=-1)  # (M, C)
-    font = ImageFont.load_default(size=11)
-    cell_w, thumb, line = 190, 96, 14
-    cell_h = thumb + 6 + 4 * line + 8
-    grid_rows = math.ceil(len(chosen) / columns)
-    canvas = Image.new("RGB", (columns * cell_w, max(1, grid_rows) * cell_h), "white")
-    draw = ImageDraw.Draw(canvas)
-    for slot, index in enumerate(chosen):
-        x, y = (slot % columns) * cell_w, (slot // columns) * cell_h
-        with Image.open(data.paths[index]) as image:
-            canvas.paste(image.convert("RGB").resize((thumb, thumb)), (x + (cell_w - thumb) // 2, y + 4))
-        truth = data.labels[index]
-        draw.text((x + 4, y + thumb + 6), _fit(f"true: {data.classes[truth]}", draw, font, cell_w - 8),
-                  fill="black", font=font)
-        top = probabilities[rows_of[index]].topk(3)
-        for rank, (score, label) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
-            text = _fit(f"{rank}. {data.classes[label]} {score:.0%}", draw, font, cell_w - 8)
-            draw.text((x + 4, y + thumb + 6 + rank * line), text,
-                      fill=(0, 140, 0) if label == truth else (90, 90, 90), font=font)
-    path = Path(path)
-    canvas.save(path)
-    return path
-
-
-def _fit(text: str, draw, font, width: int) -> str:
-    """``text`` cut with an ellipsis to fit ``width`` pixels."""
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "…", font=font) > width:
-        text = text[:-1]
-    return text + "…"
-
-
-# ---------------------------------------------------------------------------------------- output
-def format_results(results: dict) -> str:
-    """The short results table ``clipforge demo`` prints."""
-    zeroshot, retrieval, seconds = results["zeroshot"], results["retrieval"], results["seconds"]
-    chance = zeroshot["chance"]
-    lines = [
-        f"clipforge demo: {results['model']}, {results['steps']} steps x {results['batch_size']} pairs "
-        f"({results['epochs']} epochs) on {results['device']}, {results['threads']} threads",
-        "",
-        f"zero-shot on Fluent 3D emoji ({zeroshot['classes']} classes, chance {chance:.1%})   top-1    top-5",
-        f"  class name only                                           {zeroshot['bare']['top1']:6.1%}   "
-        f"{zeroshot['bare']['top5']:6.1%}",
-        f"  prompt ensemble ({len(zeroshot['ensemble']['templates'])} templates)                              "
-        f"{zeroshot['ensemble']['top1']:6.1%}   {zeroshot['ensemble']['top5']:6.1%}",
-        f"  ensemble {'beats' if results['floor']['ensemble_beats_bare'] else 'does not beat'} bare names; "
-        + (f"quality floor (20x chance = {20 * chance:.0%} top-1) {'met' if results['floor']['met'] else 'NOT met'}"
-           if 20 * chance < 1 else "too few classes for the 20x-chance floor"),
-        "",
-        f"retrieval on held-out pairs ({retrieval['images']} images, {retrieval['texts']} captions)   "
-        "R@1     R@5    R@10",
-    ]
-    for direction, label in (("image_to_text", "image -> text"), ("text_to_image", "text -> image")):
-        recalls = "  ".join(f"{retrieval[f'{direction}_recall@{k}']:6.1%}" for k in (1, 5, 10))
-        lines.append(f"  {label:<56}{recalls}")
-    lines += ["", f"time: data {seconds['prepare']:.0f} s, training {seconds['calibrate'] + seconds['train']:.0f} s "
-                  f"(speed check {seconds['calibrate']:.0f} s), evaluation {seconds['evaluate']:.0f} s, "
-                  f"total {seconds['total']:.0f} s"]
-    return "\n".join(lines)
-
-
 def _load_average() -> float | None:
     try:
         return round(os.getloadavg()[0], 2)
     except (AttributeError, OSError):
         return None
 
-
-def _log(progress: bool, message: str) -> None:
-    if progress:
-        print(message, file=sys.stderr, flush=True)

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
-
+from ..checkpoints import CheckpointError, load_model
+from ..files import normal_permissions
 from ..checkpoints import save as save_model_folder
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -98,8 +98,9 @@ def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, state: dict[str
     temporary = folder / f".tmp_step_{step:08d}_{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
+    normal_permissions(temporary, folder=True)
     save_model_folder(model, temporary)  # model.safetensors + config.json, what clipforge.load reads
-    torch.save(state, temporary / STATE_FILE)
+    torch.save(state, temporary / STATE_FILE)  # inside a temporary folder: atomic with it
     for file in temporary.iterdir():
         _fsync(file)
     if final.exists():  # the same step saved again after a resume: swap, then drop the old one
@@ -117,11 +118,26 @@ def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, state: dict[str
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module) -> dict[str, Any]:
-    """Load the weights of checkpoint folder ``path`` into ``model``; return its state dict."""
-    path = Path(path)
-    weights = load_file(str(path / WEIGHTS_FILE))
-    model.load_state_dict(weights)
-    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    """Load the weights of checkpoint folder ``path`` into ``model``; return its training state.
+
+    The weights are read by :func:`clipforge.load_model`, with its format checks and errors.
+    """
+    model.load_state_dict(load_model(path).state_dict())
+    return read_training_state(path)
+
+
+def read_training_state(path: str | Path) -> dict[str, Any]:
+    """The ``state.pt`` of checkpoint folder ``path``, read as data; one-line errors for a bad file."""
+    state_file = Path(path) / STATE_FILE
+    if not state_file.is_file():
+        raise CheckpointError(f"{state_file}: missing; a checkpoint folder holds {WEIGHTS_FILE}, config.json "
+                              f"and {STATE_FILE}")
+    try:
+        return torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, bad pickle: never suggest weights_only=False
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{state_file}: unreadable training state ({first[:200]}); the file is truncated "
+                              "or not a clipforge checkpoint: resume from an earlier step_* folder") from None
 
 
 def _fsync(path: Path) -> None:

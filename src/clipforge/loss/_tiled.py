@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .distributed import all_reduce_max, all_reduce_sum
+from ..distributed import all_reduce_max, all_reduce_sum
 
 
 def _spans(length: int, tile: int) -> list[tuple[int, int]]:

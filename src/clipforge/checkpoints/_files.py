@@ -2,7 +2,7 @@
 
 Plain and zip-format ``torch.save`` files go through ``torch.load(weights_only=True)``, which
 refuses any pickle that asks for something other than tensors and containers. TorchScript
-archives are read by :mod:`clipforge._torchscript`; ``.safetensors`` files hold no code at all.
+archives are read by :mod:`clipforge.checkpoints._torchscript`; ``.safetensors`` files hold no code at all.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 SAFE_LOADING = "clipforge never runs code from a checkpoint file"
+FORMAT_VERSION = 1  # of clipforge's own folder layout (config.json "format_version")
 
 # First bytes of files people pass by mistake, for a friendlier error.
 _IMAGE_MAGIC = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image",

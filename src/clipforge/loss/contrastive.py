@@ -2,7 +2,7 @@
 
 ``contrastive_loss`` is the paper's symmetric cross-entropy over the image->text and text->image
 logits ``exp(logit_scale) * normalize(image) @ normalize(text).T``; ``sigmoid_loss`` is SigLIP's
-pairwise sigmoid loss. Both walk the N x N logits tile by tile (:mod:`clipforge._loss_kernels`)
+pairwise sigmoid loss. Both walk the N x N logits tile by tile (:mod:`clipforge.loss._tiled`)
 and never hold more than one (tile, tile) block, so a 32,768-pair batch needs tens of MiB, not
 the 4 GiB per copy of the naive matrix; values and gradients match the naive formulation.
 ``naive_contrastive_loss`` / ``naive_sigmoid_loss`` keep that formulation for tests and small N.
@@ -23,6 +23,9 @@ global batch of N pairs, identical to one process on the concatenated batch. Bac
 each rank ``world_size`` times that rank's share of the gradient, so the mean over ranks (what
 DDP's all-reduce or :func:`clipforge.distributed.average_gradients` computes) is exactly the
 single-process gradient. All ranks must pass the same ``n``.
+
+:class:`Objective` is the training objective as a module: either loss with the model's own
+``logit_scale``; SigLIP's learnable bias lives there, so optimizer and checkpoints pick it up.
 """
 from __future__ import annotations
 
@@ -32,8 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._loss_kernels import TiledClipLoss, TiledSigmoidLoss
-from .distributed import all_gather_with_grad, world_info
+from ..distributed import all_gather_with_grad, world_info
+from ._tiled import TiledClipLoss, TiledSigmoidLoss
 
 LOGIT_SCALE_MAX = math.log(100.0)  # the paper caps exp(logit_scale) at 100
 SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)  # SigLIP's initial temperature t' (scale 10)
@@ -199,3 +202,24 @@ class SigLipLoss(nn.Module):
             image_features, text_features, logit_scale, logit_bias,
             tile_size=self.tile_size, gather=self.gather, normalize=self.normalize,
         )
+
+
+class Objective(nn.Module):
+    """``objective(image_features, text_features, logit_scale)`` -> the loss of the global batch.
+
+    Features are the encoders' raw ``(n, embed_dim)`` outputs on this process; the loss gathers
+    them across processes when there are several (see the module docstring).
+    """
+
+    def __init__(self, kind: str = "clip", tile_size: int = DEFAULT_TILE_SIZE):
+        super().__init__()
+        if kind not in ("clip", "siglip"):
+            raise ValueError(f"loss kind must be 'clip' or 'siglip', got {kind!r}")
+        self.kind, self.tile_size = kind, tile_size
+        if kind == "siglip":
+            self.logit_bias = nn.Parameter(torch.tensor(SIGLIP_INIT_LOGIT_BIAS))
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+        if self.kind == "siglip":
+            return sigmoid_loss(image_features, text_features, logit_scale, self.logit_bias, tile_size=self.tile_size)
+        return contrastive_loss(image_features, text_features, logit_scale, tile_size=self.tile_size)

@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clipforge.data.demo_sources import package_dir
+from .sources import package_dir
 
 # Longest caption kept, in words: the CLIP tokenizer's 77-token context fits this with room to spare.
 MAX_CAPTION_WORDS = 30

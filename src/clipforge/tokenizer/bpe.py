@@ -14,12 +14,12 @@ The algorithm (Radford et al. 2021, and OpenAI's released code) is:
 
 Speed comes from shortcuts that leave the ids unchanged (``tests/test_tokenizer.py`` checks them
 against OpenAI's ids and against a plain re-implementation on thousands of inputs): cleaning
-skips ftfy where it provably changes nothing (:mod:`clipforge.text_clean`); a batch is handled
+skips ftfy where it provably changes nothing (:mod:`clipforge.tokenizer.clean`); a batch is handled
 as a whole, so each new space-free piece of text, and each new word, is split and merged once
 however often it occurs (ASCII pieces split by the stdlib's ``re``, twice as fast as ``regex``),
 and the cached ids of known pieces, kept as 16-bit bytes, are joined by ``bytes.join``; BPE
 runs on integer ids, is skipped for words that are one vocabulary entry, and runs on many new
-words at once in numpy (:mod:`clipforge._bpe_batch`); the padded rows are one ``bytes.join``
+words at once in numpy (:mod:`clipforge.tokenizer._batch_merge`); the padded rows are one ``bytes.join``
 widened to int64 by numpy.
 """
 from __future__ import annotations
@@ -37,8 +37,8 @@ import numpy as np
 import regex
 import torch
 
-from clipforge._bpe_batch import SEPARATOR, BatchMerger, id_bytes
-from clipforge.text_clean import clean_pieces, clean_text, fixed_pieces, ftfy_is_identity, needs_ftfy  # noqa: F401
+from ._batch_merge import SEPARATOR, BatchMerger, id_bytes
+from .clean import clean_pieces, clean_text, fixed_pieces, ftfy_is_identity, needs_ftfy  # noqa: F401
 
 VOCAB_PATH = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
 OPENAI_VOCAB_SHA256 = "67603cfda2e032ad77b5f8808af37789d590db664b26df8705d2bf8b3c553fc8"
@@ -204,7 +204,7 @@ class Tokenizer:
                 cache.update(zip(some_pieces, b"".join(map(get, found)).split(SEPARATOR)))
 
     def _text_ids(self, texts: Sequence[str]) -> list[bytes]:
-        """Each text's ids as 16-bit bytes (:func:`~clipforge._bpe_batch.id_bytes`). New pieces
+        """Each text's ids as 16-bit bytes (:func:`~clipforge.tokenizer._batch_merge.id_bytes`). New pieces
         and words are split and merged once per batch, however often they occur."""
         # Text that ftfy and html.unescape leave as it is only needs lower() and split(): printable
         # ASCII without '&' (checked inline: a call per text costs as much as the cleaning), what

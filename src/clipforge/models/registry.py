@@ -1,11 +1,13 @@
 """Named model presets: ``register_model`` functions that return a :class:`ClipConfig`.
 
-Presets live beside the model code (``models/presets.py``); tests parametrize over the registry.
+Presets are registered in ``models/presets.py``, which ``clipforge.models`` imports eagerly;
+this module never imports it back, so there is no import cycle. Tests parametrize over the registry.
 """
 from __future__ import annotations
 
 from typing import Callable
 
+from .clip import CLIP
 from .config import ClipConfig
 
 _PRESETS: dict[str, Callable[[], ClipConfig]] = {}
@@ -25,8 +27,6 @@ def register_model(name: str) -> Callable[[Callable[[], ClipConfig]], Callable[[
 
 def available_models() -> list[str]:
     """Names of all registered presets, OpenAI's nine first, in registration order."""
-    from .models import presets  # noqa: F401  (registers on import)
-
     return list(_PRESETS)
 
 
@@ -36,3 +36,9 @@ def get_config(name: str) -> ClipConfig:
     if name not in _PRESETS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(names)}")
     return _PRESETS[name]()
+
+
+def create_model(name_or_config: "str | ClipConfig") -> CLIP:
+    """A randomly initialised :class:`CLIP` from a preset name or a :class:`ClipConfig`."""
+    config = get_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
+    return CLIP(config)

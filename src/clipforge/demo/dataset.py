@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -32,9 +31,11 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from clipforge.data import demo_records
-from clipforge.data.demo_records import DemoRecord
-from clipforge.data.demo_sources import (PACKAGES, SOURCES, DemoSourceError, install_commands, install_sources,
+from ..files import write_text_atomic
+from ..runtime import log_progress as _log
+from . import records as demo_records
+from .records import DemoRecord
+from .sources import (PACKAGES, SOURCES, DemoSourceError, install_commands, install_sources,
                                          missing_packages, package_dir, packages_for)
 
 FORMAT_VERSION = 1  # bump when the layout or the selection rules change: old caches are rebuilt
@@ -115,7 +116,7 @@ def prepare_demo_data(cache_dir: str | os.PathLike, config: DemoDataConfig | Non
                 "counts": counts, "sources": _source_notes(), "eval_classes": sorted({r.label for r in evaluation}),
                 "unreadable": unreadable,
                 "prepare_seconds": round(time.perf_counter() - started, 1)}
-    _write_atomic(root / "manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False))
+    write_text_atomic(root / "manifest.json", json.dumps(manifest, indent=1, ensure_ascii=False))
     dataset = load_demo_dataset(root)
     _log(progress, f"demo data: ready in {root} ({_summary(counts)}) after {manifest['prepare_seconds']} s")
     return dataset
@@ -256,7 +257,7 @@ def _render_source(root: Path, source: str, records: list[DemoRecord], config: D
         os.replace(temporary, target)
     if unreadable:
         _log(progress, f"demo data: {len(unreadable)} unreadable {source} image(s) skipped, e.g. {unreadable[0]}")
-    _write_atomic(marker, json.dumps({"fingerprint": fingerprint, "unreadable": unreadable}, indent=1))
+    write_text_atomic(marker, json.dumps({"fingerprint": fingerprint, "unreadable": unreadable}, indent=1))
     return unreadable
 
 
@@ -273,7 +274,7 @@ def _write_outputs(root: Path, train: list[DemoRecord], heldout: list[DemoRecord
     train_rows = [{"image": f"images/{r.source}/{r.key}.png", "caption": r.captions} for r in train]
     heldout_rows = [{"image": f"images/{r.source}/{r.key}.png", "caption": c} for r in heldout for c in r.captions]
     for name, rows in (("train.jsonl", train_rows), ("heldout.jsonl", heldout_rows)):
-        _write_atomic(root / name, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        write_text_atomic(root / name, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     # The eval folder is rebuilt whole (it is small) so a changed class list leaves no stale folders.
     eval_dir, building = root / "eval" / EVAL_SOURCE, root / "eval" / f".{EVAL_SOURCE}.tmp"
     shutil.rmtree(building, ignore_errors=True)
@@ -288,7 +289,7 @@ def _write_outputs(root: Path, train: list[DemoRecord], heldout: list[DemoRecord
     unnamed = [name for name in classnames if name.lower() not in train_text]
     if unnamed:  # the zero-shot set must test a new style, not new words
         raise AssertionError(f"eval classes {unnamed[:5]} never occur in a training caption")
-    _write_atomic(root / "eval" / f"{EVAL_SOURCE}_classnames.txt", "\n".join(classnames) + "\n")
+    write_text_atomic(root / "eval" / f"{EVAL_SOURCE}_classnames.txt", "\n".join(classnames) + "\n")
     per_source = {s: {"train_images": sum(r.source == s for r in train),
                       "heldout_images": sum(r.source == s for r in heldout)} for s in TRAIN_SOURCES}
     return {"train_images": len(train), "train_pairs": sum(len(r.captions) for r in train),
@@ -343,19 +344,8 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
 def _summary(counts: dict) -> str:
     return (f"{counts['train_images']} training images / {counts['train_pairs']} pairs, "
             f"{counts['heldout_images']} held-out images, {counts['eval_images']} eval images "
             f"in {counts['eval_classes']} classes")
 
-
-def _log(progress: bool, message: str) -> None:
-    if progress:
-        print(message, file=sys.stderr, flush=True)

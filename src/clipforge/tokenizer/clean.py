@@ -42,7 +42,7 @@ import ftfy.badness
 import ftfy.chardata
 import ftfy.fixes
 
-from clipforge._ftfy_anchors import BADNESS_ANCHORS
+from ._ftfy_anchors import BADNESS_ANCHORS
 
 # An '&' that starts an entity for html.unescape or ftfy needs a non-space character after it.
 _ENTITY_START = re.compile(r"&[^ ]")

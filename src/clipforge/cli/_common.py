@@ -1,0 +1,84 @@
+"""What several commands share: ``--model`` / ``--device`` / ``--precision`` and the feature cache.
+
+``eval``, ``classify`` and (soon) ``embed`` and ``serve`` take the same ``--model`` (a checkpoint
+``clipforge.load`` reads, or a preset name for random weights) and resolve ``--device`` the same
+way, through :mod:`clipforge.runtime`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from . import CliError
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--device``, ``--precision`` and ``--seed``, shared with ``clipforge classify``."""
+    parser.add_argument("--model", default=os.environ.get("CLIPFORGE_MODEL"), metavar="CKPT|PRESET",
+                        help="checkpoint clipforge.load reads, or a preset name for random weights "
+                        "(default: $CLIPFORGE_MODEL)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                        help="autocast precision of the encoders")
+    parser.add_argument("--seed", type=int, default=0, help="seed of random preset weights and data splits")
+
+
+def resolve_device_arg(name: str):
+    """``--device`` as a ``torch.device`` (:func:`clipforge.runtime.resolve_device`); a usage error otherwise."""
+    from ..runtime import resolve_device
+
+    try:
+        return resolve_device(name)
+    except ValueError as err:
+        raise CliError(f"--device: {err}") from None
+
+
+def load_model_arg(spec: str | None, device, seed: int = 0):
+    """``(model, preprocess)`` for ``--model``: a checkpoint, or a preset with random weights (warned)."""
+    import torch
+
+    from ..models import available_models, create_model
+
+    if not spec:
+        raise CliError("no model: pass --model CHECKPOINT (or a preset name such as tiny-vit) "
+                       "or set CLIPFORGE_MODEL")
+    from ..checkpoints import load
+
+    is_preset = spec in available_models() and not Path(spec).expanduser().exists()
+    if not is_preset:
+        model, preprocess = load(spec, device=device)
+        return model.eval(), preprocess
+    try:
+        model, preprocess = load(spec, device=device)  # released weights, when cached locally
+        return model.eval(), preprocess
+    except ValueError:
+        pass
+    print(f"warning: {spec!r} is a preset without local weights: using RANDOM weights (seed {seed}); "
+          "scores will be near chance. Pass a checkpoint for real results.", file=sys.stderr)
+    from ..transforms import image_transform
+
+    torch.manual_seed(seed)
+    model = create_model(spec).to(device).eval()
+    return model, image_transform(model.config.vision.image_size)
+
+
+def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--cache-dir`` and ``--no-cache`` of the feature cache."""
+    parser.add_argument("--cache-dir", metavar="DIR", help="feature cache (default: $CLIPFORGE_CACHE/features "
+                        "or ~/.cache/clipforge/features)")
+    parser.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")
+
+
+def feature_cache_dir(args: argparse.Namespace) -> str | None:
+    """The feature cache folder of ``--cache-dir`` / ``--no-cache``: below the cache root by default."""
+    from ..runtime import cache_root
+
+    if args.no_cache:
+        return None
+    if args.cache_dir:
+        if Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
+            raise CliError(f"--cache-dir {args.cache_dir}: is a file; expected a folder")
+        return args.cache_dir
+    return str(cache_root() / "features")

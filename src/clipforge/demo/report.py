@@ -1,0 +1,85 @@
+"""What ``clipforge demo`` shows a person: the results table and the grid of predictions."""
+from __future__ import annotations
+
+import math
+import os
+import random
+from pathlib import Path
+
+from ..files import atomic_path
+
+GRID_IMAGES = 24  # eval images shown in predictions.png
+
+
+def draw_prediction_grid(data, result, path: str | os.PathLike, count: int = GRID_IMAGES, columns: int = 6,
+                         seed: int = 0) -> Path:
+    """A PNG of ``count`` eval images (a seeded sample), each with its true label and top-3 predictions.
+
+    ``data`` is the :class:`~clipforge.evaluate.ClassificationData` and ``result`` the
+    :class:`~clipforge.evaluate.ZeroShotResult` scored on it; a correct prediction is green.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    rows_of = {int(index): row for row, index in enumerate(result.indices.tolist())}
+    chosen = sorted(random.Random(seed).sample(sorted(rows_of), min(count, len(rows_of))))
+    probabilities = result.logits.softmax(dim=-1)  # (M, C)
+    font = ImageFont.load_default(size=11)
+    cell_w, thumb, line = 190, 96, 14
+    cell_h = thumb + 6 + 4 * line + 8
+    grid_rows = math.ceil(len(chosen) / columns)
+    canvas = Image.new("RGB", (columns * cell_w, max(1, grid_rows) * cell_h), "white")
+    draw = ImageDraw.Draw(canvas)
+    for slot, index in enumerate(chosen):
+        x, y = (slot % columns) * cell_w, (slot // columns) * cell_h
+        with Image.open(data.paths[index]) as image:
+            canvas.paste(image.convert("RGB").resize((thumb, thumb)), (x + (cell_w - thumb) // 2, y + 4))
+        truth = data.labels[index]
+        draw.text((x + 4, y + thumb + 6), _fit(f"true: {data.classes[truth]}", draw, font, cell_w - 8),
+                  fill="black", font=font)
+        top = probabilities[rows_of[index]].topk(3)
+        for rank, (score, label) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):
+            text = _fit(f"{rank}. {data.classes[label]} {score:.0%}", draw, font, cell_w - 8)
+            draw.text((x + 4, y + thumb + 6 + rank * line), text,
+                      fill=(0, 140, 0) if label == truth else (90, 90, 90), font=font)
+    path = Path(path)
+    with atomic_path(path) as temporary:
+        canvas.save(temporary, format="PNG")
+    return path
+
+
+def _fit(text: str, draw, font, width: int) -> str:
+    """``text`` cut with an ellipsis to fit ``width`` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def format_results(results: dict) -> str:
+    """The short results table ``clipforge demo`` prints."""
+    zeroshot, retrieval, seconds = results["zeroshot"], results["retrieval"], results["seconds"]
+    chance = zeroshot["chance"]
+    lines = [
+        f"clipforge demo: {results['model']}, {results['steps']} steps x {results['batch_size']} pairs "
+        f"({results['epochs']} epochs) on {results['device']}, {results['threads']} threads",
+        "",
+        f"zero-shot on Fluent 3D emoji ({zeroshot['classes']} classes, chance {chance:.1%})   top-1    top-5",
+        f"  class name only                                           {zeroshot['bare']['top1']:6.1%}   "
+        f"{zeroshot['bare']['top5']:6.1%}",
+        f"  prompt ensemble ({len(zeroshot['ensemble']['templates'])} templates)                              "
+        f"{zeroshot['ensemble']['top1']:6.1%}   {zeroshot['ensemble']['top5']:6.1%}",
+        f"  ensemble {'beats' if results['floor']['ensemble_beats_bare'] else 'does not beat'} bare names; "
+        + (f"quality floor (20x chance = {20 * chance:.0%} top-1) {'met' if results['floor']['met'] else 'NOT met'}"
+           if 20 * chance < 1 else "too few classes for the 20x-chance floor"),
+        "",
+        f"retrieval on held-out pairs ({retrieval['images']} images, {retrieval['texts']} captions)   "
+        "R@1     R@5    R@10",
+    ]
+    for direction, label in (("image_to_text", "image -> text"), ("text_to_image", "text -> image")):
+        recalls = "  ".join(f"{retrieval[f'{direction}_recall@{k}']:6.1%}" for k in (1, 5, 10))
+        lines.append(f"  {label:<56}{recalls}")
+    lines += ["", f"time: data {seconds['prepare']:.0f} s, training {seconds['calibrate'] + seconds['train']:.0f} s "
+                  f"(speed check {seconds['calibrate']:.0f} s), evaluation {seconds['evaluate']:.0f} s, "
+                  f"total {seconds['total']:.0f} s"]
+    return "\n".join(lines)
