@@ -105,7 +105,6 @@ def test_explicit_config_overrides_inferred_head_count(tmp_path):
 
 
 def test_load_returns_model_and_preprocess_for_its_image_size(tmp_path):
-    pytest.importorskip("clipforge.transforms")
     from PIL import Image
 
     checkpoints.save(tiny_model("tiny-vit"), tmp_path / "m")

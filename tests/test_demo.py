@@ -61,6 +61,30 @@ def test_demo_reports_counts_of_the_data_it_used(finished: demo.DemoResult):
         assert 0 <= results["retrieval"][key] <= 1
 
 
+def test_demo_results_are_what_the_saved_model_scores(finished: demo.DemoResult):
+    """results.json agrees with evaluating the saved model again, and training lowered the loss."""
+    from clipforge import load
+    from clipforge.evaluate import evaluate_retrieval, evaluate_zeroshot, load_image_folder, load_retrieval_data
+    from clipforge.train.log import read_metrics
+
+    results, run_dir = finished.results, finished.run_dir
+    model, preprocess = load(run_dir / "model")
+    from clipforge.demo.records import with_article
+
+    eval_data = load_image_folder(finished.dataset.eval_dir)
+    articled = {name: with_article(name) for name in eval_data.classes}
+    zeroshot = evaluate_zeroshot(model, eval_data, articled, list(demo.ENSEMBLE_TEMPLATES), preprocess,
+                                 cache_dir=None, progress=False)
+    assert zeroshot.metrics["top1"] == pytest.approx(results["zeroshot"]["ensemble"]["top1"], abs=1e-4)
+    assert zeroshot.metrics["top5"] == pytest.approx(results["zeroshot"]["ensemble"]["top5"], abs=1e-4)
+    retrieval = evaluate_retrieval(model, load_retrieval_data(finished.dataset.heldout_captions), preprocess,
+                                   cache_dir=None, progress=False)
+    for key in ("image_to_text_recall@1", "text_to_image_recall@5"):
+        assert retrieval["metrics"][key] == pytest.approx(results["retrieval"][key], abs=1e-4)
+    losses = [row["loss"] for row in read_metrics(run_dir / "metrics.jsonl") if "loss" in row]
+    assert len(losses) >= 2 and sum(losses[-3:]) / 3 < losses[0]
+
+
 def test_demo_writes_every_report_file(finished: demo.DemoResult):
     run_dir = finished.run_dir
     on_disk = json.loads((run_dir / "results.json").read_text(encoding="utf-8"))
@@ -158,7 +182,17 @@ def test_pick_threads_takes_one_thread_when_other_programs_keep_the_cpu_busy(mon
     assert demo.pick_threads("tiny-vit", 8) == 1
 
 
-def test_pick_threads_returns_one_of_the_candidates_and_restores_the_setting():
+@pytest.mark.parametrize("faster", [1, 2])
+def test_pick_threads_picks_the_measured_faster_count_and_restores_the_setting(monkeypatch: pytest.MonkeyPatch,
+                                                                               faster: int):
+    """A fake clock makes ``faster`` threads take 1 s a pass and the other count 3 s."""
+    now = [0.0]
+
+    def clock():
+        now[0] += 0.5 if torch.get_num_threads() == faster else 1.5  # two reads a pass
+        return now[0]
+
+    monkeypatch.setattr(demo.time, "perf_counter", clock)
     before = torch.get_num_threads()
-    assert demo.pick_threads("tiny-vit", 8, candidates=(2, 1)) in (1, 2)
+    assert demo.pick_threads("tiny-vit", 8, candidates=(2, 1)) == faster
     assert torch.get_num_threads() == before

@@ -156,8 +156,9 @@ def test_a_folder_of_another_image_size_is_refused(built, cache_dir: Path):
 
 
 def test_training_and_evaluation_readers_accept_the_files(built):
-    captions = pytest.importorskip("clipforge.data.captions")
-    eval_datasets = pytest.importorskip("clipforge.evaluate.datasets")
+    from clipforge.data import captions
+    from clipforge.evaluate import datasets as eval_datasets
+
     train = captions.CaptionDataset(built.train_captions)
     assert len(train) == built.counts["train_images"]
     sample = train.read(0)

@@ -141,10 +141,18 @@ def test_already_normalised_inputs_and_normalize_false_agree():
     _assert_rel_close(a, c)
 
 
-def test_modules_equal_functions():
+def test_modules_equal_the_papers_formulas():
+    """The modules against the loss written out here (not against the functions they wrap)."""
     image, text = _pairs(10, 8, seed=5)
-    assert ClipLoss(tile_size=4)(image, text, 1.5) == contrastive_loss(image, text, 1.5, tile_size=4)
-    assert SigLipLoss(tile_size=4)(image, text, 1.5, -2.0) == sigmoid_loss(image, text, 1.5, -2.0, tile_size=4)
+    unit_image = torch.nn.functional.normalize(image.double(), dim=-1)
+    unit_text = torch.nn.functional.normalize(text.double(), dim=-1)
+    logits = math.exp(1.5) * unit_image @ unit_text.t()  # (10, 10)
+    labels = torch.arange(10)
+    clip = (torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.t(), labels)) / 2
+    _assert_rel_close(ClipLoss(tile_size=4)(image, text, 1.5), clip.float())
+    signs = 2 * torch.eye(10, dtype=torch.float64) - 1  # +1 on matching pairs, -1 elsewhere
+    sigmoid = -torch.nn.functional.logsigmoid(signs * (logits - 2.0)).sum() / 10
+    _assert_rel_close(SigLipLoss(tile_size=4)(image, text, 1.5, -2.0), sigmoid.float())
 
 
 def test_clamp_logit_scale_caps_the_scale_at_100():

@@ -106,6 +106,6 @@ def _worker(rank: int, init_file: str) -> None:
         dist.destroy_process_group()
 
 
-def test_two_processes_match_one_process_on_the_concatenated_batch(tmp_path):
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+def test_two_processes_match_one_process_on_the_concatenated_batch(tmp_path, monkeypatch):
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", os.environ.get("GLOO_SOCKET_IFNAME", "lo"))  # undone after the test
     mp.spawn(_worker, args=(str(tmp_path / "rendezvous"),), nprocs=WORLD_SIZE, join=True)

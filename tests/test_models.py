@@ -51,10 +51,15 @@ def test_embeddings_match_open_clip_within_1e5(family):
 def test_trimmed_text_tower_equals_full_length():
     model, ref = load_openclip_fixture("vit")
     tokens = ref["tokens"][:3]  # the longest (75 tokens) is excluded so trimming really trims
+    positions = []
+    model.transformer.register_forward_pre_hook(lambda module, args, kwargs: positions.append(args[0].shape[1]),
+                                                with_kwargs=True)
     with torch.no_grad():
         trimmed = model.encode_text(tokens)
         model.trim_text = False
         full = model.encode_text(tokens)
+    longest = int(tokens.argmax(dim=-1).max()) + 1  # through the last end-of-text
+    assert positions == [longest, model.config.text.context_length] and longest < 40
     assert (trimmed - full).abs().max() <= 1e-5
 
 

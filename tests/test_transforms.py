@@ -38,6 +38,9 @@ def keys(kind: str) -> list[str]:
     return sorted(key for key in REFERENCE.files if key.startswith(kind + "/"))
 
 
+# OpenAI's normalisation, written out here (clip/clip.py, _transform) rather than read from clipforge.
+PUBLISHED_MEAN = (0.48145466, 0.4578275, 0.40821073)
+PUBLISHED_STD = (0.26862954, 0.26130258, 0.27577711)
 FIXTURE_PILLOW = json.loads((FIXTURES / "versions.json").read_text())["pillow"]
 # Exact under the fixtures' Pillow; else 6 levels of 255 over the smallest std (0.261): 0.09.
 TOLERANCE = 1e-6 if PIL.__version__ == FIXTURE_PILLOW else 6 / 255 / 0.261
@@ -71,8 +74,23 @@ def test_center_crop_pads_small_images_like_torchvision(key):
     cropped = center_crop(load_image(IMAGES / name), int(size))
     assert cropped.size == (int(size), int(size))
     pixels = torch.from_numpy(np.array(cropped.convert("RGB"))).permute(2, 0, 1).float() / 255  # (3, S, S)
-    mean, std = torch.tensor(OPENAI_MEAN).view(3, 1, 1), torch.tensor(OPENAI_STD).view(3, 1, 1)
+    mean, std = torch.tensor(PUBLISHED_MEAN).view(3, 1, 1), torch.tensor(PUBLISHED_STD).view(3, 1, 1)
     assert_matches((pixels - mean) / std, key)
+
+
+def test_normalisation_is_openais_on_its_own():
+    """Independent of the fixtures' Pillow: the constants are OpenAI's, and un-normalising the eval
+    output with them gives back 8-bit pixel levels exactly (any other mean or std would not)."""
+    assert OPENAI_MEAN == PUBLISHED_MEAN and OPENAI_STD == PUBLISHED_STD
+    mean, std = torch.tensor(PUBLISHED_MEAN).view(3, 1, 1), torch.tensor(PUBLISHED_STD).view(3, 1, 1)
+    for name in ("hopper.jpg", "hopper_rgba.png", "hopper_224x224.png"):
+        output = image_transform(64)(load_image(IMAGES / name))  # (3, 64, 64)
+        levels = (output * std + mean) * 255
+        assert (levels - levels.round()).abs().max() < 1e-3, name
+        assert levels.min() > -1e-3 and levels.max() < 255 + 1e-3, name
+    imagenet_mean = torch.tensor((0.485, 0.456, 0.406)).view(3, 1, 1)
+    wrong = (output * std + imagenet_mean) * 255  # what the check sees if the mean were ImageNet's
+    assert (wrong - wrong.round()).abs().max() > 0.1
 
 
 @pytest.mark.parametrize("key", keys("train"))

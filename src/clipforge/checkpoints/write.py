@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from ..files import atomic_path, write_text_atomic
 from ..models import CLIP, ClipConfig
 from ._files import FORMAT_VERSION, CheckpointError
+from ._hf_files import preprocessor_config, tokenizer_files
 from ._hf_keys import clip_to_hf_config, openai_to_hf
 
 
@@ -62,8 +63,9 @@ def export_openai(model: CLIP, path: str | os.PathLike) -> Path:
 
 
 def export_hf(model: CLIP, folder: str | os.PathLike) -> Path:
-    """Write a Hugging Face CLIP folder (``config.json`` + ``model.safetensors``) that
-    ``transformers.CLIPModel.from_pretrained`` loads. ViT models only."""
+    """Write a Hugging Face CLIP folder that ``transformers.CLIPModel``, ``CLIPProcessor`` and the
+    zero-shot pipeline load: ``config.json`` + ``model.safetensors``, the tokenizer's files and
+    ``preprocessor_config.json``. ViT models only."""
     folder = Path(folder)
     tensors = _cpu_tensors(model)
     try:
@@ -75,4 +77,7 @@ def export_hf(model: CLIP, folder: str | os.PathLike) -> Path:
     with atomic_path(folder / "model.safetensors") as temporary:
         save_file(hf_tensors, str(temporary), metadata={"format": "pt"})
     write_text_atomic(folder / "config.json", json.dumps(hf_config, indent=2) + "\n")
+    for name, text in tokenizer_files(model.config.text.context_length).items():
+        write_text_atomic(folder / name, text)
+    write_text_atomic(folder / "preprocessor_config.json", preprocessor_config(model.config.vision.image_size))
     return folder
