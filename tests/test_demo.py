@@ -134,8 +134,11 @@ def test_interrupted_training_resumes_and_a_finished_run_is_only_evaluated(
     resumed = _run(run_dir, cache_dir, data_dir)
     assert resumed.results["resumed_from_step"] == 10
     assert [p.name for p in list_checkpoints(run_dir)] == [f"step_{STEPS:08d}"]
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == STEPS  # no step logged twice
+    evaluated = [r["step"] for r in records if "eval/seconds" in r]  # evaluation while training, once per due step
+    assert evaluated == sorted(set(evaluated)) and evaluated[-1] == STEPS and len(evaluated) >= 4
     again = _run(run_dir, cache_dir, data_dir)
     assert again.results["resumed_from_step"] == STEPS
     assert again.results["zeroshot"] == resumed.results["zeroshot"]

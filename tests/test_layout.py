@@ -17,7 +17,8 @@ LAYERS = [
     {"runtime", "files"},
     {"models", "tokenizer", "transforms", "distributed"},
     {"data", "loss", "checkpoints", "export"},
-    {"train", "evaluate", "search"},
+    {"evaluate"},
+    {"train", "search"},  # evaluation while training, and search, use evaluate's encoders
     {"demo"},
     {"cli"},
     {"__main__"},  # python -m clipforge: the command itself

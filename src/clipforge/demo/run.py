@@ -49,6 +49,7 @@ WEIGHT_DECAY = 0.1
 WARMUP_FRACTION = 0.05  # of all steps
 CALIBRATION_STEPS = 8  # trainer steps timed to size the run (the first half is warm-up, not timed)
 CHECKPOINT_SECONDS = 60  # aim for a checkpoint about this often, so an interruption costs little
+EVALUATIONS = 8  # zero-shot and held-out evaluations while training (curves.png), besides the final one
 # Prompt ensemble: the caption styles of the training data ("a bagel", "an emoji of a bagel",
 # "a picture of a pecan", "a clip art of a crown") and three generic ones. Chosen before looking at
 # any score; the class name goes in with its article ("an octopus", "chopsticks").
@@ -152,6 +153,19 @@ def demo_train_config(model: str, train_file: str | os.PathLike, run_dir: str | 
     return config
 
 
+def add_demo_evaluation(config, dataset: DemoDataset, evaluations: int = EVALUATIONS) -> None:
+    """Evaluate while training: Fluent zero-shot with the prompt ensemble and the held-out pairs
+    (recall and loss), ``evaluations`` times over the run, so curves.png shows overfitting."""
+    from ..evaluate import load_image_folder
+
+    classes = load_image_folder(dataset.eval_dir).classes
+    config.eval.zeroshot = [{"name": "fluent3d", "data": str(dataset.eval_dir), "templates": list(ENSEMBLE_TEMPLATES),
+                             "classnames": {name: with_article(name) for name in classes}}]
+    config.eval.retrieval = [{"name": "heldout", "data": str(dataset.heldout_captions)}]
+    config.eval.every_steps = max(1, config.steps // evaluations)
+    config.eval.batch_size = 256
+
+
 def pick_threads(model: str, batch_size: int, candidates: tuple[int, ...] | None = None) -> int:
     """The torch thread count, of ``candidates`` (default: all cores, and one), that runs a forward
     and backward pass of ``model`` fastest; the current setting is restored.
@@ -247,8 +261,10 @@ def _train(run_dir: Path, dataset: DemoDataset, model: str, minutes: float, step
             samples_per_s, startup = measure_speed(probe, run_dir / "calibration", progress)
             calibrate_seconds = round(time.perf_counter() - started, 1)
             budget = minutes * 60 - calibrate_seconds - startup
-            steps = max(1, math.floor(0.97 * budget * samples_per_s / batch_size))  # 3 %: checkpoints
+            # 3 % of the time for checkpoints, 5 % for the evaluations while training
+            steps = max(1, math.floor(0.92 * budget * samples_per_s / batch_size))
         config = demo_train_config(model, dataset.train_captions, run_dir, steps, batch_size, device)
+        add_demo_evaluation(config, dataset)
         if samples_per_s:
             config.run.checkpoint_every = max(10, round(CHECKPOINT_SECONDS * samples_per_s / batch_size))
     epochs = config.steps * config.batch_size / dataset.counts["train_images"]

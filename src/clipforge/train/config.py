@@ -12,6 +12,7 @@ temperature initialised to 1/0.07 and capped at 100.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -74,12 +75,23 @@ class RunSection:
 
 
 @dataclass
+class EvalSection:
+    # Classification sets evaluated zero-shot while training: [{name, data, dataset?, classnames?, templates?}]
+    zeroshot: list = field(default_factory=list)
+    # Held-out image-caption listings: recall@k both ways and the held-out loss: [{name, data}]
+    retrieval: list = field(default_factory=list)
+    every_steps: int = 0  # evaluate every this many steps (0: only at the end), and always after the last step
+    batch_size: int = 64  # images per encoder pass while evaluating
+
+
+@dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     loss: LossSection = field(default_factory=LossSection)
     optim: OptimSection = field(default_factory=OptimSection)
     run: RunSection = field(default_factory=RunSection)
+    eval: EvalSection = field(default_factory=EvalSection)  # evaluation while training (none by default)
     # Contrastive batch: pairs per optimizer step summed over all processes. Each pair sees every
     # other pair of this batch as a negative, whatever the number of processes or chunks.
     batch_size: int = 256
@@ -131,6 +143,15 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
                 return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key)
+    if kind is list or origin is list:  # a JSON list from the command line, e.g. --set 'eval.zeroshot=[...]'
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{key} must be a JSON list, got {value!r} ({err.msg})") from None
+        if not isinstance(value, list):
+            raise ValueError(f"{key} must be a list, got {value!r}")
+        return value
     if origin is tuple:
         if isinstance(value, str):
             value = [v for v in value.strip("()[] ").split(",") if v.strip()]
@@ -225,3 +246,5 @@ def validate(config: TrainConfig, world_size: int = 1, device_type: str = "cpu")
         raise ValueError(f"data.workers must be >= 0, got {config.data.workers}")
     if not config.data.train:
         raise ValueError("no training data: set data.train (--data) to a captions file or shard pattern")
+    if config.eval.every_steps < 0 or config.eval.batch_size < 1:
+        raise ValueError(f"eval needs every_steps >= 0 and batch_size >= 1; got {config.eval}")

@@ -36,7 +36,7 @@ class MetricsLog:
         if self.writer is not None:
             for name, value in values.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.writer.add_scalar(f"train/{name}", value, step)
+                    self.writer.add_scalar(name if name.startswith("eval/") else f"train/{name}", value, step)
 
     def close(self) -> None:
         self.file.close()
@@ -66,8 +66,26 @@ def truncate_after(path: Path, step: int) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
 
 
+# Evaluation metrics drawn in curves.png (others stay in metrics.jsonl and TensorBoard).
+_PLOTTED = ("top1", "image_to_text_recall@1", "text_to_image_recall@1", "loss")
+
+
+def _evaluation_series(records: list[dict[str, Any]]) -> dict[str, tuple[list[int], list[float]]]:
+    """``"<set>/<metric>" -> (steps, values)`` of the evaluation records (keys ``eval/<set>/<metric>``)."""
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for record in records:
+        for key, value in record.items():
+            parts = key.split("/")
+            if len(parts) == 3 and parts[0] == "eval" and parts[2] in _PLOTTED and isinstance(value, (int, float)):
+                steps, values = series.setdefault(f"{parts[1]}/{parts[2]}", ([], []))
+                steps.append(record["step"])
+                values.append(value)
+    return series
+
+
 def plot_curves(run_dir: str | Path) -> Path | None:
-    """Draw loss and logit scale against step from the metrics log into ``run_dir/curves.png``.
+    """Draw loss and logit scale against step from the metrics log into ``run_dir/curves.png``,
+    with the held-out losses beside the training loss and a panel of evaluation metrics.
 
     Returns the PNG path, or None when there is nothing to plot or matplotlib is not installed.
     """
@@ -83,11 +101,25 @@ def plot_curves(run_dir: str | Path) -> Path | None:
     except ImportError:
         return None
     steps = [r["step"] for r in records]
-    figure, (loss_axis, scale_axis) = plt.subplots(1, 2, figsize=(10, 3.5))
-    loss_axis.plot(steps, [r["loss"] if math.isfinite(r["loss"]) else float("nan") for r in records])
+    evaluations = _evaluation_series(read_metrics(run_dir / METRICS_FILE))
+    accuracy = {name: series for name, series in evaluations.items() if not name.endswith("/loss")}
+    columns = 2 + bool(accuracy)
+    figure, axes = plt.subplots(1, columns, figsize=(5 * columns, 3.5))
+    loss_axis, scale_axis = axes[0], axes[1]
+    loss_axis.plot(steps, [r["loss"] if math.isfinite(r["loss"]) else float("nan") for r in records], label="training")
+    for name, (eval_steps, values) in evaluations.items():
+        if name.endswith("/loss"):  # held-out loss beside the training loss: overfitting shows as a gap
+            loss_axis.plot(eval_steps, values, marker="o", label=f"{name[:-5]} (held-out)")
     loss_axis.set(xlabel="step", ylabel="loss", title="contrastive loss")
+    if len(evaluations) > len(accuracy):
+        loss_axis.legend(fontsize=8)
     scale_axis.plot(steps, [r.get("logit_scale", float("nan")) for r in records], color="tab:orange")
     scale_axis.set(xlabel="step", ylabel="exp(logit_scale)", title="logit scale (capped at 100)")
+    if accuracy:
+        for name, (eval_steps, values) in accuracy.items():
+            axes[2].plot(eval_steps, values, marker="o", label=name)
+        axes[2].set(xlabel="step", ylabel="accuracy / recall", title="evaluation while training", ylim=(0, None))
+        axes[2].legend(fontsize=8)
     figure.tight_layout()
     out = run_dir / CURVES_FILE
     figure.savefig(out, dpi=100)

@@ -67,6 +67,7 @@ class Run:
     epoch: int = 0  # epoch of the next batch
     epoch_batch: int = 0  # index in its epoch of the next batch
     nonfinite_in_row: int = 0  # consecutive steps skipped for a non-finite loss or gradient
+    evaluation: Callable | None = None  # a train.evaluation.PeriodicEvaluation when the config lists eval sets
     params: list[nn.Parameter] = field(init=False)  # trainable: model's, then the objective's
     norm_buffers: list[torch.Tensor] = field(init=False)  # BatchNorm statistics, put back after a bad step
 
@@ -217,6 +218,15 @@ class _Progress:
             self.log.log(step, {"event": "nonfinite_step", "loss_value": str(loss), "grad_norm": str(grad_norm)})
             self.bar.write(f"step {step}: non-finite loss or gradient ({loss}, {grad_norm}); step skipped")
 
+    def evaluated(self, step: int, values: dict) -> None:
+        """Log evaluation results (rank 0 has them); a failed set is a warning, not a stop."""
+        if self.log and values:
+            self.log.log(step, values)
+            for key, value in values.items():
+                if key.endswith("/error"):
+                    self.bar.write(f"step {step}: evaluation of {key[5:-6]} failed: {value}")
+        self.restart_clock()  # evaluating does not count as training time
+
     def record(self, run: Run, loss: float, lr: float, grad_norm: float, rows: int) -> None:
         """Account for the step just taken; every ``log_every`` steps, write a metrics line."""
         self.losses.append(loss)
@@ -288,6 +298,8 @@ def run_loop(run: Run) -> TrainResult:
             if run.step % run.config.run.checkpoint_every == 0 or run.step == run.total_steps:
                 checkpoint = _save(run, checkpoint)
                 progress.restart_clock()
+            if run.evaluation is not None and run.evaluation.due(run.step, run.total_steps):
+                progress.evaluated(run.step, run.evaluation(run.model))
     finally:
         progress.close()
     return TrainResult(

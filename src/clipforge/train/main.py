@@ -54,6 +54,7 @@ from ..transforms import image_transform
 from .resume import read_training_state, resolve_resume, set_rng_state
 from .config import TrainConfig, validate
 from .distributed_setup import DistributedContext, cleanup_distributed, init_distributed, read_environment
+from .evaluation import PeriodicEvaluation
 from .loop import Run, TrainingStopped, TrainResult, epoch_loader, run_loop
 from .optim import build_optimizer, build_scheduler
 
@@ -159,6 +160,8 @@ def _build_run(config: TrainConfig, context: DistributedContext, dataset, resume
         tokenize=partial(tokenize, context_length=context_length, truncate=True),
         total_steps=0, autocast_dtype=autocast_dtype(config.precision),
     )
+    if config.eval.zeroshot or config.eval.retrieval:
+        run.evaluation = PeriodicEvaluation(config.eval, config.batch_size, context)
     steps_per_epoch = epoch_loader(run, 0).num_batches  # also fails now if the data cannot fill a batch
     run.total_steps = config.steps if config.steps is not None else config.epochs * steps_per_epoch
     run.scheduler = build_scheduler(optimizer, config.optim.warmup_steps, run.total_steps)

@@ -1,0 +1,148 @@
+"""Evaluation while training: zero-shot sets and held-out pairs, every few steps and at the end.
+
+``eval.zeroshot`` lists classification sets (``{name, data, dataset, classnames, templates}``),
+``eval.retrieval`` held-out image-caption listings (``{name, data}``): recall@k both ways and the
+held-out contrastive loss, computed as the training loss is (same loss, batches of the training
+batch size), so the two curves can be read together and overfitting shows. Rank 0 evaluates while
+the other processes wait; a failed evaluation is logged and training goes on.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..loss import contrastive_loss
+
+
+@dataclass
+class EvalSet:
+    """One evaluation set of the config, its data read once."""
+
+    kind: str  # "zeroshot" or "retrieval"
+    name: str
+    spec: dict[str, Any]
+    data: Any = None
+
+
+def parse_eval_sets(section) -> list[EvalSet]:
+    """The config's ``eval.zeroshot`` and ``eval.retrieval`` entries, checked; raises ``ValueError`` naming the entry."""
+    sets, names = [], set()
+    for kind, entries in (("zeroshot", section.zeroshot), ("retrieval", section.retrieval)):
+        if not isinstance(entries, list):
+            raise ValueError(f"eval.{kind} must be a list of {{name, data}} tables, got {entries!r}")
+        for position, entry in enumerate(entries):
+            where = f"eval.{kind}[{position}]"
+            if isinstance(entry, str):
+                entry = {"data": entry}
+            if not isinstance(entry, dict) or not entry.get("data"):
+                raise ValueError(f"{where} must be a table with a 'data' path, got {entry!r}")
+            allowed = {"name", "data", "dataset", "classnames", "templates", "images"}
+            unknown = sorted(set(entry) - allowed)
+            if unknown:
+                raise ValueError(f"{where}: unknown key {unknown[0]!r}; expected some of {sorted(allowed)}")
+            if not Path(str(entry["data"])).expanduser().exists():
+                raise FileNotFoundError(f"{where}: data {entry['data']} does not exist")
+            name = str(entry.get("name") or Path(str(entry["data"])).name)
+            if name in names:
+                raise ValueError(f"{where}: the name {name!r} is used twice; give each set its own name")
+            names.add(name)
+            sets.append(EvalSet(kind, name, dict(entry)))
+    return sets
+
+
+class PeriodicEvaluation:
+    """Runs the evaluation sets on rank 0 when due; returns the metrics to log."""
+
+    def __init__(self, section, batch_size: int, context):
+        self.sets = parse_eval_sets(section)
+        self.every_steps, self.batch_size, self.context = section.every_steps, batch_size, context
+        self.eval_batch_size = section.batch_size
+
+    def due(self, step: int, total_steps: int) -> bool:
+        """Whether to evaluate after ``step``: every ``every_steps`` steps and at the last step."""
+        if not self.sets:
+            return False
+        return step == total_steps or (self.every_steps > 0 and step % self.every_steps == 0)
+
+    def __call__(self, model: torch.nn.Module) -> dict[str, Any]:
+        """Every set's metrics as ``{"eval/<name>/<metric>": value}`` on rank 0 (``{}`` elsewhere)."""
+        values: dict[str, Any] = {}
+        if self.context.is_main:
+            started = time.perf_counter()
+            for eval_set in self.sets:
+                try:
+                    metrics = self._evaluate(model, eval_set)
+                except Exception as err:  # an evaluation failure must not stop the training
+                    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                    values[f"eval/{eval_set.name}/error"] = f"{type(err).__name__}: {first[:300]}"
+                    continue
+                values.update({f"eval/{eval_set.name}/{key}": value for key, value in metrics.items()})
+            values["eval/seconds"] = round(time.perf_counter() - started, 3)
+        if self.context.world_size > 1:
+            dist.barrier()  # the other processes wait for rank 0's evaluation
+        return values
+
+    def _evaluate(self, model: torch.nn.Module, eval_set: EvalSet) -> dict[str, float]:
+        from ..evaluate import (evaluate_retrieval, evaluate_zeroshot, load_classification_data,
+                                load_retrieval_data)
+        from ..transforms import image_transform
+
+        device = self.context.device
+        preprocess = image_transform(model.config.vision.image_size)
+        spec = eval_set.spec
+        if eval_set.kind == "zeroshot":
+            if eval_set.data is None:
+                eval_set.data = _classification_data(load_classification_data, spec)
+            result = evaluate_zeroshot(model, eval_set.data, spec.get("classnames"), spec.get("templates", "imagenet"),
+                                       preprocess, self.eval_batch_size, device=device, cache_dir=None,
+                                       progress=False)
+            return {key: float(value) for key, value in result.metrics.items()}
+        if eval_set.data is None:
+            eval_set.data = load_retrieval_data(spec["data"], spec.get("images"))
+        report = evaluate_retrieval(model, eval_set.data, preprocess, batch_size=self.eval_batch_size, device=device,
+                                    cache_dir=None, progress=False)
+        metrics = {key: float(value) for key, value in report["metrics"].items()}
+        metrics["loss"] = self._heldout_loss(model, eval_set.data, preprocess)
+        return metrics
+
+    def _heldout_loss(self, model: torch.nn.Module, data, preprocess) -> float:
+        """The contrastive loss on held-out pairs (each image with its first caption), in training-size batches."""
+        from ..evaluate import encode_images, encode_texts
+
+        first_caption: dict[int, str] = {}
+        for text, image in zip(data.texts, data.text_to_image):
+            first_caption.setdefault(image, text)
+        images = encode_images(model, data.image_paths, preprocess, self.eval_batch_size, device=self.context.device,
+                               progress=False)
+        read = images.indices.tolist()
+        texts = encode_texts(model, [first_caption[i] for i in read], device=self.context.device,
+                             progress=False)  # (n, D), row k describes image read[k]
+        logit_scale = model.logit_scale.detach().float().cpu()
+        order = torch.randperm(len(read), generator=torch.Generator().manual_seed(0))  # mixed as training batches are
+        image_features, text_features = images.features[order].float(), texts[order].float()  # (n, D) each
+        losses, weights = [], []
+        for start in range(0, len(read) - 1, self.batch_size):  # a last batch of one pair has no negatives
+            stop = min(start + self.batch_size, len(read))
+            if stop - start < 2:
+                break
+            loss = contrastive_loss(image_features[start:stop], text_features[start:stop], logit_scale, gather=False)
+            losses.append(float(loss) * (stop - start))
+            weights.append(stop - start)
+        return sum(losses) / sum(weights) if weights else math.nan
+
+
+def _classification_data(load, spec: dict[str, Any]):
+    """A zero-shot set's data: a named protocol (``dataset``) when this clipforge knows it."""
+    if spec.get("dataset"):
+        try:
+            return load(spec["data"], spec.get("images"), dataset=spec["dataset"])
+        except TypeError:
+            raise ValueError(f"eval.zeroshot: dataset={spec['dataset']!r} needs a clipforge that knows the "
+                             "dataset protocols") from None
+    return load(spec["data"], spec.get("images"))
