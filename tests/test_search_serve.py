@@ -214,6 +214,14 @@ def test_image_and_thumbnail_by_id(fixture, client):
     assert client.get("/thumb/5").content == thumb.content
 
 
+def test_collections_describe_their_indexes(client):
+    described = {item["name"]: item for item in client.get("/collections").json()}
+    assert described["shapes"]["modalities"] == ["image", "text"] and described["shapes"]["dim"] == 32
+    assert described["shapes"]["indexes"]["text"] == {"factory": "HNSW16", "exact": False,
+                                                      "search_params": "efSearch=64"}
+    assert described["imageonly"]["indexes"]["image"]["exact"] is True
+
+
 def test_health_and_metrics(client):
     assert client.get("/health").json() == {"status": "ok", "collections": {"shapes": 27, "imageonly": 27}}
     client.get("/search", params={"q": "x", "k": "oops"})

@@ -264,7 +264,7 @@ async def thumb(request: Request) -> Response:
     return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
 
-async def collections(request: Request) -> JSONResponse:
+async def list_collections(request: Request) -> JSONResponse:
     """``GET /collections``: each collection's count, dim, modalities, model and index types."""
     return JSONResponse([collection.describe() for collection in _service(request).collections.values()])
 
@@ -326,7 +326,7 @@ def create_app(collections: dict, encoder, preprocess, max_k: int = MAX_K, max_b
         Route("/similar/{id}", similar, methods=["GET"]),
         Route("/image/{id}", image, methods=["GET"], name="image"),
         Route("/thumb/{id}", thumb, methods=["GET"]),
-        Route("/collections", collections, methods=["GET"]),
+        Route("/collections", list_collections, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
