@@ -4,6 +4,7 @@ import json
 import re
 import shutil
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,7 +48,7 @@ def encode_text(model, text):
 
 def exact_top(collection, modality, query, k):
     """Ids of the k rows with the highest inner product, by numpy."""
-    scores = collection.embeddings[modality] @ (query / np.linalg.norm(query))
+    scores = collection.vectors(range(collection.count), modality) @ (query / np.linalg.norm(query))
     return list(np.argsort(-scores, kind="stable")[:k]), scores
 
 
@@ -74,8 +75,9 @@ def test_collection_reads_parts_in_numeric_order(fixture):
     collection = read_collection(fixture)
     image_embeddings, text_embeddings = embed_rows(fixture.model, fixture.rows)
     assert collection.count == 27 and len(list((fixture.shapes / "img_emb").iterdir())) == 14  # parts 0..13
-    np.testing.assert_array_equal(collection.embeddings["image"], image_embeddings.astype(np.float32))
-    np.testing.assert_array_equal(collection.embeddings["text"], text_embeddings.astype(np.float32))
+    np.testing.assert_array_equal(collection.vectors(range(27), "image"), image_embeddings.astype(np.float32))
+    np.testing.assert_array_equal(collection.vectors(range(27), "text"), text_embeddings.astype(np.float32))
+    np.testing.assert_array_equal(collection.vectors([26, 3, 11, 20], "image"), image_embeddings[[26, 3, 11, 20]])
     assert [row["row"] for row in collection.rows(range(27))] == list(range(27))
     assert collection.rows([12])[0]["caption"] == fixture.rows.captions[12]
 
@@ -207,6 +209,7 @@ def test_image_and_thumbnail_by_id(fixture, client):
     import io
     original = client.get("/image/5")
     assert original.status_code == 200 and original.content == open(fixture.rows.image_paths[5], "rb").read()
+    assert original.headers["content-type"] == "image/png" and "sandbox" in original.headers["content-security-policy"]
     thumb = client.get("/thumb/5")
     assert thumb.headers["content-type"] == "image/jpeg"
     image = Image.open(io.BytesIO(thumb.content))
@@ -258,6 +261,38 @@ def test_symlink_out_of_the_image_root_is_not_served_but_is_searchable(fixture, 
     results = client.post("/knn-service", content=clip_client_body(embedding_input=collection.vectors([25], "image")[0]
                                                                    .tolist())).json()
     assert results[0]["id"] in (3, 25) and all("url" not in r for r in results if r["id"] == 25)
+
+
+def test_indexed_file_that_is_no_longer_an_image_is_not_served(tmp_path):
+    fixture = build_search_fixture(tmp_path)
+    Path(fixture.rows.image_paths[2]).write_bytes(b"<html><script>alert(1)</script></html>")
+    live = start_server(fixture)
+    try:
+        for route in ("image", "thumb"):
+            answer = httpx.get(f"{live.url}/{route}/2")
+            assert answer.status_code == 404 and "script" not in answer.text
+    finally:
+        live.stop()
+
+
+def test_unexpected_failure_is_a_bare_json_500_without_traceback(fixture):
+    import copy
+    broken = copy.deepcopy(fixture.model)
+
+    def fail(tokens):
+        raise RuntimeError("secret internal detail")
+    broken.encode_text = fail
+    original, fixture.model = fixture.model, broken
+    try:
+        live = start_server(fixture)
+    finally:
+        fixture.model = original
+    try:
+        answer = httpx.get(f"{live.url}/search", params={"q": "a red circle"})
+        assert answer.status_code == 500 and answer.json() == {"error": "internal server error"}
+        assert httpx.get(f"{live.url}/health").status_code == 200  # the encoder thread survived
+    finally:
+        live.stop()
 
 
 BAD_KNN_BODIES = [

@@ -59,6 +59,12 @@ def build_app(args: argparse.Namespace):
         if collection.dim != model.config.embed_dim:
             raise CliError(f"{collection.root}: embeddings have dim {collection.dim}, but --model {args.model} "
                            f"embeds to {model.config.embed_dim}; serve it with the model that embedded it")
+        if not collection.manifest:
+            print(f"warning: {collection.name}: no manifest.json, so the model that embedded it is unknown",
+                  file=sys.stderr)
+        elif collection.manifest.get("complete") is False:
+            print(f"warning: {collection.name}: manifest says the embedding did not finish; serving the "
+                  f"{collection.count} rows written so far", file=sys.stderr)
         expected = collection.manifest.get("model", {}).get("fingerprint")
         if expected and expected != fingerprint:
             print(f"warning: {collection.name}: --model {args.model} is not the model that embedded it "

@@ -31,6 +31,17 @@ def make_thumbnail(path: Path, size: int = THUMB_SIZE) -> bytes | None:
         return None
 
 
+def image_media_type(path: Path) -> str | None:
+    """The MIME type of the image format PIL reads in ``path`` (None when it is not an image)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return Image.MIME.get(image.format or "")
+    except Exception:
+        return None
+
+
 class ThumbnailCache:
     """Thread-safe LRU of thumbnail bytes keyed by (collection, id), bounded by total bytes."""
 

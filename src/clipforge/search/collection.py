@@ -50,22 +50,45 @@ def _numbered_parts(folder: Path, prefix: str, suffix: str) -> list[Path]:
     return [path for _, path in sorted(numbered)]
 
 
-def _read_embeddings(root: Path, modality: str) -> np.ndarray | None:
-    """The modality's parts stacked into ``(count, dim)`` float32, or None when the folder is absent."""
+class EmbeddingParts:
+    """One modality's ``{prefix}_{N}.npy`` parts, memory-mapped (float16 stays on disk until rows are read)."""
+
+    def __init__(self, parts: list[Path]):
+        self.arrays = []
+        for path in parts:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+            if array.ndim != 2:
+                raise ValueError(f"{path}: expected a 2-D (rows, dim) array, got shape {array.shape}")
+            self.arrays.append(array)
+        dims = {array.shape[1] for array in self.arrays}
+        if len(dims) != 1:
+            raise ValueError(f"{parts[0].parent}: parts disagree on the embedding dim: {sorted(dims)}")
+        self.dim = dims.pop()
+        self.starts = np.cumsum([0] + [len(array) for array in self.arrays])  # (parts + 1,)
+        self.count = int(self.starts[-1])
+
+    def rows(self, ids) -> np.ndarray:
+        """``(len(ids), dim)`` float32 rows by global id."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        out = np.empty((len(ids), self.dim), dtype=np.float32)
+        part_of = np.searchsorted(self.starts, ids, side="right") - 1
+        for part in np.unique(part_of):
+            mask = part_of == part
+            out[mask] = self.arrays[part][ids[mask] - self.starts[part]]
+        return out
+
+    def chunks(self, rows: int = 65536):
+        """The rows in order as float32 blocks of at most ``rows``."""
+        for array in self.arrays:
+            for start in range(0, len(array), rows):
+                yield np.asarray(array[start:start + rows], dtype=np.float32)
+
+
+def _read_embeddings(root: Path, modality: str) -> EmbeddingParts | None:
+    """The modality's parts, or None when its folder holds none."""
     folder_name, prefix = _PART_FOLDERS[modality]
     parts = _numbered_parts(root / folder_name, prefix, ".npy")
-    if not parts:
-        return None
-    arrays = []
-    for path in parts:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-        if array.ndim != 2:
-            raise ValueError(f"{path}: expected a 2-D (rows, dim) array, got shape {array.shape}")
-        arrays.append(array)
-    dims = {array.shape[1] for array in arrays}
-    if len(dims) != 1:
-        raise ValueError(f"{root / folder_name}: parts disagree on the embedding dim: {sorted(dims)}")
-    return np.ascontiguousarray(np.concatenate(arrays, axis=0), dtype=np.float32)  # (count, dim)
+    return EmbeddingParts(parts) if parts else None
 
 
 def _read_metadata(root: Path):
@@ -80,22 +103,23 @@ def _read_metadata(root: Path):
     return pa.concat_tables(tables, promote_options="permissive")
 
 
-def _load_index(root: Path, modality: str, embeddings: np.ndarray) -> SearchIndex:
+def _load_index(root: Path, modality: str, embeddings: EmbeddingParts) -> SearchIndex:
     """``{modality}.index`` with its search parameters applied, else exact search over the embeddings."""
     import faiss
 
     path = root / f"{modality}.index"
     if not path.is_file():
-        index = faiss.IndexFlatIP(embeddings.shape[1])
-        index.add(embeddings)
-        return SearchIndex(index, {"factory": "Flat", "count": len(embeddings), "dim": embeddings.shape[1],
+        index = faiss.IndexFlatIP(embeddings.dim)
+        for block in embeddings.chunks():
+            index.add(block)
+        return SearchIndex(index, {"factory": "Flat", "count": embeddings.count, "dim": embeddings.dim,
                                    "search_params": "", "source": "in-memory exact search"}, exact=True)
     info_path = root / f"{modality}.index.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     index = faiss.read_index(str(path))
-    if index.ntotal != len(embeddings) or index.d != embeddings.shape[1]:
+    if index.ntotal != embeddings.count or index.d != embeddings.dim:
         raise ValueError(f"{path}: holds {index.ntotal} vectors of dim {index.d}, but the embeddings are "
-                         f"{len(embeddings)} x {embeddings.shape[1]}; rebuild it with clipforge index")
+                         f"{embeddings.count} x {embeddings.dim}; rebuild it with clipforge index")
     params = info.get("search_params") or ""
     if params:
         faiss.ParameterSpace().set_index_parameters(index, params)
@@ -110,26 +134,27 @@ class Collection:
         if not self.root.is_dir():
             raise FileNotFoundError(f"{folder}: not a collection folder (run clipforge embed first)")
         self.name = self.root.name
-        manifest_path = self.root / "manifest.json"
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"{manifest_path}: missing; is {folder} the OUT of clipforge embed?")
-        self.manifest = json.loads(manifest_path.read_text())
+        manifest_path = self.root / "manifest.json"  # absent in clip-retrieval's own output: allowed
+        self.manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
         self.metadata = _read_metadata(self.root)
-        self.embeddings: dict[str, np.ndarray] = {}
+        self.embeddings: dict[str, EmbeddingParts] = {}
         for modality in MODALITIES:
-            array = _read_embeddings(self.root, modality)
-            if array is None:
+            parts = _read_embeddings(self.root, modality)
+            if parts is None:
                 continue
-            if len(array) != self.metadata.num_rows:
-                raise ValueError(f"{self.root}: {len(array)} {modality} embeddings but "
+            if parts.count != self.metadata.num_rows:
+                raise ValueError(f"{self.root}: {parts.count} {modality} embeddings but "
                                  f"{self.metadata.num_rows} metadata rows; the collection is incomplete")
-            self.embeddings[modality] = array
+            self.embeddings[modality] = parts
         if not self.embeddings:
             raise FileNotFoundError(f"{self.root}: no img_emb/img_emb_N.npy or text_emb/text_emb_N.npy parts")
-        self.dim = next(iter(self.embeddings.values())).shape[1]
+        dims = {parts.dim for parts in self.embeddings.values()}
+        if len(dims) != 1:
+            raise ValueError(f"{self.root}: image and text embeddings have different dims {sorted(dims)}")
+        self.dim = dims.pop()
         self.count = self.metadata.num_rows
-        self.indexes = {modality: _load_index(self.root, modality, array)
-                        for modality, array in self.embeddings.items()}
+        self.indexes = {modality: _load_index(self.root, modality, parts)
+                        for modality, parts in self.embeddings.items()}
         self._image_paths = self._column("image_path")
         self.image_root = self._image_root()
 
@@ -174,7 +199,7 @@ class Collection:
 
     def vectors(self, ids, modality: str) -> np.ndarray:
         """The stored embeddings of ``ids`` as ``(len(ids), dim)`` float32."""
-        return self.embeddings[modality][np.asarray(ids, dtype=np.int64)]
+        return self.embeddings[modality].rows(ids)
 
     def check_id(self, row_id) -> int:
         """``row_id`` as an int, or ``KeyError`` naming it unless ``0 <= id < count``."""

@@ -42,7 +42,7 @@ from ._inputs import (MAX_BODY_BYTES, MAX_K, RequestError, decode_base64, open_i
                       parse_flag, parse_id, parse_json_object, parse_modality, parse_text)
 from ._metrics import Metrics
 from ._results import duplicate_groups, jsonable
-from ._thumbs import ThumbnailCache
+from ._thumbs import ThumbnailCache, image_media_type
 
 LOG = logging.getLogger("clipforge.search")
 PAGE_DIR = Path(__file__).parent / "page"
@@ -237,18 +237,20 @@ async def similar(request: Request) -> JSONResponse:
     service = _service(request)
     collection, modality, k, dedup = _common(service, request.query_params)
     _, row_id = _row(service, request)
-    source = "image" if "image" in collection.embeddings else "text"
+    source = "image" if "image" in collection.modalities else "text"
     hits = await service.search(collection, collection.vectors([row_id], source)[0], modality, k)
     return await _answer(request, collection, hits, modality, dedup, {"similar": row_id})
 
 
 async def image(request: Request) -> Response:
-    """``GET /image/{id}``: the indexed file of that id, if it may be served."""
+    """``GET /image/{id}``: the indexed file of that id, if it may be served, typed by its content."""
     collection, row_id = _row(_service(request), request)
     path = collection.image_file(row_id)
-    if path is None:
+    media_type = path and await run_in_threadpool(image_media_type, path)
+    if not media_type:  # never let a file's name choose a browser-run type such as text/html
         raise RequestError(f"id {row_id} has no servable image", 404)
-    return FileResponse(path, headers={"Cache-Control": "private, max-age=3600"})
+    return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=3600",
+                                                              "Content-Security-Policy": "default-src 'none'; sandbox"})
 
 
 async def thumb(request: Request) -> Response:
