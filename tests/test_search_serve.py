@@ -235,6 +235,7 @@ def test_health_and_metrics(client):
     count = int(re.search(r'duration_seconds_count\{route="/health"\} (\d+)', text).group(1))
     assert buckets == sorted(buckets) and buckets[-1] == count >= 1
     assert re.search(r'clipforge_encoder_batch_size_count\{kind="text"\} [1-9]', text)
+    assert re.search(r'clipforge_knn_batch_size_count\{kind="image"\} [1-9]', text)
 
 
 # --- security and bad input -------------------------------------------------------------------
@@ -366,6 +367,24 @@ def test_encoder_batches_concurrent_queries_into_one_model_call(fixture):
     assert sizes == [("text", 6)]
     alone = np.stack([encode_text(fixture.model, text) for text in texts])
     np.testing.assert_allclose(batched, alone, atol=1e-5)
+
+
+def test_searches_of_one_index_are_batched_into_one_faiss_call(fixture):
+    from clipforge.search._batcher import SearchBatcher
+    collection = read_collection(fixture)
+    sizes = []
+    searcher = SearchBatcher(wait_ms=500, on_batch=lambda key, size: sizes.append((key, size)))
+    queries = collection.vectors([0, 5, 9, 14, 20], "text")
+    futures = [searcher.search(collection, query, "image", k) for query, k in zip(queries, (1, 3, 5, 2, 4))]
+    answers = [future.result(timeout=60) for future in futures]
+    searcher.close()
+    assert sizes == [(("shapes", "image"), 5)]
+    for query, k, answer in zip(queries, (1, 3, 5, 2, 4), answers):
+        scores, ids = collection.search(query[None], "image", k)
+        assert [row_id for row_id, _ in answer] == list(ids[0])
+        np.testing.assert_allclose([score for _, score in answer], scores[0], atol=1e-6)
+    with pytest.raises(ValueError, match="has dim 32"):
+        SearchBatcher().search(collection, np.zeros(7, np.float32), "image", 3)
 
 
 def test_32_concurrent_clients_all_get_their_own_answer(fixture, server):

@@ -8,6 +8,7 @@ from starlette.routing import Match
 
 from ._inputs import RequestError
 
+KNOWN_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"}  # others count as "other"
 SAFETY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
 
 
@@ -55,18 +56,22 @@ class GuardMiddleware:
 
         try:
             declared = dict(scope.get("headers", [])).get(b"content-length")
-            if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
-                await self._refuse(guarded_send, f"request body is over the limit of {self.max_body} bytes")
+            if declared is not None and not declared.isdigit():
+                await self._refuse(guarded_send, 400, "Content-Length must be a number of bytes")
+                return
+            if declared is not None and int(declared) > self.max_body:
+                await self._refuse(guarded_send, 413, f"request body is over the limit of {self.max_body} bytes")
                 return
             await self.app(scope, counted_receive, guarded_send)
         finally:
-            self.metrics.observe_request(self._route_name(scope), scope["method"], status[0],
+            method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"
+            self.metrics.observe_request(self._route_name(scope), method, status[0],
                                          time.perf_counter() - started)
 
     @staticmethod
-    async def _refuse(send, message: str) -> None:
+    async def _refuse(send, status: int, message: str) -> None:
         body = json.dumps({"error": message}).encode()
-        await send({"type": "http.response.start", "status": 413,
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})

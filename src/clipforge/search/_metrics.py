@@ -61,7 +61,7 @@ class Metrics:
             self.latency.setdefault(route, Histogram(LATENCY_BUCKETS)).observe(seconds)
 
     def observe_batch(self, kind: str, size: int) -> None:
-        """Record one model call of ``size`` queries of ``kind`` (text or image)."""
+        """Record one batched call of ``size`` queries of ``kind`` (text, image, knn:image, knn:text)."""
         with self._lock:
             self.batches.setdefault(kind, Histogram(BATCH_BUCKETS)).observe(size)
 
@@ -85,8 +85,10 @@ class Metrics:
                       "# TYPE clipforge_http_request_duration_seconds histogram"]
             for route, histogram in sorted(self.latency.items()):
                 lines += histogram.lines("clipforge_http_request_duration_seconds", f'route="{_escape(route)}"')
-            lines += ["# HELP clipforge_encoder_batch_size Queries encoded per model call.",
-                      "# TYPE clipforge_encoder_batch_size histogram"]
-            for kind, histogram in sorted(self.batches.items()):
-                lines += histogram.lines("clipforge_encoder_batch_size", f'kind="{kind}"')
+            for name, what, prefix in (("encoder", "Queries encoded per model call.", ""),
+                                       ("knn", "Queries searched per FAISS call.", "knn:")):
+                lines += [f"# HELP clipforge_{name}_batch_size {what}", f"# TYPE clipforge_{name}_batch_size histogram"]
+                for kind, histogram in sorted(self.batches.items()):
+                    if kind.startswith("knn:") == bool(prefix):
+                        lines += histogram.lines(f"clipforge_{name}_batch_size", f'kind="{kind.removeprefix(prefix)}"')
         return "\n".join(lines) + "\n"

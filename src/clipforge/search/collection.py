@@ -178,24 +178,26 @@ class Collection:
         return path if os.path.isabs(path) else str(self.root / path)
 
     def search(self, queries: np.ndarray, modality: str, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(scores, ids)``, each ``(len(queries), k')``, of the nearest rows of ``modality``'s index.
+        """``(scores, ids)``, each ``(len(queries), min(k, count))``, of ``modality``'s nearest rows.
 
-        ``queries`` is ``(B, dim)``; they are L2-normalised here. Ids of -1 (fewer hits than ``k``)
-        are dropped, so ``k'`` may be smaller than ``k``.
+        ``queries`` is ``(B, dim)``; they are L2-normalised here. A row may end in ids of -1 when an
+        approximate index finds fewer than ``k`` hits (FAISS's convention); callers drop them.
         """
-        if modality not in self.indexes:
-            raise ValueError(f"collection {self.name!r} has no {modality} embeddings "
-                             f"(it has: {', '.join(self.modalities)})")
+        self.check_query(queries, modality)
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)  # (B, dim)
-        if queries.shape[1] != self.dim:
-            raise ValueError(f"query has dim {queries.shape[1]}, collection {self.name!r} has dim {self.dim}")
         norms = np.linalg.norm(queries, axis=1, keepdims=True)
         queries = queries / np.where(norms == 0, 1, norms)
         k = max(1, min(int(k), self.count))
         search_index = self.indexes[modality]
-        scores, ids = search_index.index.search(queries, k)
-        keep = (ids >= 0).all(axis=0)
-        return scores[:, keep], ids[:, keep]
+        return search_index.index.search(queries, k)
+
+    def check_query(self, queries: np.ndarray, modality: str) -> None:
+        """``ValueError`` unless ``modality`` has an index here and ``queries`` end in this collection's dim."""
+        if modality not in self.indexes:
+            raise ValueError(f"collection {self.name!r} has no {modality} embeddings "
+                             f"(it has: {', '.join(self.modalities)})")
+        if np.shape(queries)[-1] != self.dim:
+            raise ValueError(f"query has dim {np.shape(queries)[-1]}, collection {self.name!r} has dim {self.dim}")
 
     def vectors(self, ids, modality: str) -> np.ndarray:
         """The stored embeddings of ``ids`` as ``(len(ids), dim)`` float32."""

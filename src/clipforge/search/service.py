@@ -37,6 +37,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from ._batcher import SearchBatcher
 from ._guard import GuardMiddleware
 from ._inputs import (MAX_BODY_BYTES, MAX_K, RequestError, decode_base64, open_image, parse_count, parse_embedding,
                       parse_flag, parse_id, parse_json_object, parse_modality, parse_text)
@@ -61,6 +62,7 @@ class SearchService:
             raise ValueError("no collections to serve")
         self.collections = collections
         self.encoder = encoder
+        self.searcher = SearchBatcher()
         self.preprocess = preprocess
         self.max_k = max_k
         self.thumbs = ThumbnailCache()
@@ -99,12 +101,12 @@ class SearchService:
         raise RequestError("send one of text, image (base64) or embedding_input")
 
     async def search(self, collection, query: np.ndarray, modality: str, k: int):
-        """``[(id, similarity), ...]`` best first, from ``modality``'s index of ``collection``."""
+        """``[(id, similarity), ...]`` best first, from ``modality``'s index (batched with concurrent searches)."""
         try:
-            scores, ids = await run_in_threadpool(collection.search, query[None, :], modality, k)
+            future = self.searcher.search(collection, query, modality, k)
         except ValueError as error:  # no such modality, wrong dim
             raise RequestError(str(error)) from None
-        return [(int(row_id), float(score)) for row_id, score in zip(ids[0], scores[0])]
+        return await asyncio.wrap_future(future)
 
     def fold(self, collection, hits: list, modality: str) -> list[list]:
         """``hits`` grouped into near-duplicates (cosine >= 0.94 between the results' embeddings)."""
@@ -178,7 +180,8 @@ async def metadata(request: Request) -> JSONResponse:
 
 # --- our own API ----------------------------------------------------------------------------------
 
-async def _answer(request: Request, collection, hits: list, modality: str, dedup: bool, query: dict):
+def _answer(request: Request, collection, hits: list, modality: str, dedup: bool, query: dict) -> JSONResponse:
+    """Our endpoints' answer: one entry per near-duplicate group (its best hit), the rest listed as folded."""
     service = _service(request)
     groups = service.fold(collection, hits, modality) if dedup else [[hit] for hit in hits]
     rows = collection.rows([group[0][0] for group in groups])
@@ -191,7 +194,8 @@ async def _answer(request: Request, collection, hits: list, modality: str, dedup
     return JSONResponse({"indice": collection.name, "modality": modality, "query": query, "results": results})
 
 
-def _common(service: SearchService, params) -> tuple:
+def _query_options(service: SearchService, params) -> tuple:
+    """(collection, modality, k, dedup) from a query string or form."""
     collection = service.collection(params.get("indice") or params.get("indice_name"))
     modality = parse_modality(params.get("modality"))
     k = parse_count(params.get("k"), "k", DEFAULT_K, service.max_k)
@@ -202,10 +206,10 @@ def _common(service: SearchService, params) -> tuple:
 async def search_text(request: Request) -> JSONResponse:
     """``GET /search?q=TEXT``: rows nearest to the text."""
     service = _service(request)
-    collection, modality, k, dedup = _common(service, request.query_params)
+    collection, modality, k, dedup = _query_options(service, request.query_params)
     text = parse_text(request.query_params.get("q"), "q")
     hits = await service.search(collection, await service.embed_text(text), modality, k)
-    return await _answer(request, collection, hits, modality, dedup, {"text": text})
+    return _answer(request, collection, hits, modality, dedup, {"text": text})
 
 
 async def search_image(request: Request) -> JSONResponse:
@@ -213,13 +217,13 @@ async def search_image(request: Request) -> JSONResponse:
     service = _service(request)
     form = await request.form(max_files=1, max_fields=8, max_part_size=64 * 1024)
     params = {**request.query_params, **{key: value for key, value in form.items() if isinstance(value, str)}}
-    collection, modality, k, dedup = _common(service, params)
+    collection, modality, k, dedup = _query_options(service, params)
     upload = form.get("image")
     if not isinstance(upload, UploadFile):
         raise RequestError("upload an image file in the multipart field 'image'")
     data = await upload.read()
     hits = await service.search(collection, await service.embed_image(data), modality, k)
-    return await _answer(request, collection, hits, modality, dedup, {"image": upload.filename or "upload"})
+    return _answer(request, collection, hits, modality, dedup, {"image": upload.filename or "upload"})
 
 
 def _row(service: SearchService, request: Request):
@@ -235,11 +239,11 @@ def _row(service: SearchService, request: Request):
 async def similar(request: Request) -> JSONResponse:
     """``GET /similar/{id}``: "more like this", searched with the stored image (else text) embedding."""
     service = _service(request)
-    collection, modality, k, dedup = _common(service, request.query_params)
+    collection, modality, k, dedup = _query_options(service, request.query_params)
     _, row_id = _row(service, request)
     source = "image" if "image" in collection.modalities else "text"
     hits = await service.search(collection, collection.vectors([row_id], source)[0], modality, k)
-    return await _answer(request, collection, hits, modality, dedup, {"similar": row_id})
+    return _answer(request, collection, hits, modality, dedup, {"similar": row_id})
 
 
 async def image(request: Request) -> Response:
@@ -344,6 +348,7 @@ def create_app(collections: dict, encoder, preprocess, max_k: int = MAX_K, max_b
     async def lifespan(app):
         yield
         await run_in_threadpool(encoder.close)
+        await run_in_threadpool(app.state.service.searcher.close)
 
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
                     exception_handlers={RequestError: _request_error, HTTPException: _http_error,
@@ -352,4 +357,5 @@ def create_app(collections: dict, encoder, preprocess, max_k: int = MAX_K, max_b
     app.state.metrics = metrics_registry
     if hasattr(encoder, "on_batch") and encoder.on_batch is None:
         encoder.on_batch = metrics_registry.observe_batch
+    app.state.service.searcher.on_batch = lambda key, size: metrics_registry.observe_batch(f"knn:{key[1]}", size)
     return app
