@@ -186,8 +186,10 @@ def main() -> None:
             queries = {"text": captions, "image": [Path(path).read_bytes() for path in image_paths[:64]],
                        "knn": [row.astype(float).tolist() for row in stored[:: max(1, len(stored) // 256)]]}
             run_load(url, "text", 4, 1.0, queries)  # warm-up
+            load_before = os.getloadavg()[0]
             results = [run_load(url, kind, clients, args.seconds, queries)
                        for kind in ("text", "image", "knn") for clients in (1, args.clients)]
+            load_after = os.getloadavg()[0]
         finally:
             process.terminate()
             process.wait(timeout=60)
@@ -195,7 +197,9 @@ def main() -> None:
     lines = [f"Collection: {len(captions)} demo held-out rows (real 64 px images + captions) + {args.synthetic} "
              f"synthetic rows = {count} rows, d={stored.shape[1]}; image index Flat (exact), text index HNSW32 "
              f"efSearch=64. Model: {args.model} (seeded random weights), device {args.device}, "
-             f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {args.seconds:.0f} s per row.", "",
+             f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {args.seconds:.0f} s per row; "
+             f"{os.cpu_count()} CPUs, 1-minute load average {load_before:.1f} before and {load_after:.1f} after "
+             "(other jobs share the machine).", "",
              "| query | clients | requests | errors | queries/s | p50 ms | p99 ms | mean encoder batch |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in results:

@@ -11,10 +11,13 @@ A collection folder ``OUT`` holds::
 Row ``i`` across the parts (in increasing N, rows in file order) is FAISS id ``i`` and metadata row
 ``i``. A missing index file means exact search: an in-memory ``IndexFlatIP`` over the embeddings.
 
-Which files may be served: an id's ``image_path`` is served only when it resolves (symlinks
-followed) to a regular file inside the resolved *image root*, the deepest folder that holds every
-indexed image. A symlink inside the image folder that points outside it is refused, and a request
-never names a path: it names an id, whose path came from the collection's own metadata.
+Which files may be served (``/image/{id}``, ``/thumb/{id}``): a request names an id, never a path;
+the path is the id's ``image_path`` in the collection's own metadata (written by ``clipforge embed``,
+so trusted; a relative path is taken under the collection folder). It is served only when it
+resolves (symlinks followed) to a regular file inside the resolved *image root*, the deepest folder
+holding every indexed image, and PIL recognises it as an image (the service checks that). So a
+symlink in the image folder pointing outside it is refused, as is an indexed file since replaced by
+something that is not an image.
 """
 from __future__ import annotations
 
@@ -155,7 +158,7 @@ class Collection:
         self.count = self.metadata.num_rows
         self.indexes = {modality: _load_index(self.root, modality, parts)
                         for modality, parts in self.embeddings.items()}
-        self._image_paths = self._column("image_path")
+        self._image_paths = self.metadata.column("image_path") if "image_path" in self.metadata.column_names else None
         self.image_root = self._image_root()
 
     @property
@@ -163,13 +166,17 @@ class Collection:
         """The modalities with embeddings, in ``("image", "text")`` order."""
         return list(self.embeddings)
 
-    def _column(self, name: str) -> list:
-        return self.metadata.column(name).to_pylist() if name in self.metadata.column_names else [None] * self.count
-
     def _image_root(self) -> Path | None:
         """The resolved deepest folder holding every indexed image (None when no row has a path)."""
-        folders = [os.path.dirname(os.path.normpath(self._absolute(path)))
-                   for path in self._image_paths if path]
+        import pyarrow.compute as pc
+
+        if self._image_paths is None:
+            return None
+        # the distinct folders (few, even for millions of rows), without a Python string per row
+        paths = self._image_paths.drop_null()
+        paths = paths.filter(pc.not_equal(paths, ""))
+        folders = pc.unique(pc.replace_substring_regex(paths, r"[^/]*$", "")).to_pylist()
+        folders = [os.path.dirname(os.path.normpath(self._absolute(folder + "x"))) for folder in folders]
         if not folders:
             return None
         return Path(os.path.realpath(os.path.commonpath(folders)))
@@ -218,7 +225,8 @@ class Collection:
 
     def image_file(self, row_id) -> Path | None:
         """The file of id ``row_id`` if it may be served (see the module docstring), else None."""
-        path = self._image_paths[self.check_id(row_id)]
+        row_id = self.check_id(row_id)
+        path = self._image_paths[row_id].as_py() if self._image_paths is not None else None
         if not path or self.image_root is None:
             return None
         resolved = Path(os.path.realpath(self._absolute(path)))
