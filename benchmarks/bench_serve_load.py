@@ -111,14 +111,15 @@ def start_server(collection: Path, model_dir: Path, device: str) -> tuple[subpro
 
 
 def batch_counts(url: str) -> dict[str, tuple[float, float]]:
-    """kind -> (queries encoded, model calls), from the server's /metrics."""
+    """"encoder:text", "knn:image", ... -> (queries, batched calls), from the server's /metrics."""
     import httpx
     text = httpx.get(url + "/metrics").text
     found = {}
-    for kind in ("text", "image"):
-        total = re.search(rf'clipforge_encoder_batch_size_sum{{kind="{kind}"}} (\S+)', text)
-        calls = re.search(rf'clipforge_encoder_batch_size_count{{kind="{kind}"}} (\S+)', text)
-        found[kind] = (float(total.group(1)), float(calls.group(1))) if total else (0.0, 0.0)
+    for stage in ("encoder", "knn"):
+        for kind in ("text", "image"):
+            total = re.search(rf'clipforge_{stage}_batch_size_sum{{kind="{kind}"}} (\S+)', text)
+            calls = re.search(rf'clipforge_{stage}_batch_size_count{{kind="{kind}"}} (\S+)', text)
+            found[f"{stage}:{kind}"] = (float(total.group(1)), float(calls.group(1))) if total else (0.0, 0.0)
     return found
 
 
@@ -160,11 +161,13 @@ def run_load(url: str, kind: str, clients: int, seconds: float, queries: dict) -
         thread.join()
     wall = time.perf_counter() - started
     after = batch_counts(url)
-    encoded = {k: (after[k][0] - before[k][0], after[k][1] - before[k][1]) for k in after}
-    mean_batch = encoded.get(kind, (0, 0))[0] / encoded[kind][1] if encoded.get(kind, (0, 0))[1] else None
+    done = {key: (after[key][0] - before[key][0], after[key][1] - before[key][1]) for key in after}
+    mean = lambda key: done[key][0] / done[key][1] if done[key][1] else None  # noqa: E731
+    # every kind searches the image index; text and image queries are encoded first
     p50, p99 = np.percentile(latencies, [50, 99]) * 1000
     return {"kind": kind, "clients": clients, "requests": len(latencies), "errors": errors,
-            "qps": len(latencies) / wall, "p50_ms": p50, "p99_ms": p99, "mean_batch": mean_batch}
+            "qps": len(latencies) / wall, "p50_ms": p50, "p99_ms": p99,
+            "encoder_batch": mean(f"encoder:{kind}") if kind != "knn" else None, "knn_batch": mean("knn:image")}
 
 
 def main() -> None:
@@ -200,12 +203,13 @@ def main() -> None:
              f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {args.seconds:.0f} s per row; "
              f"{os.cpu_count()} CPUs, 1-minute load average {load_before:.1f} before and {load_after:.1f} after "
              "(other jobs share the machine).", "",
-             "| query | clients | requests | errors | queries/s | p50 ms | p99 ms | mean encoder batch |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| query | clients | requests | errors | queries/s | p50 ms | p99 ms | mean encoder batch "
+             "| mean kNN batch |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    shown = lambda value: f"{value:.1f}" if value else "-"  # noqa: E731
     for row in results:
-        batch = f"{row['mean_batch']:.1f}" if row["mean_batch"] else "-"
         lines.append(f"| {row['kind']} | {row['clients']} | {row['requests']} | {row['errors']} | {row['qps']:.0f} | "
-                     f"{row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {batch} |")
+                     f"{row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {shown(row['encoder_batch'])} "
+                     f"| {shown(row['knn_batch'])} |")
     print("\n".join(lines))
     if args.out:
         command = "OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/bench_serve_load.py " + " ".join(sys.argv[1:])

@@ -120,7 +120,7 @@ def _service(request: Request) -> SearchService:
     return request.app.state.service
 
 
-def _links(request: Request, collection, row_id: int) -> dict:
+def _links(collection, row_id: int) -> dict:
     """Relative links to a result's image and thumbnail (None when the file may not be served)."""
     if collection.image_file(row_id) is None:
         return {"image": None, "thumb": None}
@@ -146,6 +146,13 @@ async def knn_service(request: Request) -> JSONResponse:
     deduplicate = parse_flag(body.get("deduplicate"), "deduplicate")
     query = await service.query_vector(body, collection)
     hits = await service.search(collection, query, modality, num_result_ids)
+    base = str(request.base_url).rstrip("/")
+    return JSONResponse(await run_in_threadpool(_knn_results, service, collection, hits, modality, num_images,
+                                                deduplicate, base))
+
+
+def _knn_results(service, collection, hits, modality, num_images, deduplicate, base) -> list[dict]:
+    """clip-retrieval's result list: metadata columns (first ``num_images`` hits), ``id``, ``similarity``."""
     if deduplicate:
         hits = [group[0] for group in service.fold(collection, hits, modality)]
     rows = collection.rows([row_id for row_id, _ in hits[:num_images]])
@@ -154,11 +161,11 @@ async def knn_service(request: Request) -> JSONResponse:
         result = jsonable(rows[rank]) if rank < len(rows) else {}
         if rank < len(rows) and "url" not in result and collection.image_file(row_id) is not None:
             # clip-retrieval's front shows `url`; point it at our own by-id image route
-            result["url"] = f"{str(request.base_url).rstrip('/')}/image/{row_id}?indice={quote(collection.name)}"
+            result["url"] = f"{base}/image/{row_id}?indice={quote(collection.name)}"
         result["id"] = row_id
         result["similarity"] = similarity
         results.append(result)
-    return JSONResponse(results)
+    return results
 
 
 async def metadata(request: Request) -> JSONResponse:
@@ -172,7 +179,7 @@ async def metadata(request: Request) -> JSONResponse:
     if len(ids) > service.max_k:
         raise RequestError(f"at most {service.max_k} ids per request, got {len(ids)}")
     try:
-        rows = collection.rows(ids)
+        rows = await run_in_threadpool(collection.rows, ids)
     except KeyError as error:
         raise RequestError(error.args[0]) from None
     return JSONResponse([{"id": row_id, "metadata": jsonable(row)} for row_id, row in zip(ids, rows)])
@@ -180,18 +187,22 @@ async def metadata(request: Request) -> JSONResponse:
 
 # --- our own API ----------------------------------------------------------------------------------
 
-def _answer(request: Request, collection, hits: list, modality: str, dedup: bool, query: dict) -> JSONResponse:
+async def _answer(request: Request, collection, hits: list, modality: str, dedup: bool, query: dict) -> JSONResponse:
     """Our endpoints' answer: one entry per near-duplicate group (its best hit), the rest listed as folded."""
-    service = _service(request)
+    results = await run_in_threadpool(_grouped_results, _service(request), collection, hits, modality, dedup)
+    return JSONResponse({"indice": collection.name, "modality": modality, "query": query, "results": results})
+
+
+def _grouped_results(service, collection, hits: list, modality: str, dedup: bool) -> list[dict]:
     groups = service.fold(collection, hits, modality) if dedup else [[hit] for hit in hits]
     rows = collection.rows([group[0][0] for group in groups])
     results = []
     for group, row in zip(groups, rows):
         row_id, similarity = group[0]
         results.append({"id": row_id, "similarity": similarity, "caption": jsonable(row.get("caption")),
-                        **_links(request, collection, row_id),
+                        **_links(collection, row_id),
                         "folded": [{"id": other_id, "similarity": other} for other_id, other in group[1:]]})
-    return JSONResponse({"indice": collection.name, "modality": modality, "query": query, "results": results})
+    return results
 
 
 def _query_options(service: SearchService, params) -> tuple:
@@ -209,7 +220,7 @@ async def search_text(request: Request) -> JSONResponse:
     collection, modality, k, dedup = _query_options(service, request.query_params)
     text = parse_text(request.query_params.get("q"), "q")
     hits = await service.search(collection, await service.embed_text(text), modality, k)
-    return _answer(request, collection, hits, modality, dedup, {"text": text})
+    return await _answer(request, collection, hits, modality, dedup, {"text": text})
 
 
 async def search_image(request: Request) -> JSONResponse:
@@ -223,7 +234,7 @@ async def search_image(request: Request) -> JSONResponse:
         raise RequestError("upload an image file in the multipart field 'image'")
     data = await upload.read()
     hits = await service.search(collection, await service.embed_image(data), modality, k)
-    return _answer(request, collection, hits, modality, dedup, {"image": upload.filename or "upload"})
+    return await _answer(request, collection, hits, modality, dedup, {"image": upload.filename or "upload"})
 
 
 def _row(service: SearchService, request: Request):
@@ -243,7 +254,7 @@ async def similar(request: Request) -> JSONResponse:
     _, row_id = _row(service, request)
     source = "image" if "image" in collection.modalities else "text"
     hits = await service.search(collection, collection.vectors([row_id], source)[0], modality, k)
-    return _answer(request, collection, hits, modality, dedup, {"similar": row_id})
+    return await _answer(request, collection, hits, modality, dedup, {"similar": row_id})
 
 
 async def image(request: Request) -> Response:

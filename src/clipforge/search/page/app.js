@@ -2,7 +2,8 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { modality: "image", last: null };  // last: {kind: "text"|"image"|"similar", value}
+const state = { modality: "image", last: null };
+const MAX_UPLOAD_BYTES = 10 * 1024 * 1024 - 64 * 1024;  // the server's body limit, less the form's framing  // last: {kind: "text"|"image"|"similar", value}
 
 function params(extra) {
   const query = new URLSearchParams({
@@ -127,6 +128,7 @@ function similar(id) { window.scrollTo({ top: 0 }); run({ kind: "similar", value
 function searchFile(file) {
   if (!file) return;
   if (file.type && !file.type.startsWith("image/")) { setStatus(`${file.name} is not an image`, true); return; }
+  if (file.size > MAX_UPLOAD_BYTES) { setStatus(`${file.name} is over the server's 10 MiB upload limit`, true); return; }
   run({ kind: "image", value: file });
 }
 
