@@ -206,4 +206,7 @@ def start_server(fixture: SearchFixture, **app_options) -> LiveServer:
     collections = load_collections([fixture.shapes, fixture.imageonly])
     encoder = QueryEncoder(fixture.model, "cpu", "fp32", wait_ms=3.0)
     preprocess = clipforge.image_transform(fixture.model.config.vision.image_size)
+    from clipforge.search._guard import LOOPBACK_HOSTS
+
+    app_options.setdefault("allowed_hosts", LOOPBACK_HOSTS)
     return LiveServer(create_app(collections, encoder, preprocess, **app_options))

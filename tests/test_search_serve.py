@@ -255,6 +255,19 @@ def test_no_request_path_reaches_the_filesystem(server, path):
         assert "error" in json.loads(body)
 
 
+@pytest.mark.parametrize("host, status", [("evil.example", 400), ("evil.example:1234", 400),
+                                          ("127.0.0.1.evil.example", 400), ("localhost:8080", 200), ("[::1]:80", 200)])
+def test_only_loopback_host_names_are_answered(server, host, status):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as conn:
+        conn.sendall(f"GET /indices-list HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert int(head.split()[1]) == status
+    assert ("error" in json.loads(body)) == (status == 400)
+
+
 def test_symlink_out_of_the_image_root_is_not_served_but_is_searchable(fixture, client):
     collection = read_collection(fixture)
     assert collection.image_root == (fixture.root / "images").resolve()

@@ -43,6 +43,7 @@ def build_app(args: argparse.Namespace):
     from ..evaluate import model_fingerprint
     from ..runtime import resolve_device
     from ..search._batcher import QueryEncoder
+    from ..search._guard import LOOPBACK_HOSTS
     from ..search.collection import load_collections
     from ..search.service import create_app
     from .eval import load_model_arg
@@ -71,7 +72,10 @@ def build_app(args: argparse.Namespace):
                   f"(fingerprint {fingerprint[:12]} != {str(expected)[:12]}); text and image queries "
                   "will not match the stored embeddings", file=sys.stderr)
     encoder = QueryEncoder(model, device, args.precision, wait_ms=args.batch_wait_ms)
-    return create_app(collections, encoder, preprocess, max_k=args.max_k, cors_origins=tuple(args.cors_origin))
+    # bound to loopback, answer loopback names only (no DNS rebinding); otherwise the operator decides
+    allowed_hosts = LOOPBACK_HOSTS if args.host in LOOPBACK else ()
+    return create_app(collections, encoder, preprocess, max_k=args.max_k, cors_origins=tuple(args.cors_origin),
+                      allowed_hosts=allowed_hosts)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,16 +12,32 @@ KNOWN_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"}  # 
 SAFETY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer")]
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+
+def _host_name(host_header: bytes) -> str:
+    """``b"localhost:1234"`` -> ``"localhost"``; ``b"[::1]:1234"`` -> ``"[::1]"``."""
+    host = host_header.decode("latin-1").strip().lower()
+    if host.startswith("["):
+        return host[:host.find("]") + 1]
+    return host.rsplit(":", 1)[0] if ":" in host else host
+
+
 class GuardMiddleware:
     """Refuses bodies over ``max_body`` bytes (413), adds nosniff headers, times each request.
+
+    With ``allowed_hosts`` (the loopback names when bound to 127.0.0.1), a request whose ``Host``
+    header names anything else gets 400: a web page that re-points its own domain at 127.0.0.1
+    (DNS rebinding) cannot read the collection through the visitor's browser.
 
     A declared ``Content-Length`` over the limit is answered before the body is read; a streamed
     body is counted as it arrives and stops the route with a 413 once it passes the limit. Metrics
     are labelled by route template (``/thumb/{id}``), never the raw path, so they stay bounded.
     """
 
-    def __init__(self, app, metrics, routes, max_body: int):
+    def __init__(self, app, metrics, routes, max_body: int, allowed_hosts: tuple = ()):
         self.app = app
+        self.allowed_hosts = set(allowed_hosts)
         self.metrics = metrics
         self.routes = routes
         self.max_body = max_body
@@ -55,7 +71,12 @@ class GuardMiddleware:
             await send(message)
 
         try:
-            declared = dict(scope.get("headers", [])).get(b"content-length")
+            headers = dict(scope.get("headers", []))
+            if self.allowed_hosts and _host_name(headers.get(b"host", b"")) not in self.allowed_hosts:
+                await self._refuse(guarded_send, 400, "unexpected Host header: this server answers "
+                                   + ", ".join(sorted(self.allowed_hosts)) + " only")
+                return
+            declared = headers.get(b"content-length")
             if declared is not None and not declared.isdigit():
                 await self._refuse(guarded_send, 400, "Content-Length must be a number of bytes")
                 return

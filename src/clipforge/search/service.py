@@ -323,12 +323,13 @@ async def _server_error(request: Request, error: Exception) -> JSONResponse:
 
 
 def create_app(collections: dict, encoder, preprocess, max_k: int = MAX_K, max_body: int = MAX_BODY_BYTES,
-               cors_origins: tuple = ()) -> Starlette:
+               cors_origins: tuple = (), allowed_hosts: tuple = ()) -> Starlette:
     """The Starlette app serving ``collections`` (name -> Collection) with ``encoder`` (a QueryEncoder).
 
     ``preprocess`` turns a PIL image into the model's input tensor. ``cors_origins`` lists the
     origins allowed to call the API from a browser (e.g. a separately hosted clip-retrieval
-    front); none by default, so other web sites cannot read your collection.
+    front); none by default, so other web sites cannot read your collection. ``allowed_hosts``
+    limits the ``Host`` header (``LOOPBACK_HOSTS`` when bound to 127.0.0.1); empty: any.
     """
     files = {name: (PAGE_DIR / name).read_bytes() for name in PAGE_TYPES}
     page = _page_route(files)
@@ -348,7 +349,8 @@ def create_app(collections: dict, encoder, preprocess, max_k: int = MAX_K, max_b
         Route("/metrics", metrics, methods=["GET"]),
     ]
     metrics_registry = Metrics()
-    middleware = [Middleware(GuardMiddleware, metrics=metrics_registry, routes=routes, max_body=max_body)]
+    middleware = [Middleware(GuardMiddleware, metrics=metrics_registry, routes=routes, max_body=max_body,
+                             allowed_hosts=allowed_hosts)]
     if cors_origins:
         from starlette.middleware.cors import CORSMiddleware
 
