@@ -268,6 +268,26 @@ def test_only_loopback_host_names_are_answered(server, host, status):
     assert ("error" in json.loads(body)) == (status == 400)
 
 
+def test_cross_origin_reads_only_for_origins_given(fixture, client):
+    refused = client.post("/knn-service", content=clip_client_body(text="a red circle"),
+                          headers={"Origin": "http://evil.example"})
+    assert refused.status_code == 200 and "access-control-allow-origin" not in refused.headers
+    live = start_server(fixture, cors_origins=("http://front.example",))
+    try:
+        allowed = httpx.post(f"{live.url}/knn-service", content=clip_client_body(text="a red circle"),
+                             headers={"Origin": "http://front.example"})
+        assert allowed.headers["access-control-allow-origin"] == "http://front.example"
+        preflight = httpx.options(f"{live.url}/knn-service", headers={
+            "Origin": "http://front.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type"})
+        assert preflight.status_code == 200
+        other = httpx.post(f"{live.url}/knn-service", content=clip_client_body(text="a red circle"),
+                           headers={"Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+    finally:
+        live.stop()
+
+
 def test_symlink_out_of_the_image_root_is_not_served_but_is_searchable(fixture, client):
     collection = read_collection(fixture)
     assert collection.image_root == (fixture.root / "images").resolve()
