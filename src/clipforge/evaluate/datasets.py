@@ -134,9 +134,14 @@ def load_labels_csv(path: str | os.PathLike, image_root: str | os.PathLike | Non
     return ClassificationData(names, [index[label] for label in raw_labels], classes, str(path))
 
 
-def load_classification_data(path: str | os.PathLike,
-                             image_root: str | os.PathLike | None = None) -> ClassificationData:
-    """An image folder, or a CSV/TSV listing of ``path,label``."""
+def load_classification_data(path: str | os.PathLike, image_root: str | os.PathLike | None = None,
+                             dataset: str | None = None) -> ClassificationData:
+    """An image folder, or a CSV/TSV listing of ``path,label``; or, with ``dataset`` (``imagenet``,
+    ``imagenet-r``, ``objectnet``, ...), that protocol's data (see ``clipforge.evaluate.protocols``)."""
+    if dataset is not None:
+        from .protocols import load_protocol_data
+
+        return load_protocol_data(path, dataset)
     path = Path(path)
     if path.is_dir():
         return load_image_folder(path)
