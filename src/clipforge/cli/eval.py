@@ -68,6 +68,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     probe.add_argument("--val-fraction", type=float, default=0.2, help="share of train held out to choose C")
     probe.set_defaults(func=run_linear_probe)
 
+    from .eval_suite import register_suite
+
+    register_suite(tasks, add_model_arguments)
+
     for task in (zeroshot, retrieval, probe):
         add_model_arguments(task)
         task.add_argument("--images", metavar="DIR", help="folder that relative paths in a listing are under "
