@@ -19,6 +19,12 @@ ONE_TEMPLATE = ["a photo of a {}."]
 
 
 @pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One feature cache for the module: the 1,000 prompts are embedded once, not in every test."""
+    return dict(progress=False, cache_dir=tmp_path_factory.mktemp("features"))
+
+
+@pytest.fixture(scope="module")
 def tiny_model():
     torch.manual_seed(0)
     return clipforge.create_model("tiny-vit").eval()
@@ -138,17 +144,17 @@ def imagenet_r(tmp_path_factory):
     return root
 
 
-def test_imagenet_r_masking_equals_zero_shot_over_the_200_names_alone(imagenet_r, tiny_model):
+def test_imagenet_r_masking_equals_zero_shot_over_the_200_names_alone(imagenet_r, tiny_model, cache):
     data = load_classification_data(imagenet_r, dataset="imagenet-r")
     assert len(data.classes) == 200 and data.classes[0] == "goldfish"
-    masked = evaluate_protocol(tiny_model, data, templates=ONE_TEMPLATE, progress=False)
+    masked = evaluate_protocol(tiny_model, data, templates=ONE_TEMPLATE, **cache)
     alone = evaluate_zeroshot(tiny_model, load_image_folder(imagenet_r), classnames=data.classes,
-                              templates=ONE_TEMPLATE, progress=False)
+                              templates=ONE_TEMPLATE, progress=False)  # no cache: its own prompt batches
     assert masked.metrics == alone.metrics
     assert torch.equal(masked.logits.argmax(-1), alone.logits.argmax(-1))
     torch.testing.assert_close(masked.logits, alone.logits, atol=1e-4, rtol=0)
     # 1000-way: the same images with the other 800 classes competing can only lose hits.
-    full = evaluate_protocol(tiny_model, data, "1000way", templates=ONE_TEMPLATE, progress=False)
+    full = evaluate_protocol(tiny_model, data, "1000way", templates=ONE_TEMPLATE, **cache)
     hits = [data.label_hits[t][0] for t in full.targets.tolist()]
     assert full.metrics["top1"] == float((full.logits.argmax(-1) == torch.tensor(hits)).float().mean())
     assert full.metrics["top1"] <= masked.metrics["top1"] and full.scoring == "1000way"
@@ -164,9 +170,9 @@ def test_imagenet_a_and_o_read_their_own_200_classes(tmp_path):
     assert set(wnid_table("imagenet_a")) != set(wnid_table("imagenet_o"))
 
 
-def test_cli_reports_the_protocol_and_scoring_used(imagenet_r, tmp_path, capsys):
+def test_cli_reports_the_protocol_and_scoring_used(imagenet_r, tmp_path, capsys, cache):
     args = ["eval", "zeroshot", "--dataset", "imagenet-r", "--data", str(imagenet_r), "--model", "tiny-vit",
-            "--templates", "a photo of a {}.", "--no-cache", "--workers", "0", "--out", str(tmp_path / "out")]
+            "--templates", "a photo of a {}.", "--cache-dir", str(cache["cache_dir"]), "--workers", "0", "--out", str(tmp_path / "out")]
     assert main(args + ["--protocol", "1000way"]) == 0
     out = capsys.readouterr().out
     assert "protocol imagenet-r, scored 1000way with every ImageNet class competing" in out
@@ -202,11 +208,11 @@ def test_objectnet_hit_is_any_imagenet_class_mapped_to_the_label():
     assert projected.tolist() == [[3.0, -5.0], [2.0, 2.5], [1.0, -5.0]]
 
 
-def test_objectnet_scores_equal_a_recount_from_the_1000_way_logits(objectnet, tiny_model):
+def test_objectnet_scores_equal_a_recount_from_the_1000_way_logits(objectnet, tiny_model, cache):
     root, mapped = objectnet
     data = load_classification_data(root, dataset="objectnet")
-    result = evaluate_protocol(tiny_model, data, templates=ONE_TEMPLATE, progress=False)
-    full = evaluate_protocol(tiny_model, data, "1000way", templates=ONE_TEMPLATE, progress=False)
+    result = evaluate_protocol(tiny_model, data, templates=ONE_TEMPLATE, **cache)
+    full = evaluate_protocol(tiny_model, data, "1000way", templates=ONE_TEMPLATE, **cache)
     union = sorted({c for hits in data.label_hits for c in hits})
     masked = torch.full_like(full.logits, float("-inf"))
     masked[:, union] = full.logits[:, union]

@@ -39,15 +39,15 @@ class TarMemberImages:
         if isinstance(image, str) and image in self.locations:
             from PIL import Image
 
-            offset, size = self.locations[image]
-            with open(image.rsplit("#", 1)[0], "rb") as file:
+            member, (offset, size) = image, self.locations[image]
+            with open(member.rsplit("#", 1)[0], "rb") as file:
                 file.seek(offset)
                 data = file.read(size)
             try:
                 image = Image.open(io.BytesIO(data))
                 image.load()
             except Exception as error:
-                raise ValueError(f"{image}: not a readable image ({type(error).__name__}: {error})") from error
+                raise ValueError(f"{member}: not a readable image ({type(error).__name__}: {error})") from error
         return self.preprocess(image)
 
     def __repr__(self) -> str:  # part of the feature-cache key: shard sizes and times catch edits
