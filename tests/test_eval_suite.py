@@ -6,7 +6,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -19,7 +18,7 @@ from clipforge.evaluate._suite_report import plot_effective_robustness
 from clipforge.evaluate._suite_tasks import imagenet_o_aupr
 
 from _eval_helpers import make_color_folder
-from _protocol_layouts import copy_image, demo_images, make_class_folders, make_objectnet, make_wds, wnid_table
+from _protocol_layouts import demo_images, make_class_folders, make_objectnet, make_wds, wnid_table
 
 TEMPLATE = "a photo of a {}."
 SCHEMA = {"dataset", "model", "pretrained", "task", "metrics", "language"}
