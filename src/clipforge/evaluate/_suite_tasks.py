@@ -26,7 +26,7 @@ def _load(entry, path: str | None = None, split: str = "test"):
 
 def zeroshot(run, entry) -> tuple[dict, object | None]:
     """``(record, result)``; ``result`` is None when an existing record was reused."""
-    from .zeroshot import evaluate_zeroshot
+    from . import evaluate_zeroshot
 
     task = "zeroshot_classification"
     cached = run.existing(entry.name, task)

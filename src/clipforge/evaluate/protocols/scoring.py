@@ -13,9 +13,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..features import encode_images
-from ..metrics import confusion_matrix, mean_per_class_recall, per_class_recall, topk_accuracy
-from ..zeroshot import ZeroShotResult, logit_scale_of, resolve_templates, zero_shot_classifier, zero_shot_logits
+# Through clipforge.evaluate's exports: zeroshot.py is being split into prompts.py and the rest.
+from .. import (ZeroShotResult, confusion_matrix, encode_images, mean_per_class_recall, per_class_recall,
+                resolve_templates, topk_accuracy, zero_shot_classifier, zero_shot_logits)
+from ..zeroshot import logit_scale_of  # not exported; stays with the scoring half of zeroshot.py
 from ._data import SCORINGS, ProtocolData
 
 
