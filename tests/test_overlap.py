@@ -97,3 +97,18 @@ def test_bad_overlap_arguments_stop_with_one_line(overlap_case, capsys):
     assert main(["eval", "zeroshot", "--data", str(root / "eval"), "--model", "tiny-vit", "--exclude",
                  str(root / "missing.txt")]) == 2
     assert "missing.txt: no such file" in capsys.readouterr().err
+
+
+def test_exclude_list_keeps_a_protocols_label_mapping(tmp_path):
+    from clipforge.evaluate import load_classification_data
+    from clipforge.evaluate.overlap import drop_listed
+
+    from _protocol_layouts import make_class_folders, wnid_table
+
+    made = make_class_folders(tmp_path / "imagenet-a", wnid_table("imagenet_a"), per_folder=2)
+    data = load_classification_data(tmp_path / "imagenet-a", dataset="imagenet-a")
+    listed = [str(made[wnid][0]) for wnid in wnid_table("imagenet_a")[:3]]
+    (tmp_path / "overlap.txt").write_text("# from clipforge overlap\n" + "\n".join(listed) + "\n")
+    kept, dropped = drop_listed(data, tmp_path / "overlap.txt")
+    assert sorted(dropped) == sorted(listed) and len(kept.paths) == 397 and type(kept) is type(data)
+    assert kept.label_hits == data.label_hits and kept.labels[:5] == [0, 1, 2, 3, 3]
