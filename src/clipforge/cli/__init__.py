@@ -13,7 +13,7 @@ import sys
 from ..files import DiskFullError
 
 # One module per command group, in the order ``clipforge --help`` lists them.
-COMMANDS = ["models", "convert", "shards", "classify", "eval", "train", "demo", "serve"]
+COMMANDS = ["models", "convert", "shards", "classify", "eval", "overlap", "train", "demo", "serve"]
 
 
 class CliError(Exception):

@@ -36,9 +36,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     zeroshot.add_argument("--classnames", metavar="FILE|DATASET",
                           help="names for the prompts: JSON object {folder: name}, a list file in label order, "
                           "or a built-in dataset (default: the folder names, _ read as space)")
-    zeroshot.add_argument("--templates", default="imagenet", metavar="NAME|FILE|none",
+    zeroshot.add_argument("--templates", default=None, metavar="NAME|FILE|none",
                           help="prompt templates: a built-in dataset's, a file (JSON list or one per line), "
-                          "or none for the bare class name (default: imagenet, the paper's 80)")
+                          "or none for the bare class name (default: imagenet, the paper's 80; with --dataset "
+                          "the dataset's own)")
+    zeroshot.add_argument("--dataset", metavar="NAME",
+                          help="read --data as a standard set's release and score it by its protocol: imagenet, "
+                          "imagenet-v2, imagenet-sketch, imagenet-r, imagenet-a, imagenet-o, objectnet, or wds "
+                          "(CLIP_benchmark's webdataset folder)")
+    zeroshot.add_argument("--protocol", default="subset", choices=["subset", "1000way"],
+                          help="with --dataset: score over the set's own classes (subset, the default) or let all "
+                          "1,000 ImageNet classes compete (1000way)")
+    zeroshot.add_argument("--exclude", metavar="LIST",
+                          help="file of image paths (one per line, e.g. from clipforge overlap) to leave out")
     zeroshot.set_defaults(func=run_zeroshot)
 
     retrieval = tasks.add_parser("retrieval", help="image-text retrieval recall@1/5/10 both ways",
@@ -58,6 +68,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     probe.add_argument("--few-shot", type=int, metavar="K", help="train on K images per class")
     probe.add_argument("--val-fraction", type=float, default=0.2, help="share of train held out to choose C")
     probe.set_defaults(func=run_linear_probe)
+
+    from .eval_suite import register_suite
+
+    register_suite(tasks, add_model_arguments)
 
     for task in (zeroshot, retrieval, probe):
         add_model_arguments(task)
@@ -107,18 +121,45 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     from ..evaluate.report import write_zeroshot_report
 
     started = time.time()
-    data = load_classification_data(args.data, args.images)
+    if args.dataset and args.classnames:
+        raise CliError("--classnames does not apply with --dataset: the protocol names its classes")
+    data = load_classification_data(args.data, args.images, dataset=args.dataset)
+    excluded = []
+    if args.exclude:
+        from ..evaluate.overlap import drop_listed
+
+        data, excluded = drop_listed(data, args.exclude)
     common = _common(args)
     model, preprocess = load_model_arg(args.model, common["device"], args.seed)
-    result = evaluate_zeroshot(model, data, args.classnames, args.templates, preprocess, args.batch_size, **common)
-    report = {**_header(args, "zeroshot", started), "data": args.data, "templates": args.templates,
+    if args.dataset:
+        from ..evaluate.protocols import evaluate_protocol
+
+        result = evaluate_protocol(model, data, args.protocol, args.templates, preprocess, args.batch_size, **common)
+    else:
+        result = evaluate_zeroshot(model, data, args.classnames, args.templates or "imagenet", preprocess,
+                                   args.batch_size, **common)
+    report = {**_header(args, "zeroshot", started), "data": args.data, "templates": _templates_used(args, data),
               **result.to_report()}
+    if args.exclude:
+        report["excluded"] = {"list": args.exclude, "num_images": len(excluded)}
     written = write_zeroshot_report(report, args.out) if args.out else []
     summary = [f"zero-shot on {args.data}: {report['num_images']} images, {report['num_classes']} classes, "
                f"{report['num_templates']} templates"]
+    if args.dataset:
+        summary.append(f"protocol {report['dataset']}, scored {report['scoring']}" + (
+            f" over its {report['num_classes']} classes" if report["scoring"] == "subset" else
+            " with every ImageNet class competing"))
+    if args.exclude:
+        summary.append(f"left out {len(excluded)} images listed in {args.exclude}")
     labels = {"top1": "top-1", "top5": "top-5", "mean_per_class_recall": "mean per-class recall"}
     summary += [f"{labels.get(name, name):<22} {value:.4f}" for name, value in result.metrics.items()]
     return _finish(args, report, summary, written)
+
+
+def _templates_used(args: argparse.Namespace, data) -> str:
+    """What the report names as the templates: the option, or the protocol's own."""
+    own = getattr(data, "templates", "imagenet")
+    return args.templates or (own if isinstance(own, str) else f"{len(own)} from the dataset")
 
 
 def run_retrieval(args: argparse.Namespace) -> int:

@@ -11,7 +11,6 @@ from . import metadata
 from .datasets import (
     ClassificationData,
     RetrievalData,
-    load_classification_data,
     load_image_folder,
     load_labels_csv,
     load_retrieval_data,
@@ -29,6 +28,7 @@ from .metrics import (
     topk_accuracy,
 )
 from .retrieval import evaluate_retrieval
+from .protocols import load_classification_data
 from .prompts import check_classnames, fill_template, resolve_classnames, resolve_templates
 from .zeroshot import ZeroShotResult, classify, evaluate_zeroshot, zero_shot_classifier, zero_shot_logits, zero_shot_predict
 

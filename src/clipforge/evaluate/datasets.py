@@ -134,9 +134,13 @@ def load_labels_csv(path: str | os.PathLike, image_root: str | os.PathLike | Non
     return ClassificationData(names, [index[label] for label in raw_labels], classes, str(path))
 
 
-def load_classification_data(path: str | os.PathLike,
-                             image_root: str | os.PathLike | None = None) -> ClassificationData:
-    """An image folder, or a CSV/TSV listing of ``path,label``."""
+def load_classification_data(path: str | os.PathLike, image_root: str | os.PathLike | None = None
+                             ) -> ClassificationData:
+    """An image folder, or a CSV/TSV listing of ``path,label``.
+
+    ``clipforge.evaluate.load_classification_data`` also takes ``dataset=`` (a standard set's
+    protocol, see :mod:`clipforge.evaluate.protocols`) and calls this one without it.
+    """
     path = Path(path)
     if path.is_dir():
         return load_image_folder(path)

@@ -1,0 +1,141 @@
+"""``clipforge overlap``: evaluation images with a near-duplicate in the training data (paper, section 5).
+
+Examples::
+
+    clipforge overlap --train data/train.jsonl --data data/eval/fluent3d --out runs/overlap
+    clipforge overlap --train train.jsonl --data /data/imagenet-r --dataset imagenet-r --model ckpt/ \\
+        --out runs/overlap-r
+    clipforge eval zeroshot --model ckpt/ --data /data/imagenet-r --dataset imagenet-r \\
+        --exclude runs/overlap-r/overlap.txt
+
+Writes ``overlap.txt`` (the overlapping evaluation images, for ``eval zeroshot --exclude``),
+``pairs.csv`` (each evaluation image, its nearest training image and their cosine),
+``contact_sheet.png`` and ``report.json``. With ``--model`` the zero-shot accuracy is split into
+the clean and overlapping subsets.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+from pathlib import Path
+
+from . import CliError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``overlap``."""
+    from ._common import add_model_arguments
+
+    parser = subparsers.add_parser("overlap", help="near-duplicates of training images in an evaluation set",
+                                   description="Find evaluation images with a near-duplicate in the training "
+                                   "collection; split zero-shot accuracy into clean and overlapping images.")
+    parser.add_argument("--train", required=True, metavar="LISTING|DIR",
+                        help="training images: a caption listing (.jsonl/.csv/.tsv) or an image folder")
+    parser.add_argument("--data", required=True, metavar="DIR|CSV", help="evaluation images (as eval zeroshot)")
+    parser.add_argument("--dataset", metavar="NAME", help="read --data by a standard protocol (imagenet-r, ...)")
+    parser.add_argument("--protocol", default="subset", choices=["subset", "1000way"])
+    parser.add_argument("--classnames", metavar="FILE|DATASET", help="prompt names of a plain folder (as eval zeroshot)")
+    parser.add_argument("--templates", default=None, metavar="NAME|FILE|none")
+    parser.add_argument("--features", choices=["pixels", "model"], default="pixels",
+                        help="duplicate descriptor: 16x16 pixel thumbnails (default, model-free) or the "
+                        "model's image embeddings (needs --model)")
+    parser.add_argument("--threshold", type=float, metavar="COSINE",
+                        help="duplicate when the nearest training image has at least this cosine "
+                        "(default: 0.98 for pixels, 0.995 for model; calibrated on the demo data)")
+    parser.add_argument("--out", required=True, metavar="DIR")
+    add_model_arguments(parser)
+    parser.set_defaults(model=None)
+    parser.add_argument("--batch-size", type=int, default=64, metavar="N")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N")
+    parser.add_argument("--cache-dir", metavar="DIR")
+    parser.add_argument("--no-cache", action="store_true")
+    parser.set_defaults(func=run)
+
+
+def _correct_by_path(model, preprocess, data, args, common) -> dict[str, bool]:
+    from ..evaluate import evaluate_zeroshot
+
+    if args.dataset:
+        from ..evaluate.protocols import evaluate_protocol
+
+        result = evaluate_protocol(model, data, args.protocol, args.templates, preprocess, args.batch_size, **common)
+        predictions = result.predictions
+    else:
+        result = evaluate_zeroshot(model, data, args.classnames, args.templates or "imagenet", preprocess,
+                                   args.batch_size, **common)
+        predictions = result.logits.argmax(-1)
+    correct = (predictions == result.targets).tolist()
+    return {data.paths[i]: hit for i, hit in zip(result.indices.tolist(), correct)}
+
+
+def _pairs_csv(overlap) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["eval_image", "nearest_train_image", "cosine", "duplicate"])
+    for i, path in enumerate(overlap.eval_paths):
+        cosine = float(overlap.similarity[i])
+        writer.writerow([path, overlap.train_paths[int(overlap.nearest[i])], f"{cosine:.6f}", int(cosine >= overlap.threshold)])
+    return buffer.getvalue()
+
+
+def run(args: argparse.Namespace) -> int:
+    """``clipforge overlap``."""
+    import torch
+
+    from ..evaluate import load_classification_data
+    from ..evaluate._suite_report import _write_atomic, write_json_atomic
+    from ..evaluate.overlap import (DEFAULT_THRESHOLDS, PixelThumbnails, find_overlap, split_accuracy,
+                                    training_images, write_contact_sheet)
+    from . import _common as eval_cli
+
+    if args.features == "model" and not args.model:
+        raise CliError("--features model needs --model CHECKPOINT")
+    threshold = DEFAULT_THRESHOLDS[args.features] if args.threshold is None else args.threshold
+    if not -1 <= threshold <= 1:
+        raise CliError(f"--threshold is a cosine in [-1, 1], got {threshold}")
+    train = training_images(args.train)
+    data = load_classification_data(args.data, None, dataset=args.dataset)
+    device = eval_cli.resolve_device_arg(args.device)
+    common = dict(device=device, precision=args.precision, num_workers=args.workers,
+                  cache_dir=eval_cli.feature_cache_dir(args), progress=True)
+    model = preprocess = None
+    if args.model:
+        model, preprocess = eval_cli.load_model_arg(args.model, device, args.seed)
+    if args.features == "model":
+        detector, detector_preprocess = model, preprocess
+    else:
+        from ..transforms import image_transform
+
+        detector, detector_preprocess = PixelThumbnails(), image_transform(64)
+    eval_preprocess = data.wrap_preprocess(detector_preprocess) if hasattr(data, "wrap_preprocess") else detector_preprocess
+    overlap = find_overlap(detector, train, data.paths, eval_preprocess, threshold, args.batch_size,
+                           **{**common, "device": device if args.features == "model" else "cpu"})
+    report = {"train": args.train, "data": args.data, "dataset": args.dataset, "features": args.features,
+              "threshold": threshold, "num_train_images": len(overlap.train_paths),
+              **split_accuracy(torch.zeros(len(overlap.eval_paths)), overlap.is_overlap)}
+    for key in ("accuracy_all", "accuracy_clean", "accuracy_overlap", "overlap_minus_clean", "all_minus_clean"):
+        report[key] = None
+    if model is not None:
+        correct = _correct_by_path(model, preprocess, data, args, common)
+        kept = [i for i, path in enumerate(overlap.eval_paths) if path in correct]
+        hits = torch.tensor([correct[overlap.eval_paths[i]] for i in kept], dtype=torch.bool)
+        report.update(split_accuracy(hits, overlap.is_overlap[kept]))
+        report["model"] = args.model
+    report["skipped"] = [{"path": path, "reason": reason} for path, reason in overlap.skipped]
+    out = Path(args.out)
+    pairs = overlap.pairs()
+    written = [_write_atomic(out / "overlap.txt", "".join(f"{path}\n" for path, _, _ in pairs)),
+               _write_atomic(out / "pairs.csv", _pairs_csv(overlap)),
+               write_contact_sheet(pairs, out / "contact_sheet.png"),
+               write_json_atomic(report, out / "report.json")]
+    pct = lambda value: "n/a" if value is None else f"{100 * value:.2f}%"
+    print(f"overlap of {args.data} with {args.train}: {report['num_overlap']} of {report['num_images']} evaluation "
+          f"images ({pct(report['overlap_share'])}) have a training image at cosine >= {threshold} ({args.features})")
+    if model is not None:
+        print(f"zero-shot top-1: all {pct(report['accuracy_all'])}, clean {pct(report['accuracy_clean'])}, "
+              f"overlap {pct(report['accuracy_overlap'])}; all - clean {pct(report['all_minus_clean'])}, "
+              f"overlap - clean {pct(report['overlap_minus_clean'])}")
+    print("wrote " + ", ".join(str(path) for path in written))
+    return 1 if overlap.skipped else 0

@@ -1,0 +1,174 @@
+"""The suite's outputs: atomic JSON, the results table (markdown + CSV) and the paper's two plots."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+
+from ..files import write_text_atomic
+
+# Supervised ImageNet models of the CLIP paper's robustness table (top-1 %), as issue 13 quotes
+# them: ImageNet, ImageNet-R, ImageNet-Sketch, ObjectNet.
+SUPERVISED_REFERENCE = {
+    "ResNet-50": {"imagenet": 76.1, "imagenet-r": 56.1, "imagenet-sketch": 33.3, "objectnet": 52.3},
+    "ResNet-101": {"imagenet": 77.4, "imagenet-r": 57.7, "imagenet-sketch": 36.0, "objectnet": 54.8},
+}
+MASKED_SETS = ("imagenet-r", "imagenet-a", "imagenet-o", "objectnet")  # where subset vs 1000way matters
+SHIFT_COLORS = {"imagenet-v2": "tab:blue", "imagenet-r": "tab:orange", "imagenet-sketch": "tab:green",
+                "objectnet": "tab:red", "imagenet-a": "tab:purple"}
+
+
+_write_atomic = write_text_atomic  # clipforge.files: atomic, usual permissions, one line on a full disk
+
+
+def write_json_atomic(record: dict, path: str | os.PathLike) -> Path:
+    """``record`` as JSON at ``path``, written beside it and renamed into place."""
+    return _write_atomic(Path(path), json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+
+
+def _zeroshot_rows(records: list[dict]) -> list[dict]:
+    rows = {}
+    for record in records:
+        if record["task"] == "zeroshot_classification":
+            rows[record["dataset"]] = {"record": record, "probes": {}}
+    for record in records:
+        if record["task"] == "linear_probe" and record["dataset"] in rows:
+            rows[record["dataset"]]["probes"][record["fewshot_k"]] = record["metrics"]["lp_acc1"]
+    return list(rows.values())
+
+
+def _pct(value) -> str:
+    return "" if value is None else f"{100 * value:.2f}"
+
+
+def table_markdown(records: list[dict], errors: list[dict]) -> str:
+    """The results as markdown tables: zero-shot (+ probes), retrieval, errors."""
+    lines = []
+    rows = _zeroshot_rows(records)
+    shots = sorted({k for row in rows for k in row["probes"]})
+    if rows:
+        head = ["dataset", "protocol", "images", "classes", "top-1", "top-5", "mean per-class recall"]
+        head += [f"{k}-shot probe" for k in shots]
+        lines += ["## Zero-shot classification (%)", "", "| " + " | ".join(head) + " |",
+                  "|" + " --- |" * len(head)]
+        for row in rows:
+            record, metrics = row["record"], row["record"]["metrics"]
+            protocol = record.get("protocol") or "folder"
+            if record.get("protocol") in MASKED_SETS and record.get("scoring"):
+                protocol += f" ({record['scoring']})"
+            cells = [record["dataset"], protocol, str(record.get("num_images", "")), str(record.get("num_classes", "")),
+                     _pct(metrics.get("acc1")), _pct(metrics.get("acc5")), _pct(metrics.get("mean_per_class_recall"))]
+            cells += [_pct(row["probes"].get(k)) for k in shots]
+            lines.append("| " + " | ".join(cells) + " |")
+            if "aupr" in metrics:
+                lines.append(f"| {record['dataset']} detection AUPR | | | | {_pct(metrics['aupr'])} | | |"
+                             + " |" * len(shots))
+        lines.append("")
+    retrieval = [r for r in records if r["task"] == "zeroshot_retrieval"]
+    if retrieval:
+        lines += ["## Retrieval recall (%)", "", "| dataset | image->text R@1 | R@5 | R@10 | text->image R@1 | R@5 | R@10 |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for record in retrieval:
+            m = record["metrics"]
+            cells = [_pct(m[f"text_retrieval_recall@{k}"]) for k in (1, 5, 10)]
+            cells += [_pct(m[f"image_retrieval_recall@{k}"]) for k in (1, 5, 10)]
+            lines.append(f"| {record['dataset']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if errors:
+        lines += ["## Not evaluated", ""] + [f"- {e['dataset']}: {e['error']}" for e in errors] + [""]
+    return "\n".join(lines)
+
+
+def table_csv(records: list[dict]) -> str:
+    """Long CSV: dataset, task, fewshot_k, protocol, scoring, metric, value (one row per metric)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["dataset", "model", "pretrained", "task", "fewshot_k", "protocol", "scoring", "metric", "value"])
+    for record in records:
+        for metric, value in record["metrics"].items():
+            writer.writerow([record["dataset"], record["model"], record["pretrained"], record["task"],
+                             record.get("fewshot_k", ""), record.get("protocol") or "", record.get("scoring") or "",
+                             metric, "" if value is None else value])
+    return buffer.getvalue()
+
+
+def _figure(width: float, height: float):
+    from .report import _figure as figure  # the Agg-canvas figure every evaluation plot uses
+
+    return figure(width, height)
+
+
+def _save(figure, path: Path) -> Path:
+    partial = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    figure.savefig(partial, bbox_inches="tight")
+    os.replace(partial, path)
+    return path
+
+
+def plot_effective_robustness(records: list[dict], path: Path) -> Path | None:
+    """ImageNet top-1 against each shifted set's top-1, y = x, and the supervised reference points."""
+    top1 = {r["dataset"]: r["metrics"]["acc1"] for r in records
+            if r["task"] == "zeroshot_classification" and r["metrics"].get("acc1") is not None}
+    protocols = {r["dataset"]: r.get("protocol") for r in records if r["task"] == "zeroshot_classification"}
+    base = next((100 * top1[name] for name, protocol in protocols.items() if protocol == "imagenet" and name in top1), None)
+    shifted = [(name, protocols[name]) for name in top1 if protocols.get(name) in SHIFT_COLORS]
+    if base is None or not shifted:
+        return None
+    figure = _figure(6.5, 6)
+    axes = figure.add_subplot()
+    axes.plot([0, 100], [0, 100], linestyle="--", color="grey", label="y = x (no drop under shift)")
+    for name, protocol in shifted:
+        color = SHIFT_COLORS[protocol]
+        axes.scatter([base], [100 * top1[name]], color=color, marker="*", s=180, zorder=3,
+                     label=f"this model: {name} {100 * top1[name]:.1f}%")
+        for model, marker in zip(SUPERVISED_REFERENCE, ("o", "s")):
+            reference = SUPERVISED_REFERENCE[model]
+            if protocol in reference:
+                axes.scatter([reference["imagenet"]], [reference[protocol]], facecolors="none", edgecolors=color,
+                             marker=marker, s=70, label=f"{model} (supervised): {protocol}")
+    axes.set_xlim(0, 100)
+    axes.set_ylim(0, 100)
+    axes.set_xlabel("ImageNet top-1 (%)")
+    axes.set_ylabel("top-1 under distribution shift (%)")
+    axes.set_title("Effective robustness: distance above the supervised models' line")
+    axes.legend(fontsize=7, loc="upper left")
+    axes.grid(alpha=0.3)
+    return _save(figure, path)
+
+
+def plot_zeroshot_vs_fewshot(records: list[dict], path: Path) -> Path | None:
+    """Few-shot linear-probe accuracy against shots per class, the zero-shot accuracy as a line."""
+    rows = [row for row in _zeroshot_rows(records) if row["probes"]]
+    if not rows:
+        return None
+    figure = _figure(7, 4.5)
+    axes = figure.add_subplot()
+    for index, row in enumerate(rows):
+        color = f"C{index % 10}"
+        shots = sorted(row["probes"])
+        axes.plot(shots, [100 * row["probes"][k] for k in shots], marker="o", color=color,
+                  label=f"{row['record']['dataset']}: linear probe")
+        zero = row["record"]["metrics"].get("acc1")
+        if zero is not None:
+            axes.axhline(100 * zero, color=color, linestyle="--", label=f"{row['record']['dataset']}: zero-shot")
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel("training images per class")
+    axes.set_ylabel("top-1 (%)")
+    axes.set_title("Zero-shot vs few-shot linear probes")
+    axes.legend(fontsize=7)
+    axes.grid(alpha=0.3)
+    return _save(figure, path)
+
+
+def write_reports(records: list[dict], errors: list[dict], out_dir: Path) -> list[Path]:
+    """``results.md``, ``results.csv`` and whichever plots the results allow; returns the paths."""
+    written = [_write_atomic(out_dir / "results.md", table_markdown(records, errors)),
+               _write_atomic(out_dir / "results.csv", table_csv(records))]
+    for plot, name in ((plot_effective_robustness, "effective_robustness.png"),
+                       (plot_zeroshot_vs_fewshot, "zeroshot_vs_fewshot.png")):
+        result = plot(records, out_dir / name)
+        if result is not None:
+            written.append(result)
+    return written

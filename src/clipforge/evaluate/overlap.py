@@ -1,0 +1,200 @@
+"""Train/eval overlap (the paper's section 5): evaluation images with a near-duplicate in training.
+
+Both collections are embedded (through the feature cache, so a second run costs nothing) and an
+evaluation image overlaps when its nearest training image has cosine similarity >= a threshold.
+Zero-shot accuracy is then split into the clean and overlapping subsets, as the paper reports it
+(all, clean, overlap, all - clean: how much the overlap inflated the headline number).
+
+Two descriptors, each with its own calibrated threshold (``tools/calibrate_overlap_threshold.py``
+on the demo data: the same image resized or re-encoded is a duplicate, the same emoji drawn in
+another style, Noto vs Twemoji vs Fluent, is not):
+
+- ``pixels`` (the default, model-free, like the paper's use of a separate detector): the
+  preprocessed image averaged down to 16 x 16 x 3, centred and L2-normalised. Threshold 0.97.
+- ``model``: the model's image embedding. A CLIP embedding is semantic: at 64 px the demo model
+  puts different keycaps ("#" and "3") at cosine 1.000, so it needs 0.995 and still confuses
+  images that share a layout. Recalibrate it for another model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .datasets import ClassificationData
+from .features import encode_images
+
+DEFAULT_THRESHOLDS = {"pixels": 0.98, "model": 0.995}  # tools/calibrate_overlap_threshold.py, demo data
+THUMBNAIL_GRID = 16
+_CHUNK = 4096  # training images compared per step: (E, 4096) similarities in memory at a time
+
+
+def read_path_list(path: str | os.PathLike) -> list[str]:
+    """Image paths, one per line (``#`` comments and blank lines skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (expected a list of image paths, one per line)")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def drop_listed(data: ClassificationData, list_path: str | os.PathLike) -> tuple[ClassificationData, list[str]]:
+    """``(data without the images named in list_path, the paths dropped)``; paths compare resolved."""
+    listed = {os.path.realpath(p) for p in read_path_list(list_path)}
+    listed_here = [os.path.realpath(p) in listed for p in data.paths]
+    keep = [i for i, is_listed in enumerate(listed_here) if not is_listed]
+    dropped = [p for p, is_listed in zip(data.paths, listed_here) if is_listed]
+    if not keep:
+        raise ValueError(f"{list_path}: lists every one of the {len(data.paths)} images of {data.source}")
+    return dataclasses.replace(data, paths=[data.paths[i] for i in keep],
+                               labels=[data.labels[i] for i in keep]), dropped
+
+
+def training_images(path: str | os.PathLike) -> list[str]:
+    """The images of a training collection: a caption listing (.csv/.tsv/.jsonl) or an image folder."""
+    from ..data.captions import is_image_name, read_listing
+
+    path = Path(path)
+    if path.is_dir():
+        images = sorted(str(Path(d) / n) for d, _, names in os.walk(path) for n in names
+                        if is_image_name(n) and not n.startswith("."))
+        if not images:
+            raise ValueError(f"{path}: no images in this folder")
+        return images
+    listing = read_listing(path)
+    images = [image if os.path.isabs(image) else str(path.parent / image) for image in listing.images if image]
+    if not images:
+        raise ValueError(f"{path}: the listing names no images")
+    return list(dict.fromkeys(images))
+
+
+class PixelThumbnails(torch.nn.Module):
+    """A model-free near-duplicate descriptor with CLIP's ``encode_image`` interface.
+
+    A preprocessed batch (B, 3, H, W) is averaged down to (B, 3, grid, grid), flattened and centred
+    per image: resizing and re-encoding barely move it, a different drawing does.
+    """
+
+    def __init__(self, grid: int = THUMBNAIL_GRID):
+        super().__init__()
+        self.grid = grid
+        self.register_buffer("grid_size", torch.tensor(grid))  # part of the feature-cache key
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        thumbnails = F.adaptive_avg_pool2d(images.float(), self.grid).flatten(1)  # (B, 3 * grid * grid)
+        return thumbnails - thumbnails.mean(dim=1, keepdim=True)
+
+
+def nearest_neighbours(queries: torch.Tensor, keys: torch.Tensor, chunk: int = _CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cosine, index)`` of each query's most similar key; (Q, D) and (K, D) in, (Q,) and (Q,) out."""
+    queries, keys = F.normalize(queries.float(), dim=-1), F.normalize(keys.float(), dim=-1)
+    best = torch.full((len(queries),), -2.0)
+    index = torch.zeros(len(queries), dtype=torch.long)
+    for start in range(0, len(keys), chunk):
+        similarity = queries @ keys[start:start + chunk].T  # (Q, chunk)
+        values, positions = similarity.max(dim=1)
+        better = values > best
+        best = torch.where(better, values, best)
+        index = torch.where(better, positions + start, index)
+    return best, index
+
+
+@dataclass
+class Overlap:
+    """Each evaluation image's nearest training image and whether it counts as a duplicate."""
+
+    eval_paths: list[str]  # the readable evaluation images
+    train_paths: list[str]  # the readable training images
+    similarity: torch.Tensor  # (E,) cosine to the nearest training image
+    nearest: torch.Tensor  # (E,) index into train_paths
+    threshold: float
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def is_overlap(self) -> torch.Tensor:
+        """(E,) bool: nearest cosine >= threshold."""
+        return self.similarity >= self.threshold
+
+    def pairs(self) -> list[tuple[str, str, float]]:
+        """``(eval image, training image, cosine)`` of the overlapping images, most similar first."""
+        order = torch.argsort(self.similarity, descending=True).tolist()
+        return [(self.eval_paths[i], self.train_paths[int(self.nearest[i])], float(self.similarity[i]))
+                for i in order if self.similarity[i] >= self.threshold]
+
+
+def find_overlap(model: torch.nn.Module, train_paths: Sequence[str], eval_paths: Sequence[str],
+                 preprocess: Callable | None = None, threshold: float = DEFAULT_THRESHOLDS["model"],
+                 batch_size: int = 64, num_workers: int = 0, device=None, precision: str = "fp32",
+                 cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Overlap:
+    """Embed both collections with ``model`` (a CLIP model or :class:`PixelThumbnails`) and find,
+    for each evaluation image, its nearest training image. ``preprocess`` defaults to the eval
+    transform at the model's image size (64 px for the thumbnails)."""
+    if not -1.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold is a cosine similarity in [-1, 1], got {threshold}")
+    if preprocess is None:
+        from ..transforms import image_transform
+
+        config = getattr(model, "config", None)
+        preprocess = image_transform(config.vision.image_size if config is not None else 64)
+    found = {}
+    for name, paths in (("train", list(train_paths)), ("eval", list(eval_paths))):
+        features = encode_images(model, paths, preprocess, batch_size, num_workers, device, precision,
+                                 cache_dir, progress, desc=f"{name} images")
+        if len(features.indices) == 0:
+            raise ValueError(f"none of the {len(paths)} {name} images could be read, e.g. {features.skipped[0]}")
+        found[name] = (features, [paths[i] for i in features.indices.tolist()])
+    (train, train_kept), (evaluation, eval_kept) = found["train"], found["eval"]
+    similarity, nearest = nearest_neighbours(evaluation.features, train.features)
+    return Overlap(eval_kept, train_kept, similarity, nearest, threshold, train.skipped + evaluation.skipped)
+
+
+def split_accuracy(correct: torch.Tensor, is_overlap: torch.Tensor) -> dict:
+    """Accuracy on all, clean and overlapping images, and the paper's differences (in [0, 1])."""
+    correct, is_overlap = correct.float(), is_overlap.bool()
+    mean = lambda values: float(values.mean()) if len(values) else None
+    report = {"num_images": len(correct), "num_overlap": int(is_overlap.sum()),
+              "overlap_share": float(is_overlap.float().mean()) if len(correct) else 0.0,
+              "accuracy_all": mean(correct), "accuracy_clean": mean(correct[~is_overlap]),
+              "accuracy_overlap": mean(correct[is_overlap])}
+    clean, overlap = report["accuracy_clean"], report["accuracy_overlap"]
+    report["overlap_minus_clean"] = None if clean is None or overlap is None else overlap - clean
+    report["all_minus_clean"] = None if clean is None else report["accuracy_all"] - clean
+    return report
+
+
+def write_contact_sheet(pairs: Sequence[tuple[str, str, float]], path: str | os.PathLike,
+                        max_pairs: int = 48, tile: int = 96) -> Path:
+    """A PNG of (evaluation image | nearest training image, cosine) pairs, most similar first."""
+    from PIL import Image, ImageDraw
+
+    from ..transforms import load_image
+
+    shown = list(pairs)[:max_pairs]
+    columns = 4
+    rows = max(1, -(-len(shown) // columns))
+    cell_w, cell_h = 2 * tile + 12, tile + 18
+    sheet = Image.new("RGB", (columns * cell_w, rows * cell_h + (18 if not shown else 0)), "white")
+    draw = ImageDraw.Draw(sheet)
+    if not shown:
+        draw.text((6, 6), "no overlapping images", fill="black")
+    for k, (eval_path, train_path, cosine) in enumerate(shown):
+        x, y = (k % columns) * cell_w, (k // columns) * cell_h
+        for offset, image_path in ((0, eval_path), (tile + 2, train_path)):
+            try:
+                image = load_image(image_path).convert("RGB")
+                image.thumbnail((tile, tile))
+                sheet.paste(image, (x + offset, y))
+            except (OSError, ValueError):
+                draw.rectangle((x + offset, y, x + offset + tile - 1, y + tile - 1), outline="red")
+        draw.text((x, y + tile + 2), f"eval | train  cos {cosine:.3f}", fill="black")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    sheet.save(partial, format="PNG")
+    os.replace(partial, path)
+    return path

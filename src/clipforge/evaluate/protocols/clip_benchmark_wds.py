@@ -1,0 +1,115 @@
+"""CLIP_benchmark's webdataset layout for classification, read in place (no second copy)::
+
+    root/classnames.txt                           one class name per line, in label order
+    root/zeroshot_classification_templates.txt    one template per line, {c} for the class
+    root/test/0.tar, 1.tar, ...                   samples: <key>.webp|png|jpg|jpeg + <key>.cls
+
+Tar headers are read once to index where each image's bytes lie; images are then read straight
+from the shards by offset. An image path is shown as ``<shard>#<member>``.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+from typing import Callable
+
+from ._data import ProtocolData
+
+IMAGE_SUFFIXES = ("webp", "png", "jpg", "jpeg")
+CLASSNAMES = "classnames.txt"
+TEMPLATES = "zeroshot_classification_templates.txt"
+
+
+def is_wds_folder(path: str | os.PathLike, split: str = "test") -> bool:
+    """Whether ``path`` holds ``classnames.txt`` and ``<split>/*.tar``."""
+    root = Path(path)
+    return (root / CLASSNAMES).is_file() and (root / split).is_dir() and any((root / split).glob("*.tar"))
+
+
+class TarMemberImages:
+    """``preprocess`` of images read by offset from tar shards; picklable for DataLoader workers."""
+
+    def __init__(self, preprocess: Callable, locations: dict[str, tuple[int, int]], shards: list[str]):
+        self.preprocess, self.locations = preprocess, locations
+        self.shards = [(shard, os.stat(shard).st_size, os.stat(shard).st_mtime_ns) for shard in shards]
+
+    def __call__(self, image):
+        if isinstance(image, str) and image in self.locations:
+            from PIL import Image
+
+            member, (offset, size) = image, self.locations[image]
+            with open(member.rsplit("#", 1)[0], "rb") as file:
+                file.seek(offset)
+                data = file.read(size)
+            try:
+                image = Image.open(io.BytesIO(data))
+                image.load()
+            except Exception as error:
+                raise ValueError(f"{member}: not a readable image ({type(error).__name__}: {error})") from error
+        return self.preprocess(image)
+
+    def __repr__(self) -> str:  # part of the feature-cache key: shard sizes and times catch edits
+        return f"TarMemberImages({self.preprocess!r}, shards={self.shards})"
+
+
+def _index_shard(shard: Path) -> list[tuple[str, tuple[int, int], int]]:
+    """``[(path, (offset, size), label)]`` for the samples of one shard, in member order."""
+    images, labels = {}, {}
+    try:
+        with tarfile.open(shard) as archive:
+            for member in archive:
+                if not member.isfile() or "." not in Path(member.name).name:
+                    continue
+                key, suffix = member.name.rsplit(".", 1)
+                if suffix.lower() in IMAGE_SUFFIXES:
+                    images[key] = (f"{shard}#{member.name}", (member.offset_data, member.size))
+                elif suffix == "cls":
+                    text = archive.extractfile(member).read().decode().strip()
+                    if not text.lstrip("-").isdigit():
+                        raise ValueError(f"{shard}#{member.name}: expected an integer class, got {text!r}")
+                    labels[key] = int(text)
+    except tarfile.TarError as error:
+        raise ValueError(f"{shard}: not a readable tar file ({error})") from None
+    unlabelled = sorted(set(images) - set(labels))
+    if unlabelled:
+        raise ValueError(f"{shard}: {len(unlabelled)} images have no .cls label, e.g. {unlabelled[0]!r}")
+    return [(images[key][0], images[key][1], labels[key]) for key in images]
+
+
+def _read_lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def load_wds_classification(path: str | os.PathLike, split: str = "test") -> ProtocolData:
+    """A CLIP_benchmark webdataset classification folder (module docstring), read in place."""
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such folder")
+    if not (root / CLASSNAMES).is_file():
+        raise ValueError(f"{root}: a CLIP_benchmark webdataset folder needs {CLASSNAMES}")
+    shards = sorted((root / split).glob("*.tar"), key=lambda p: (len(p.stem), p.stem)) if (root / split).is_dir() else []
+    if not shards:
+        raise ValueError(f"{root}: no {split}/*.tar shards (CLIP_benchmark's webdataset layout)")
+    classnames = _read_lines(root / CLASSNAMES)
+    notes = []
+    if (root / TEMPLATES).is_file():
+        templates = _read_lines(root / TEMPLATES)
+    else:
+        templates = "imagenet"  # CLIP_benchmark's fallback too
+        notes.append(f"no {TEMPLATES}: using the ImageNet templates")
+    samples = [sample for shard in shards for sample in _index_shard(shard)]
+    if not samples:
+        raise ValueError(f"{root / split}: the shards hold no images")
+    bad = sorted({label for _, _, label in samples if not 0 <= label < len(classnames)})
+    if bad:
+        raise ValueError(f"{root}: labels {bad[:5]} lie outside the {len(classnames)} classes of {CLASSNAMES}")
+    locations = {image: location for image, location, _ in samples}
+    shard_paths = [str(shard) for shard in shards]
+    return ProtocolData(
+        paths=[image for image, _, _ in samples], labels=[label for _, _, label in samples], classes=classnames,
+        source=str(root), dataset=f"wds/{root.name}", wnids=list(classnames), prompt_classnames=classnames,
+        templates=templates, label_hits=[[i] for i in range(len(classnames))], notes=notes,
+        preprocess_wrapper=lambda preprocess: TarMemberImages(preprocess, locations, shard_paths),
+    )

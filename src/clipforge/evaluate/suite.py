@@ -1,0 +1,234 @@
+"""A benchmark suite: zero-shot over many datasets, few-shot linear probes, retrieval, one table.
+
+    from clipforge.evaluate.suite import read_suite_config, run_suite
+    config = read_suite_config("suite.toml")
+    summary = run_suite(model, preprocess, config, "runs/suite", model_name="ViT-B-32", pretrained="ckpt.pt")
+
+A suite file (TOML; relative paths are under the file's folder)::
+
+    shots = [1, 2, 4, 8, 16]          # few-shot linear probes for datasets with probe_train
+
+    [zeroshot.imagenet]               # a protocol name: read and scored by that protocol
+    data = "/data/imagenet/val"
+    probe_train = "/data/imagenet/train"
+    [zeroshot.imagenet-r]
+    data = "/data/imagenet-r"
+    scoring = "subset"                # or "1000way"
+    [zeroshot.fluent3d]               # any other name: an image folder, a path,label CSV, or
+    data = "eval/fluent3d"            # CLIP_benchmark's webdataset folder (found by its files)
+    classnames = "eval/fluent3d_classnames.txt"
+    templates = "none"
+    [retrieval.heldout]
+    data = "heldout.jsonl"
+
+Each result is written as it finishes, one JSON per dataset and task in CLIP_benchmark's schema
+(``{"dataset", "model", "pretrained", "task", "metrics", "language"}``, its file-name pattern
+``{dataset}_{pretrained}_{model}_{language}_{task}.json``), so ``skip_existing`` resumes a suite
+that was stopped, and CLIP_benchmark's aggregation (``clip_benchmark build``) reads the folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+DEFAULT_SHOTS = (1, 2, 4, 8, 16)
+LANGUAGE = "en"
+_ZEROSHOT_KEYS = {"data", "dataset", "scoring", "templates", "classnames", "images", "probe_train"}
+_RETRIEVAL_KEYS = {"data", "images", "split"}
+
+
+@dataclass
+class ZeroShotEntry:
+    """One classification set of the suite."""
+
+    name: str  # the row name and CLIP_benchmark "dataset"
+    data: str
+    dataset: str | None = None  # protocol name, or None for a plain folder / CSV
+    scoring: str = "subset"
+    templates: str | list | None = None
+    classnames: str | list | None = None
+    images: str | None = None  # root of relative paths in a CSV listing
+    probe_train: str | None = None  # training split for the few-shot probes
+
+
+@dataclass
+class RetrievalEntry:
+    """One image-caption set of the suite."""
+
+    name: str
+    data: str
+    images: str | None = None
+    split: str = "test"
+
+
+@dataclass
+class SuiteConfig:
+    """What a suite runs; ``shots`` empty: no probes."""
+
+    zeroshot: list[ZeroShotEntry] = field(default_factory=list)
+    retrieval: list[RetrievalEntry] = field(default_factory=list)
+    shots: list[int] = field(default_factory=list)
+
+
+def _protocol_of(name: str, data: str, dataset: str | None) -> str | None:
+    from .protocols import canonical_name, looks_like_wds
+
+    if dataset:
+        return canonical_name(dataset)
+    try:
+        return canonical_name(name)
+    except ValueError:
+        return "wds" if looks_like_wds(data) else None
+
+
+def zeroshot_entry(name: str, data: str, **options) -> ZeroShotEntry:
+    """A :class:`ZeroShotEntry`, its protocol taken from ``dataset`` or the name (or a wds folder)."""
+    unknown = set(options) - (_ZEROSHOT_KEYS - {"data"})
+    if unknown:
+        raise ValueError(f"zeroshot.{name}: unknown key(s) {sorted(unknown)}; expected {sorted(_ZEROSHOT_KEYS)}")
+    dataset = _protocol_of(name, data, options.pop("dataset", None))
+    scoring = options.pop("scoring", "subset")
+    if scoring not in ("subset", "1000way"):
+        raise ValueError(f"zeroshot.{name}: scoring must be subset or 1000way, got {scoring!r}")
+    if dataset and options.get("classnames"):
+        raise ValueError(f"zeroshot.{name}: classnames do not apply to the {dataset} protocol")
+    return ZeroShotEntry(name=name, data=data, dataset=dataset, scoring=scoring, **options)
+
+
+def _resolve(base: Path, key: str, value):
+    """Paths relative to the suite file; class-name and template specs only when such a file exists."""
+    if not isinstance(value, str) or not value or os.path.isabs(value):
+        return value
+    if key in ("data", "images", "probe_train"):
+        return value if key == "probe_train" and value == "train" else str(base / value)
+    return str(base / value) if (base / value).is_file() else value
+
+
+def read_suite_config(path: str | os.PathLike) -> SuiteConfig:
+    """A :class:`SuiteConfig` from a TOML suite file (see the module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such suite file")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"{path}: not TOML ({error})") from None
+    unknown = set(raw) - {"zeroshot", "retrieval", "shots"}
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; expected zeroshot, retrieval, shots")
+    base = path.parent
+    config = SuiteConfig(shots=parse_shots(raw.get("shots", []), str(path)))
+    for name, table in raw.get("zeroshot", {}).items():
+        if not isinstance(table, dict) or "data" not in table:
+            raise ValueError(f"{path}: [zeroshot.{name}] needs data = PATH")
+        options = {key: _resolve(base, key, value) for key, value in table.items()}
+        config.zeroshot.append(zeroshot_entry(name, **options))
+    for name, table in raw.get("retrieval", {}).items():
+        if not isinstance(table, dict) or "data" not in table or set(table) - _RETRIEVAL_KEYS:
+            raise ValueError(f"{path}: [retrieval.{name}] takes data = PATH and optional images, split")
+        config.retrieval.append(RetrievalEntry(name, **{k: _resolve(base, k, v) for k, v in table.items()}))
+    if not config.zeroshot and not config.retrieval:
+        raise ValueError(f"{path}: no [zeroshot.NAME] or [retrieval.NAME] tables")
+    return config
+
+
+def parse_shots(value, source: str = "shots") -> list[int]:
+    """Shots per class from a list or ``"1,2,4"``; each must be a positive integer."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        shots = [int(item) for item in items if str(item).strip()]
+    except ValueError:
+        raise ValueError(f"{source}: shots must be integers, got {value!r}") from None
+    if any(k < 1 for k in shots):
+        raise ValueError(f"{source}: shots must be at least 1, got {shots}")
+    return sorted(set(shots))
+
+
+def parse_pairs(text: str, option: str) -> list[tuple[str, str]]:
+    """``[(name, path)]`` from ``"a=/x,b=/y"``."""
+    pairs = []
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise ValueError(f"{option}: expected NAME=PATH[,NAME=PATH...], got {item!r}")
+        pairs.append((name.strip(), value.strip()))
+    if not pairs:
+        raise ValueError(f"{option}: no NAME=PATH given")
+    return pairs
+
+
+def result_filename(dataset: str, pretrained: str, model: str, task: str) -> str:
+    """CLIP_benchmark's default output name ``{dataset}_{pretrained}_{model}_{language}_{task}.json``."""
+    return f"{dataset}_{pretrained}_{model}_{LANGUAGE}_{task}.json".replace("/", "_")
+
+
+@dataclass
+class SuiteRun:
+    """The model and settings every task of a suite shares."""
+
+    model: object
+    preprocess: Callable
+    out_dir: Path
+    model_name: str
+    pretrained: str
+    skip_existing: bool = False
+    batch_size: int = 64
+    common: dict = field(default_factory=dict)  # device, precision, num_workers, cache_dir, progress
+    seed: int = 0
+
+    def path(self, dataset: str, task: str) -> Path:
+        return self.out_dir / result_filename(dataset, self.pretrained, self.model_name, task)
+
+    def record(self, dataset: str, task: str, metrics: dict, **extra) -> dict:
+        return {"dataset": dataset, "model": self.model_name, "pretrained": self.pretrained, "task": task,
+                "metrics": metrics, "language": LANGUAGE, **extra}
+
+    def existing(self, dataset: str, task: str) -> dict | None:
+        path = self.path(dataset, task)
+        if self.skip_existing and path.is_file():
+            try:
+                return json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                return None  # a damaged result is recomputed
+        return None
+
+
+def run_suite(model, preprocess: Callable, config: SuiteConfig, out_dir: str | os.PathLike,
+              model_name: str, pretrained: str, skip_existing: bool = False, batch_size: int = 64,
+              seed: int = 0, **common) -> dict:
+    """Run every task of ``config``; write the JSONs, ``results.md``, ``results.csv`` and the plots.
+
+    ``common``: ``device``, ``precision``, ``num_workers``, ``cache_dir``, ``progress``. Returns
+    ``{"records": [...], "written": [paths], "errors": [...]}``; a dataset that fails is reported
+    in ``errors`` (and the table) and the others still run.
+    """
+    from . import _suite_report, _suite_tasks
+
+    run = SuiteRun(model, preprocess, Path(out_dir), model_name, pretrained, skip_existing, batch_size,
+                   dict(common), seed)
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    records, errors, in_memory = [], [], {}
+    for entry in config.zeroshot:
+        try:
+            record, result = _suite_tasks.zeroshot(run, entry)
+            records.append(record)
+            if result is not None:
+                in_memory[entry.dataset or entry.name] = (entry, result)
+            if entry.probe_train and config.shots:
+                records += _suite_tasks.few_shot_probes(run, entry, config.shots)
+        except (ValueError, FileNotFoundError) as error:
+            errors.append({"dataset": entry.name, "error": str(error)})
+    records = _suite_tasks.add_imagenet_o_aupr(run, records, in_memory)
+    for entry in config.retrieval:
+        try:
+            records.append(_suite_tasks.retrieval(run, entry))
+        except (ValueError, FileNotFoundError) as error:
+            errors.append({"dataset": entry.name, "error": str(error)})
+    written = _suite_report.write_reports(records, errors, run.out_dir)
+    return {"records": records, "written": written, "errors": errors}

@@ -1,0 +1,185 @@
+"""``clipforge eval suite``: many layouts in one run, CLIP_benchmark JSONs, table, plots, resume."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import clipforge
+from clipforge.cli import main
+from clipforge.evaluate import load_classification_data
+from clipforge.evaluate.protocols import evaluate_protocol
+from clipforge.evaluate._suite_report import plot_effective_robustness
+from clipforge.evaluate._suite_tasks import imagenet_o_aupr
+
+from _eval_helpers import make_color_folder
+from _protocol_layouts import demo_images, make_class_folders, make_objectnet, make_wds, wnid_table
+
+TEMPLATE = "a photo of a {}."
+SCHEMA = {"dataset", "model", "pretrained", "task", "metrics", "language"}
+
+
+@pytest.fixture(scope="module")
+def suite_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("suite")
+    make_class_folders(root / "imagenet", wnid_table("imagenet"))
+    make_class_folders(root / "imagenet-r", wnid_table("imagenet_r"), offset=1000)
+    make_class_folders(root / "imagenet-o", wnid_table("imagenet_o"), offset=2000)
+    make_objectnet(root / "objectnet")
+    make_wds(root / "emoji_wds", ["grinning face", "red heart", "rocket", "pizza"], templates=["an emoji of a {c}."])
+    # Real photos tinted red, green or blue: a probe on any image features separates them.
+    make_color_folder(root / "colors_train", {color: [color] * 12 for color in ("red", "green", "blue")})
+    make_color_folder(root / "colors_test", {color: [color] * 6 for color in ("red", "green", "blue")})
+    demo = demo_images()[0].parents[2]
+    (root / "heldout.jsonl").write_text("".join(
+        line for line in (demo / "heldout.jsonl").read_text().splitlines(keepends=True)[:60]))
+    shutil.copytree(demo / "images" / "noto", root / "images" / "noto")
+    shutil.copytree(demo / "images" / "twemoji", root / "images" / "twemoji")
+    shutil.copytree(demo / "images" / "tuxpaint", root / "images" / "tuxpaint")
+    shutil.copytree(demo / "images" / "openclipart", root / "images" / "openclipart")
+    (root / "suite.toml").write_text(f"""
+shots = [1, 2, 4]
+[zeroshot.imagenet]
+data = "imagenet"
+templates = "{TEMPLATE}"
+[zeroshot.imagenet-sketch]
+data = "imagenet"
+templates = "{TEMPLATE}"
+[zeroshot.imagenet-r]
+data = "imagenet-r"
+templates = "{TEMPLATE}"
+[zeroshot.imagenet-o]
+data = "imagenet-o"
+templates = "{TEMPLATE}"
+[zeroshot.objectnet]
+data = "objectnet"
+templates = "{TEMPLATE}"
+[zeroshot.emoji_wds]
+data = "emoji_wds"
+[zeroshot.colors]
+data = "colors_test"
+templates = "none"
+probe_train = "colors_train"
+[retrieval.heldout]
+data = "heldout.jsonl"
+""")
+    return root
+
+
+def _run(root: Path, out: Path, *extra: str) -> int:
+    return main(["eval", "suite", "--model", "tiny-vit", "--config", str(root / "suite.toml"), "--out", str(out),
+                 "--workers", "0", "--cache-dir", str(root / "cache"), *extra])
+
+
+@pytest.fixture(scope="module")
+def suite_run(suite_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "suite"
+    assert _run(suite_data, out) == 0
+    return suite_data, out
+
+
+def _records(out: Path) -> dict[tuple[str, str], dict]:
+    records = {}
+    for path in out.glob("*.json"):
+        record = json.loads(path.read_text())
+        records[(record["dataset"], record["task"] + str(record.get("fewshot_k", "")))] = record
+    return records
+
+
+def test_suite_writes_one_clip_benchmark_json_per_dataset_and_task(suite_run):
+    _, out = suite_run
+    records = _records(out)
+    expected = {("imagenet", "zeroshot_classification"), ("imagenet-sketch", "zeroshot_classification"),
+                ("imagenet-r", "zeroshot_classification"), ("imagenet-o", "zeroshot_classification"),
+                ("objectnet", "zeroshot_classification"), ("emoji_wds", "zeroshot_classification"),
+                ("colors", "zeroshot_classification"), ("colors", "linear_probe1"), ("colors", "linear_probe2"),
+                ("colors", "linear_probe4"), ("heldout", "zeroshot_retrieval")}
+    assert set(records) == expected
+    for record in records.values():
+        assert SCHEMA <= set(record) and record["language"] == "en"
+        assert record["model"] == "tiny-vit" and record["pretrained"] == "random"
+    assert set(records["imagenet-r", "zeroshot_classification"]["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
+    assert (out / "imagenet-r_random_tiny-vit_en_zeroshot_classification.json").is_file()
+    assert set(records["heldout", "zeroshot_retrieval"]["metrics"]) == {
+        f"{kind}_retrieval_recall@{k}" for kind in ("image", "text") for k in (1, 5, 10)}
+
+
+def test_suite_numbers_equal_the_single_dataset_evaluation(suite_run):
+    root, out = suite_run
+    torch.manual_seed(0)
+    model = clipforge.create_model("tiny-vit").eval()
+    data = load_classification_data(root / "imagenet-r", dataset="imagenet-r")
+    cached = dict(templates=[TEMPLATE], progress=False, cache_dir=root / "cache")  # the suite's features
+    direct = evaluate_protocol(model, data, **cached)
+    record = _records(out)["imagenet-r", "zeroshot_classification"]
+    assert record["metrics"]["acc1"] == direct.metrics["top1"] and record["num_classes"] == 200
+    # ImageNet-O's detection AUPR from the same two sets, recomputed here.
+    imagenet = evaluate_protocol(model, load_classification_data(root / "imagenet", dataset="imagenet"), **cached)
+    o_data = load_classification_data(root / "imagenet-o", dataset="imagenet-o")
+    o_result = evaluate_protocol(model, o_data, **cached)
+    aupr = imagenet_o_aupr(imagenet, o_result, [hits[0] for hits in o_data.label_hits])
+    assert _records(out)["imagenet-o", "zeroshot_classification"]["metrics"]["aupr"] == pytest.approx(aupr)
+    assert 0 < aupr < 1
+
+
+def test_suite_table_csv_and_plots(suite_run):
+    _, out = suite_run
+    table = (out / "results.md").read_text()
+    assert "| imagenet-r | imagenet-r (subset) | 200 | 200 |" in table
+    assert "| colors | folder | 18 | 3 |" in table and "4-shot probe" in table and "## Retrieval recall" in table
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    probe = [r for r in rows if r["task"] == "linear_probe" and r["fewshot_k"] == "4"]
+    assert len(probe) == 1 and float(probe[0]["value"]) >= 0.9  # tints: far above the 1/3 of chance
+    for name in ("effective_robustness.png", "zeroshot_vs_fewshot.png"):
+        with Image.open(out / name) as image:
+            assert image.format == "PNG" and image.width > 300
+
+
+def test_effective_robustness_needs_imagenet_and_a_shifted_set(tmp_path):
+    record = lambda name, protocol, acc: {"dataset": name, "protocol": protocol, "task": "zeroshot_classification",
+                                          "metrics": {"acc1": acc}}
+    assert plot_effective_robustness([record("imagenet-r", "imagenet-r", 0.3)], tmp_path / "a.png") is None
+    path = plot_effective_robustness([record("val", "imagenet", 0.6), record("r", "imagenet-r", 0.3)], tmp_path / "b.png")
+    assert path.is_file()
+
+
+def test_skip_existing_reuses_finished_results_and_redoes_missing_ones(suite_run, tmp_path):
+    root, first = suite_run
+    out = tmp_path / "resumed"
+    shutil.copytree(first, out)
+    kept = out / "imagenet-r_random_tiny-vit_en_zeroshot_classification.json"
+    record = json.loads(kept.read_text())
+    record["metrics"]["acc1"] = 0.123456  # marks the file: a rerun would overwrite it
+    kept.write_text(json.dumps(record))
+    (out / "colors_random_tiny-vit_en_linear_probe_2shot.json").unlink()  # as if interrupted there
+    assert _run(root, out, "--skip-existing") == 0
+    assert json.loads(kept.read_text())["metrics"]["acc1"] == 0.123456
+    assert "| imagenet-r | imagenet-r (subset) | 200 | 200 | 12.35 |" in (out / "results.md").read_text()
+    redone = json.loads((out / "colors_random_tiny-vit_en_linear_probe_2shot.json").read_text())
+    assert redone == json.loads((first / "colors_random_tiny-vit_en_linear_probe_2shot.json").read_text())
+
+
+def test_a_broken_dataset_is_reported_and_the_others_still_run(suite_data, tmp_path, capsys):
+    out = tmp_path / "partial"
+    code = main(["eval", "suite", "--model", "tiny-vit", "--out", str(out), "--workers", "0", "--no-cache",
+                 "--datasets", f"imagenet-a={suite_data / 'imagenet-r'},colors={suite_data / 'colors_test'}"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "error: imagenet-a:" in err and "imagenet-a expects 200 class folders named by wnid" in err
+    assert (out / "colors_random_tiny-vit_en_zeroshot_classification.json").is_file()
+    assert "## Not evaluated" in (out / "results.md").read_text()
+
+
+def test_suite_arguments_are_checked_before_any_model_runs(tmp_path, capsys):
+    assert main(["eval", "suite", "--model", "tiny-vit", "--out", str(tmp_path)]) == 2
+    assert "pass either --config" in capsys.readouterr().err
+    assert main(["eval", "suite", "--model", "tiny-vit", "--out", str(tmp_path), "--datasets", "imagenet"]) == 2
+    assert "expected NAME=PATH" in capsys.readouterr().err
+    (tmp_path / "bad.toml").write_text("[zeroshot.x]\npath = 'y'\n")
+    assert main(["eval", "suite", "--model", "tiny-vit", "--out", str(tmp_path), "--config", str(tmp_path / "bad.toml")]) == 2
+    assert "[zeroshot.x] needs data = PATH" in capsys.readouterr().err
