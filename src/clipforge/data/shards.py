@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .captions import CaptionDataset
 from ..files import DiskFullError, is_disk_full, normal_permissions, write_text_atomic
+from .captions import CaptionDataset
 from .webdataset import IMAGE_MEMBERS, SIZES_FILE, require_webdataset
 
 logger = logging.getLogger("clipforge.data")
