@@ -76,7 +76,7 @@ def test_classify_bad_arguments_give_one_line_and_status_2(capsys, pictures, arg
 
 def test_classify_missing_image_or_model(capsys, pictures, tmp_path, monkeypatch):
     status, _, err = run(capsys, "classify", tmp_path / "nope.jpg", "--labels", "a,b", "--model", "tiny-vit")
-    assert status == 2 and errors(err) == [f"clipforge classify: error: {tmp_path / 'nope.jpg'}: no such file"]
+    assert status == 2 and errors(err) == [f"clipforge classify: error: {tmp_path / 'nope.jpg'}: no such file or folder"]
     monkeypatch.delenv("CLIPFORGE_MODEL", raising=False)
     status, _, err = run(capsys, "classify", pictures[0], "--labels", "a,b")
     assert status == 2 and "no model: pass --model" in err

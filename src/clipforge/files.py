@@ -39,6 +39,38 @@ class DiskFullError(OSError):
     """Writing an output failed for lack of space; the message names the file."""
 
 
+def is_disk_full(err: BaseException) -> bool:
+    """Whether ``err`` (or what it was raised from) is a full disk or quota.
+
+    Writers wrap the OS error: safetensors as ``SafetensorError(... os error 28)``, ``torch.save``
+    into an open file as a ``RuntimeError`` whose context is the ``OSError``.
+    """
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(err) or "os error 28" in str(err):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
+def why_missing(path: str | os.PathLike) -> str:
+    """Why ``path`` cannot be opened, for an error message: a symlink loop, a dangling symlink, or absent."""
+    path = Path(path)
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "is a symbolic link loop"
+        if path.is_symlink():
+            return f"is a symbolic link to {os.readlink(path)}, which does not exist"
+        if err.errno == errno.EACCES:
+            return "cannot be read (permission denied)"
+        return "no such file or folder"
+    return "exists"
+
+
 def _temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
@@ -60,9 +92,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException as err:
         with contextlib.suppress(OSError):
             temporary.unlink()
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        if is_disk_full(err) and not isinstance(err, DiskFullError):
             full = DiskFullError(f"no space left on the device writing {path} (the previous file, if any, is intact)")
-            full.errno = err.errno
+            full.errno = errno.ENOSPC
             raise full from None
         raise
 

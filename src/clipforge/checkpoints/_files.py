@@ -78,6 +78,9 @@ def torch_load_safely(path: Path) -> Any:
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a ``.safetensors`` file (CPU)."""
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "missing"
+        raise CheckpointError(f"{path}: {what}; expected the model's weights ({path.name}) there")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:

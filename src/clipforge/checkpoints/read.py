@@ -26,6 +26,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ..models import CLIP, ClipConfig, available_models, get_config
+from ..files import why_missing
 from ..runtime import cache_root, resolve_device
 from ._files import (FORMAT_VERSION, CheckpointError, read_safetensors, safetensors_metadata, sniff,
                      torch_load_safely, unwrap_state_dict)
@@ -81,6 +82,8 @@ def _resolve(name_or_path: str | os.PathLike) -> Path:
     if name in available_models():
         raise CheckpointError(f"{name!r} has no released weights; use clipforge.create_model({name!r}) for a "
                               "randomly initialised model, or pass a checkpoint path")
+    if path.is_symlink():
+        raise CheckpointError(f"{name}: {why_missing(path)}")
     raise CheckpointError(f"{name}: no such file or folder, and not a released model name ({', '.join(OPENAI_URLS)})")
 
 
@@ -93,13 +96,19 @@ def _read_folder(folder: Path) -> _Checkpoint:
         meta = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{config_path}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{config_path}: holds a JSON {type(meta).__name__}, expected an object "
+                              "(a clipforge or Hugging Face CLIP config)")
     if meta.get("format") == "clipforge":
         if meta.get("format_version", 0) > FORMAT_VERSION:
             raise CheckpointError(f"{config_path}: format_version {meta['format_version']} is newer than this "
                                   f"clipforge reads ({FORMAT_VERSION}); upgrade clipforge")
         try:
             config = ClipConfig.from_dict(meta["config"])
-        except (KeyError, TypeError, ValueError) as err:
+        except KeyError:
+            raise CheckpointError(f"{config_path}: no \"config\" entry; expected the model config clipforge.save "
+                                  "writes") from None
+        except (TypeError, ValueError) as err:
             raise CheckpointError(f"{config_path}: bad clipforge config ({err})") from None
         return _Checkpoint(read_safetensors(folder / "model.safetensors"), "clipforge", config)
     try:
@@ -179,8 +188,11 @@ class _SkipInit(TorchFunctionMode):
 
 def _fill(config: ClipConfig, state_dict: dict[str, torch.Tensor], source: str) -> CLIP:
     """A :class:`CLIP` holding exactly ``state_dict`` (cast to fp32), or one error listing what differs."""
-    with _SkipInit():
-        model = CLIP(config)
+    try:
+        with _SkipInit():
+            model = CLIP(config)
+    except ValueError as err:  # sizes that do not fit together (heads, patch size)
+        raise CheckpointError(f"{source}: cannot build the model its config describes ({err})") from None
     expected = model.state_dict()
     given = {k: v for k, v in state_dict.items() if k.rsplit(".", 1)[-1] not in _NOT_WEIGHTS}
     for key in expected:

@@ -14,6 +14,26 @@ from pathlib import Path
 from . import CliError
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be at least 1 (batch sizes, top-k)."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type of a count that may be 0 (worker processes)."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+    return value
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """``--model``, ``--device``, ``--precision`` and ``--seed``, shared with ``clipforge classify``."""
     parser.add_argument("--model", default=os.environ.get("CLIPFORGE_MODEL"), metavar="CKPT|PRESET",

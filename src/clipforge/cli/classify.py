@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from . import CliError
-from ._common import add_model_arguments, load_model_arg, resolve_device_arg
+from ._common import add_model_arguments, load_model_arg, positive_int, resolve_device_arg
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="prompt templates: a built-in dataset's (default: imagenet), a file, "
                         "none for the bare label, or one template such as 'a photo of a {}.'")
     parser.add_argument("--top-k", type=int, default=5, metavar="K", help="labels shown per image (default 5)")
-    parser.add_argument("--batch-size", type=int, default=32, metavar="N")
+    parser.add_argument("--batch-size", type=positive_int, default=32, metavar="N")
     parser.add_argument("--json", action="store_true", help="print JSON: [{image, predictions: [{label, score}]}]")
     add_model_arguments(parser)
     parser.set_defaults(func=run)
@@ -43,25 +43,44 @@ def parse_labels(text: str) -> list[str]:
     return [label.strip() for label in text.split(",") if label.strip()]
 
 
+def read_labels_file(path: str) -> list[str]:
+    """One label per line (UTF-8, a byte-order mark allowed), blank lines dropped."""
+    from ..files import why_missing
+
+    file = Path(path)
+    if file.is_dir():
+        raise CliError(f"--labels-file {path}: is a folder; expected a text file with one label per line")
+    if not file.is_file():
+        raise FileNotFoundError(f"--labels-file {path}: {why_missing(path)}")
+    try:
+        lines = file.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        raise CliError(f"--labels-file {path}: not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
+    return [line.strip() for line in lines if line.strip()]
+
+
 def run(args: argparse.Namespace) -> int:
     """Classify; exit 1 when some image could not be read (the others are still printed)."""
     from ..evaluate import check_classnames, classify, resolve_templates
+    from ..files import why_missing
 
     if args.top_k < 1:
         raise CliError(f"--top-k must be at least 1, got {args.top_k}")
     if args.labels_file:
-        lines = Path(args.labels_file).read_text(encoding="utf-8").splitlines()
-        labels = [line.strip() for line in lines if line.strip()]
+        labels = read_labels_file(args.labels_file)
     else:
         labels = parse_labels(args.labels)
     if not labels:
         raise CliError("no labels given: pass --labels 'dog,cat' or --labels-file FILE")
     check_classnames(labels)
     resolve_templates(args.templates)  # a bad --templates fails before the model loads
+    folders = [image for image in args.images if Path(image).is_dir()]
+    if folders:
+        raise CliError(f"{folders[0]}: is a folder; classify takes image files (e.g. {folders[0]}/*.jpg)")
     missing = [image for image in args.images if not Path(image).exists()]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise FileNotFoundError(f"{missing[0]}: no such file{more}")
+        raise FileNotFoundError(f"{missing[0]}: {why_missing(missing[0])}{more}")
     device = resolve_device_arg(args.device)
     model, preprocess = load_model_arg(args.model, device, args.seed)
     results = classify(model, args.images, labels, args.templates, preprocess, args.top_k, args.batch_size,

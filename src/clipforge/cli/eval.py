@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from . import CliError
-from ._common import add_cache_arguments, add_model_arguments, feature_cache_dir, load_model_arg, resolve_device_arg
+from ._common import (add_cache_arguments, add_model_arguments, feature_cache_dir, load_model_arg, non_negative_int,
+                      positive_int, resolve_device_arg)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -77,8 +78,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         add_model_arguments(task)
         task.add_argument("--images", metavar="DIR", help="folder that relative paths in a listing are under "
                           "(default: the listing's folder)")
-        task.add_argument("--batch-size", type=int, default=64, metavar="N")
-        task.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
+        task.add_argument("--batch-size", type=positive_int, default=64, metavar="N")
+        task.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1), metavar="N",
                           help="DataLoader processes decoding images")
         add_cache_arguments(task)
         task.add_argument("--out", metavar="DIR", help="write report.json (and plots) here")
@@ -86,6 +87,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _common(args: argparse.Namespace) -> dict:
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise CliError(f"--out {args.out}: is a file; expected a folder for report.json (and plots)")
     device = resolve_device_arg(args.device)
     return dict(device=device, precision=args.precision, num_workers=args.workers,
                 cache_dir=feature_cache_dir(args), progress=not args.json)
@@ -207,5 +210,5 @@ def run_linear_probe(args: argparse.Namespace) -> int:
         sizes = f"{result['num_train']} training images ({result['num_val']} first held out to choose C)"
     summary = [f"linear probe, {sizes}, {result['num_test']} test images",
                f"accuracy  {result['accuracy']:.4f}",
-               f"C         {result['C']:.4g}"]
+               f"C         {result['C']:.4g}" + ("" if result["sweep"] else " (not tuned, see the note)")]
     return _finish(args, report, summary, written)

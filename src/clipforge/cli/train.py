@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from . import CliError
+from ._common import positive_int
 
 # Direct flags: the settings people change most, as shorthand for --set.
 _SHORTHANDS = {
@@ -26,6 +27,7 @@ _SHORTHANDS = {
     "epochs": "epochs",
     "lr": "optim.lr",
     "precision": "precision",
+    "device": "device",
     "run_dir": "run.run_dir",
     "resume": "run.resume",
 }
@@ -47,15 +49,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     what.add_argument("--model", metavar="NAME", help="model preset, e.g. tiny-vit, ViT-B/32")
     what.add_argument("--init", metavar="CKPT", help="fine-tune from a checkpoint clipforge.load reads")
     size = parser.add_argument_group("batch and length")
-    size.add_argument("--batch-size", type=int, metavar="N", help="contrastive batch: pairs per step, all processes together")
-    size.add_argument("--chunk-size", type=int, metavar="N", help="pairs per encoder pass per process (accumulation)")
-    size.add_argument("--steps", type=int, metavar="N", help="optimizer steps (overrides --epochs)")
-    size.add_argument("--epochs", type=int, metavar="N")
+    size.add_argument("--batch-size", type=positive_int, metavar="N", help="contrastive batch: pairs per step, all processes together")
+    size.add_argument("--chunk-size", type=positive_int, metavar="N", help="pairs per encoder pass per process (accumulation)")
+    size.add_argument("--steps", type=positive_int, metavar="N", help="optimizer steps (overrides --epochs)")
+    size.add_argument("--epochs", type=positive_int, metavar="N")
     size.add_argument("--lr", type=float, metavar="LR", help="peak learning rate")
     size.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
+    size.add_argument("--device", metavar="auto|cpu|cuda|cuda:N", help="where to train (default: auto, CUDA when available)")
     run = parser.add_argument_group("run")
     run.add_argument("--run-dir", metavar="DIR", help="folder for checkpoints, metrics and curves")
     run.add_argument("--resume", metavar="latest|CKPT", help="continue a run from its newest (or a given) checkpoint")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start again in a run folder that holds a run (its old files are moved into replaced-*/)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override any config field (repeatable)")
     run.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
@@ -71,6 +76,9 @@ def resolve_config(args: argparse.Namespace):
     if args.resume and not args.preset:
         config = _saved_config(Path(args.run_dir or config.run.run_dir)) or config
     flags = [f"{key}={getattr(args, name)}" for name, key in _SHORTHANDS.items() if getattr(args, name) is not None]
+    given = {item.partition("=")[0].strip() for item in flags + list(args.overrides)}
+    if "epochs" in given and "steps" not in given:
+        flags.append("steps=none")  # --epochs on the command line beats the preset's steps
     return apply_overrides(config, flags + list(args.overrides))
 
 
@@ -94,9 +102,10 @@ def run_train(args: argparse.Namespace) -> int:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
     try:
-        result = train(config)
+        result = train(config, overwrite=args.overwrite)
     except TrainingStopped as stop:
         raise CliError(str(stop)) from None
     if result.is_main:
-        print(f"trained {result.steps} steps; final loss {result.final_loss:.4f}; checkpoint {result.checkpoint}")
+        saved = f"checkpoint {result.checkpoint}" if result.checkpoint else "no checkpoint written"
+        print(f"trained {result.steps} steps; final loss {result.final_loss:.4f}; {saved}")
     return 0

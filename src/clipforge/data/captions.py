@@ -181,9 +181,13 @@ class CaptionDataset:
     def __init__(self, caption_file: str | os.PathLike, image_root: str | os.PathLike | None = None,
                  image_key: str | None = None, caption_key: str | None = None):
         self.caption_file = Path(caption_file)
+        if self.caption_file.is_dir():
+            raise ValueError(f"{self.caption_file}: is a folder; expected a caption file (.csv, .tsv or .jsonl)")
         if not self.caption_file.is_file():
             raise FileNotFoundError(f"caption file not found: {self.caption_file}")
         self.image_root = Path(image_root) if image_root is not None else self.caption_file.parent
+        if self.image_root.is_file():
+            raise ValueError(f"{self.image_root}: is a file; expected the folder the listed images are under")
         if not self.image_root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.image_root}")
         listing = read_listing(self.caption_file, image_key, caption_key)
@@ -200,7 +204,7 @@ class CaptionDataset:
         if not any(name and (self.image_root / name).is_file() for name in first_images):
             raise FileNotFoundError(
                 f"none of the first {len(first_images)} images listed in {self.caption_file} exists under "
-                f"{self.image_root} (e.g. {self.image_root / first_images[0]}); pass image_root= to say where they are"
+                f"{self.image_root} (e.g. {self.image_root / first_images[0]}); say where they are with --set data.image_root=DIR (train) or SRC_DIR (shards)"
             )
 
     def __len__(self) -> int:

@@ -192,7 +192,7 @@ def make_train_loader(dataset: Dataset, preprocess: Callable, tokenize: Callable
                      block=shuffle_block if dataset.sequential else 0, drop_last=drop_last, seed=seed, epoch=epoch)
     if plan.num_batches == 0:
         raise ValueError(f"{dataset!r} has too few samples for one batch of {batch_size} per rank "
-                         f"on {world_size} rank(s) x {lanes} lane(s); lower batch_size or num_workers")
+                         f"on {world_size} rank(s) x {lanes} lane(s); lower the batch size (--batch-size) or data.workers (--set data.workers=N)")
     if not 0 <= start_batch <= plan.num_batches:
         raise ValueError(f"start_batch must be in [0, {plan.num_batches}] for this epoch, got {start_batch}")
     stream = _BatchStream(dataset.epoch_view(epoch, seed), plan, start_batch, preprocess, tokenize, seed, epoch, rank)

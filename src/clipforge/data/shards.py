@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import DiskFullError, is_disk_full, normal_permissions, write_text_atomic
 from .captions import CaptionDataset
 from .webdataset import IMAGE_MEMBERS, SIZES_FILE, require_webdataset
 
@@ -66,6 +67,17 @@ def _encode(dataset: CaptionDataset, row: int) -> dict | None:
     return sample
 
 
+def _remove_partial(out: Path, prefix: str, written: list[str], writer) -> None:
+    """Remove the shards of a failed run: the open temporary one and those already renamed."""
+    if writer is not None:
+        try:
+            writer.close()
+        except Exception:  # noqa: BLE001 - the disk is full or the stream broken: it is deleted anyway
+            pass
+    for path in [*written, *out.glob(f"{prefix}-*.tar.tmp")]:
+        Path(path).unlink(missing_ok=True)
+
+
 def write_shards(caption_file: str | os.PathLike, out_dir: str | os.PathLike, *,
                  image_root: str | os.PathLike | None = None, max_count: int = 10000, max_size_mb: float = 1000.0,
                  prefix: str = "data", shuffle: bool = True, seed: int = 0, image_key: str | None = None,
@@ -82,12 +94,16 @@ def write_shards(caption_file: str | os.PathLike, out_dir: str | os.PathLike, *,
         raise ValueError(f"max_count must be >= 1 and max_size_mb > 0, got {max_count} and {max_size_mb}")
     dataset = CaptionDataset(caption_file, image_root, image_key=image_key, caption_key=caption_key)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: is a file; expected a folder to write the shards into")
     out.mkdir(parents=True, exist_ok=True)
     stale = sorted(out.glob(f"{prefix}-*.tar"))
     if stale and not overwrite:
         raise FileExistsError(f"{out} already holds {len(stale)} {prefix}-*.tar shards; remove them or pass overwrite")
     for path in stale:
         path.unlink()
+    if stale:
+        (out / SIZES_FILE).unlink(missing_ok=True)  # it described the shards just removed
     rows = np.random.default_rng(seed).permutation(len(dataset)) if shuffle else np.arange(len(dataset))
     max_bytes = int(max_size_mb * 1e6)
 
@@ -98,31 +114,40 @@ def write_shards(caption_file: str | os.PathLike, out_dir: str | os.PathLike, *,
     def close_shard():
         writer.close()
         final = out / f"{prefix}-{len(paths):06d}.tar"
+        normal_permissions(final.with_suffix(".tar.tmp"))
         os.replace(final.with_suffix(".tar.tmp"), final)
         paths.append(str(final))
         sizes[final.name] = count
 
-    for row in rows:
-        sample = _encode(dataset, int(row))
-        if sample is None:
-            skipped += 1
-            continue
-        sample_bytes = sum(_member_bytes(len(v)) for k, v in sample.items() if k != "__key__")
-        if writer is not None and (count >= max_count or _tar_file_bytes(members_bytes + sample_bytes) > max_bytes):
+    try:
+        for row in rows:
+            sample = _encode(dataset, int(row))
+            if sample is None:
+                skipped += 1
+                continue
+            sample_bytes = sum(_member_bytes(len(v)) for k, v in sample.items() if k != "__key__")
+            if writer is not None and (count >= max_count or _tar_file_bytes(members_bytes + sample_bytes) > max_bytes):
+                close_shard()
+                writer = None
+            if writer is None:
+                # An integer mtime keeps members to one 512-byte header (a float one adds a PAX header)
+                # and makes the shards byte-for-byte reproducible.
+                writer = require_webdataset().TarWriter(str(out / f"{prefix}-{len(paths):06d}.tar.tmp"), encoder=False, mtime=0)
+                count = 0
+            writer.write(sample)
+            count, members_bytes = count + 1, writer.tarstream.offset  # bytes of members written so far
+        if writer is not None:
             close_shard()
-            writer = None
-        if writer is None:
-            # An integer mtime keeps members to one 512-byte header (a float one adds a PAX header)
-            # and makes the shards byte-for-byte reproducible.
-            writer = require_webdataset().TarWriter(str(out / f"{prefix}-{len(paths):06d}.tar.tmp"), encoder=False, mtime=0)
-            count = 0
-        writer.write(sample)
-        count, members_bytes = count + 1, writer.tarstream.offset  # bytes of members written so far
-    if writer is not None:
-        close_shard()
+        if paths:
+            write_text_atomic(out / SIZES_FILE, json.dumps(sizes, indent=0) + "\n")
+    except BaseException as err:  # a full disk, an interrupt: no partial shard, no incomplete set
+        _remove_partial(out, prefix, paths, writer)
+        if is_disk_full(err):
+            raise DiskFullError(f"no space left on the device writing shards into {out}; "
+                                "no shard was kept") from None
+        raise
     if not paths:
         raise ValueError(f"no image of {caption_file} could be read under {dataset.image_root}; no shards written")
-    (out / SIZES_FILE).write_text(json.dumps(sizes, indent=0) + "\n")
     pattern = paths[0] if len(paths) == 1 else str(out / f"{prefix}-{{000000..{len(paths) - 1:06d}}}.tar")
     num_bytes = sum(os.path.getsize(p) for p in paths)
     return ShardsWritten(paths, pattern, sum(sizes.values()), skipped, num_bytes)

@@ -19,7 +19,7 @@ class TooManyBadSamples(RuntimeError):
         examples = "; ".join(f"{key} ({reason})" for key, reason in last_bad)
         super().__init__(
             f"skipped {skipped} of {seen} samples ({skipped / seen:.2%}), above the limit of {max_rate:.2%}; "
-            f"last bad samples: {examples}. Fix or remove them, or raise the skip-rate limit"
+            f"last bad samples: {examples}. Fix or remove them, or raise the limit (--set data.max_skip_fraction=0.05)"
         )
 
 

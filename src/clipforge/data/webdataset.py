@@ -78,12 +78,28 @@ def count_samples(path: str) -> int:
     return count
 
 
+def _read_sizes(path: Path) -> dict:
+    """A ``sizes.json``: ``{shard file name: sample count}``; one line naming it when malformed."""
+    try:
+        sizes = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); expected {{\"shard.tar\": sample count, ...}} "
+                         "(delete it to count the samples instead)") from None
+    bad = [k for k, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0] \
+        if isinstance(sizes, dict) else None
+    if bad is None or bad:
+        what = f"entry {bad[0]!r} is not a sample count" if bad else f"holds a {type(sizes).__name__}"
+        raise ValueError(f"{path}: {what}; expected {{\"shard.tar\": sample count, ...}} "
+                         "(delete it to count the samples instead)")
+    return sizes
+
+
 def shard_sizes(paths: list[str]) -> list[int]:
     """Sample count of each shard: from ``sizes.json`` beside it when listed, else counted."""
     listed: dict[Path, dict] = {}  # folder -> its sizes.json
     for folder in {Path(p).parent for p in paths}:
         sizes_path = folder / SIZES_FILE
-        listed[folder] = json.loads(sizes_path.read_text()) if sizes_path.is_file() else {}
+        listed[folder] = _read_sizes(sizes_path) if sizes_path.is_file() else {}
     known = [listed[Path(p).parent].get(Path(p).name) for p in paths]
     if None in known:
         logger.info("counting samples of %d shards missing from %s (tar headers only)", known.count(None), SIZES_FILE)
@@ -148,7 +164,7 @@ class ShardDataset:
             keys = "/".join(self.caption_keys)
             raise ValueError(
                 f"shards {self.urls} have no captions: sample {raw.key} has {members} but no .txt and no .json "
-                f"with a {keys} field"
+                f"with a {keys} field (name the field with --set data.caption_key=NAME)"
             )
 
     def __len__(self) -> int:

@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..files import why_missing
 from ..data.captions import CAPTION_FILE_SUFFIXES, CAPTION_KEYS, IMAGE_KEYS, is_image_name, read_listing
 
 LABEL_KEYS = ("label", "class", "classname", "class_name", "category", "target")
@@ -89,13 +90,20 @@ def _read_table(path: Path, value_keys: tuple[str, ...]) -> tuple[list[str] | No
     The first row is a header when it names an image column or a ``value_keys`` column.
     """
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with open(path, newline="", encoding="utf-8-sig") as file:
-        rows = [(n, row) for n, row in enumerate(csv.reader(file, delimiter=delimiter), 1) if any(row)]
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as file:
+            rows = [(n, row) for n, row in enumerate(csv.reader(file, delimiter=delimiter), 1) if any(row)]
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
     if not rows:
         raise ValueError(f"{path}: empty file")
     first = rows[0][1]
     if _pick(first, IMAGE_KEYS) is not None or _pick(first, value_keys) is not None:
         return first, rows[1:]
+    if not is_image_name(first[0].strip()):  # `foo,bar`: a header naming no known column, not a data row
+        raise ValueError(f"{path}: first row {first} names no image column ({', '.join(IMAGE_KEYS)}) and no "
+                         f"label column ({', '.join(value_keys)}), and is not a data row (its first cell is not "
+                         "an image file name)")
     return None, rows
 
 
@@ -145,7 +153,7 @@ def load_classification_data(path: str | os.PathLike, image_root: str | os.PathL
     if path.is_dir():
         return load_image_folder(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or folder")
+        raise FileNotFoundError(f"{path}: {why_missing(path)}")
     if path.suffix.lower() not in (".csv", ".tsv"):
         raise ValueError(f"{path}: expected an image folder or a .csv/.tsv of path,label")
     return load_labels_csv(path, image_root)
@@ -175,8 +183,7 @@ def _pairs_from_json(data, path: Path, split: str | None) -> list[tuple[str, str
     if isinstance(data, list):
         return _pairs_from_records(data, path)
     if isinstance(data, dict) and "annotations" in data and "images" in data:  # COCO captions
-        files = {image["id"]: image["file_name"] for image in data["images"]}
-        return [(files[a["image_id"]], a["caption"]) for a in data["annotations"] if a["image_id"] in files]
+        return _pairs_from_coco(data, path)
     if isinstance(data, dict) and isinstance(data.get("images"), list):  # Karpathy split
         images = data["images"]
         if split:
@@ -190,6 +197,25 @@ def _pairs_from_json(data, path: Path, split: str | None) -> list[tuple[str, str
         ]
     raise ValueError(f"{path}: unrecognised JSON; expected a list of {{image, caption}} objects, "
                      "COCO captions (images + annotations) or a Karpathy split (images[].sentences)")
+
+
+def _pairs_from_coco(data: dict, path: Path) -> list[tuple[str, str]]:
+    """COCO captions: ``images[] {id, file_name}`` and ``annotations[] {image_id, caption}``."""
+    files = {}
+    for number, image in enumerate(data["images"], 1):
+        if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
+            found = sorted(image) if isinstance(image, dict) else type(image).__name__
+            raise ValueError(f"{path}: images entry {number} needs 'id' and 'file_name' (COCO captions), got {found}")
+        files[image["id"]] = image["file_name"]
+    pairs = []
+    for number, annotation in enumerate(data["annotations"], 1):
+        if not isinstance(annotation, dict) or "image_id" not in annotation or "caption" not in annotation:
+            found = sorted(annotation) if isinstance(annotation, dict) else type(annotation).__name__
+            raise ValueError(f"{path}: annotations entry {number} needs 'image_id' and 'caption' (COCO captions), "
+                             f"got {found}")
+        if annotation["image_id"] in files:
+            pairs.append((files[annotation["image_id"]], annotation["caption"]))
+    return pairs
 
 
 def _read_caption_pairs(path: Path, split: str | None) -> list[tuple[str, str]]:
@@ -219,8 +245,11 @@ def load_retrieval_data(path: str | os.PathLike, image_root: str | os.PathLike |
     ``FileNotFoundError`` unless ``skip_missing``, which drops it with its captions and notes it.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; retrieval --data takes a captions file "
+                         "(.csv/.tsv/.jsonl of image,caption rows, COCO captions or Karpathy split JSON)")
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise FileNotFoundError(f"{path}: {why_missing(path)}")
     image_root = Path(image_root) if image_root else path.parent
     pairs = _read_caption_pairs(path, split)
     notes = []

@@ -21,6 +21,7 @@ import torch
 
 from .datasets import ClassificationData
 from .features import encode_images
+from .metrics import require_finite
 
 SMALL_PROBLEM = 2**22  # feature values below which the fit runs single-threaded
 
@@ -87,14 +88,17 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int = 0) -> 
     return np.array(sorted(train), dtype=int), np.array(sorted(val), dtype=int)
 
 
-def few_shot_split(labels: np.ndarray, shots: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``(k per class for training, up to k more per class for validation)``."""
+def few_shot_split(labels: np.ndarray, shots: int, seed: int = 0,
+                   class_names: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(k per class for training, up to k more per class for validation)``; ``class_names[label]``
+    names a class in errors."""
     rng = np.random.default_rng(seed)
     train, val = [], []
     for label in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == label))
         if len(members) < shots:
-            raise ValueError(f"class {label} has {len(members)} training images, fewer than --few-shot {shots}")
+            name = repr(class_names[label]) if class_names else str(label)
+            raise ValueError(f"class {name} has {len(members)} training images, fewer than --few-shot {shots}")
         train += members[:shots].tolist()
         val += members[shots: 2 * shots].tolist()
     return np.array(sorted(train), dtype=int), np.array(sorted(val), dtype=int)
@@ -102,14 +106,19 @@ def few_shot_split(labels: np.ndarray, shots: int, seed: int = 0) -> tuple[np.nd
 
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
                  few_shot: int | None = None, val_fraction: float = 0.2, seed: int = 0,
-                 max_iter: int = 1000) -> dict:
-    """Choose C on a validation split, refit on train + validation, score the test set."""
+                 max_iter: int = 1000, class_names: list[str] | None = None) -> dict:
+    """Choose C on a validation split, refit on train + validation, score the test set.
+
+    When no image can be held out (one training image per class), C stays 1.0 and the report's
+    ``notes`` say so, naming the classes (``class_names[label]``, else the label numbers).
+    """
     train_x, test_x = np.asarray(train_x, dtype=np.float32), np.asarray(test_x, dtype=np.float32)
     train_y, test_y = np.asarray(train_y), np.asarray(test_y)
+    notes: list[str] = []
     if len(np.unique(train_y)) < 2:
         raise ValueError("the linear probe needs at least two classes in the training data")
     if few_shot:
-        fit_idx, val_idx = few_shot_split(train_y, few_shot, seed)
+        fit_idx, val_idx = few_shot_split(train_y, few_shot, seed, class_names)
     else:
         fit_idx, val_idx = stratified_split(train_y, val_fraction, seed)
     if len(val_idx) and len(np.unique(train_y[fit_idx])) > 1:
@@ -117,13 +126,20 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
         val_accuracy = max(accuracy for _, accuracy in sweep)
     else:
         C, sweep, val_accuracy = 1.0, [], None  # nothing to validate on: keep the default C
+        labels, counts = np.unique(train_y, return_counts=True)
+        single = [class_names[label] if class_names else str(label) for label, n in zip(labels, counts) if n < 2]
+        shown = ", ".join(repr(name) for name in single[:5]) + (" ..." if len(single) > 5 else "")
+        why = (f"{len(single)} class(es) have a single training image ({shown}), so none could be held out"
+               if single else "no validation images were left")
+        notes.append(f"C was not tuned: {why} to choose C on; used C=1.0. Give each class at least 2 "
+                     "training images (or --few-shot K with 2K per class) to tune it")
     final_idx = np.concatenate([fit_idx, val_idx]) if not few_shot else fit_idx
     model = fit_logistic(train_x[final_idx], train_y[final_idx], C, max_iter)
     accuracy = float((model.predict(test_x) == test_y).mean())
     return {
         "accuracy": accuracy, "C": C, "val_accuracy": val_accuracy, "sweep": sweep,
         "num_train": int(len(final_idx)), "num_val": int(len(val_idx)), "num_test": int(len(test_y)),
-        "few_shot": few_shot,
+        "few_shot": few_shot, "notes": notes,
     }
 
 
@@ -149,9 +165,11 @@ def evaluate_linear_probe(model: torch.nn.Module, train: ClassificationData, tes
             raise ValueError(f"{data.source}: none of the {len(data.paths)} images could be read")
         to_train_label = np.array([train.classes.index(c) for c in data.classes])
         labels = to_train_label[np.asarray(data.labels)[features.indices.numpy()]]
+        require_finite(features.features, f"image embeddings for {data.source}")
         arrays.append((features.features.numpy(), labels))
         skipped += [{"path": path, "reason": reason} for path, reason in features.skipped]
     (train_x, train_y), (test_x, test_y) = arrays
-    report = linear_probe(train_x, train_y, test_x, test_y, few_shot, val_fraction, seed)
+    report = linear_probe(train_x, train_y, test_x, test_y, few_shot, val_fraction, seed,
+                          class_names=list(train.classes))
     report["skipped"] = skipped
     return report

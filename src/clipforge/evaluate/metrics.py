@@ -19,6 +19,19 @@ import torch
 
 BYTES_PER_SCORE = 12  # peak working memory per (query, key) score in first_positive_ranks
 
+def require_finite(values: torch.Tensor, what: str) -> None:
+    """Raise ``ValueError`` when ``values`` (embeddings or scores) hold NaN or infinity.
+
+    A model whose weights blew up in training scores every input as NaN; its ranking would be
+    meaningless, so evaluation stops rather than print it.
+    """
+    if values.numel() and not bool(torch.isfinite(values).all()):
+        bad = int((~torch.isfinite(values)).reshape(len(values), -1).any(dim=1).sum()) if values.ndim else 1
+        raise ValueError(f"the model gave non-finite {what} ({bad} of {len(values) if values.ndim else 1} "
+                         "rows are NaN or infinite): its weights are probably not finite (a diverged training?); "
+                         "use a checkpoint from before the divergence")
+
+
 def _check_scores(scores: torch.Tensor, targets: torch.Tensor) -> None:
     if scores.ndim != 2:
         raise ValueError(f"scores must be (N, C), got shape {tuple(scores.shape)}")

@@ -74,12 +74,16 @@ def check_classnames(classnames: Sequence) -> None:
     """Raise ``ValueError`` for an empty list or a class name given twice (case-insensitive)."""
     if len(classnames) == 0:
         raise ValueError("no class names given")
-    seen: dict[str, int] = {}
-    for index, entry in enumerate(classnames):
+    seen: dict[str, str] = {}  # lower-cased name -> the name as first given
+    for entry in classnames:
+        name = class_synonyms(entry)[0]
         key = " ".join(class_synonyms(entry)).strip().lower()
         if key in seen:
-            raise ValueError(f"label {class_synonyms(entry)[0]!r} is given twice (positions {seen[key]} and {index})")
-        seen[key] = index
+            if seen[key] == name:
+                raise ValueError(f"label {name!r} is given twice")
+            raise ValueError(f"labels {seen[key]!r} and {name!r} differ only in case, so their prompts are the "
+                             "same: rename or merge one of them")
+        seen[key] = name
 
 
 def _norm(name: str) -> str:

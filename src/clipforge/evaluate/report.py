@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from ..files import atomic_path, write_text_atomic
+
 # Up to this many classes a confusion matrix stays readable.
 CONFUSION_MAX_CLASSES = 30
 # Up to this many classes the per-class plot names every class; above it, a sorted curve.
@@ -18,9 +20,9 @@ BARS_MAX_CLASSES = 60
 
 
 def write_json(report: dict, path: str | os.PathLike) -> Path:
-    """Write ``report`` as indented JSON (NaN written as null); returns the path."""
+    """Write ``report`` as indented JSON (NaN written as null), atomically; returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _check_out_dir(path.parent)
 
     def clean(value):
         if isinstance(value, float) and not math.isfinite(value):
@@ -31,8 +33,14 @@ def write_json(report: dict, path: str | os.PathLike) -> Path:
             return [clean(item) for item in value]
         return value
 
-    path.write_text(json.dumps(clean(report), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return path
+    return write_text_atomic(path, json.dumps(clean(report), indent=2, ensure_ascii=False) + "\n")
+
+
+def _check_out_dir(folder: Path) -> None:
+    """The report folder (``--out``) must be a folder, made when missing."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder}: is a file; expected a folder for report.json and the plots")
+    folder.mkdir(parents=True, exist_ok=True)
 
 
 def _figure(width: float, height: float):
@@ -104,8 +112,9 @@ def plot_confusion_matrix(matrix, names: Sequence[str], path: str | os.PathLike,
 
 def _save(figure, path: str | os.PathLike) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
+    _check_out_dir(path.parent)
+    with atomic_path(path) as temporary:  # never a truncated PNG
+        figure.savefig(temporary, format="png")
     return path
 
 

@@ -13,7 +13,7 @@ import torch
 
 from .datasets import RetrievalData
 from .features import encode_images, encode_texts
-from .metrics import retrieval_metrics
+from .metrics import require_finite, retrieval_metrics
 
 
 def evaluate_retrieval(model: torch.nn.Module, data: RetrievalData, preprocess: Callable | None = None,
@@ -36,6 +36,8 @@ def evaluate_retrieval(model: torch.nn.Module, data: RetrievalData, preprocess: 
                          f"e.g. {images.skipped[0][0]} ({images.skipped[0][1]})")
     texts = encode_texts(model, data.texts, batch_size=text_batch_size, device=device, precision=precision,
                          cache_dir=cache_dir, progress=progress, desc="captions")  # (T, D)
+    require_finite(images.features, "image embeddings")
+    require_finite(texts, "text embeddings")
     # Rows of `images.features` follow images.indices; renumber the images that were read.
     new_index = torch.full((len(data.image_paths),), -1, dtype=torch.long)
     new_index[images.indices] = torch.arange(len(images.indices))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .datasets import ClassificationData
 from .features import encode_images, encode_texts, model_device
-from .metrics import confusion_matrix, mean_per_class_recall, per_class_recall, topk_accuracy
+from .metrics import confusion_matrix, mean_per_class_recall, per_class_recall, require_finite, topk_accuracy
 from .prompts import check_classnames, class_synonyms, fill_template, resolve_classnames, resolve_templates
 
 def zero_shot_classifier(model: torch.nn.Module, classnames: Sequence, templates=None,
@@ -93,7 +93,9 @@ def classify(model: torch.nn.Module, images: Sequence, labels: Sequence, templat
     for index, (_, reason) in zip(unread, features.skipped):
         results[index]["error"] = reason
     if len(features.indices):
-        probs = zero_shot_logits(features.features, classifier, logit_scale_of(model)).softmax(dim=-1)
+        logits = zero_shot_logits(features.features, classifier, logit_scale_of(model))  # (N, C)
+        require_finite(logits, "scores")
+        probs = logits.softmax(dim=-1)
         top = probs.topk(min(top_k, len(labels)), dim=-1)  # (N, k)
         for row, index in enumerate(features.indices.tolist()):
             results[index]["predictions"] = [
@@ -152,6 +154,7 @@ def evaluate_zeroshot(model: torch.nn.Module, data: ClassificationData, classnam
         raise ValueError(f"{data.source}: none of the {len(data.paths)} images could be read, "
                          f"e.g. {features.skipped[0][0]} ({features.skipped[0][1]})")
     logits = zero_shot_logits(features.features, classifier, logit_scale_of(model)).cpu()  # (M, C)
+    require_finite(logits, "scores")
     targets = torch.tensor(data.labels)[features.indices]  # (M,)
     accuracy = topk_accuracy(logits, targets, ks=(1, 5))
     predictions = logits.argmax(dim=-1)

@@ -55,14 +55,76 @@ class ClipConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ClipConfig":
-        """Inverse of :meth:`to_dict`; unknown keys raise so typos do not pass silently."""
+        """Inverse of :meth:`to_dict`, checked field by field (:func:`check_config_dict`): an unknown
+        key, a wrong type or an out-of-range value raises ``ValueError`` naming the field."""
+        check_config_dict(data)
         data = dict(data)
         vision = dict(data.pop("vision", {}))
         if isinstance(vision.get("layers"), list):
             vision["layers"] = tuple(vision["layers"])
         text = dict(data.pop("text", {}))
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
+        config = cls(vision=VisionConfig(**vision), text=TextConfig(**text), **data)
+        _check_shapes(config)
+        return config
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_field(where: str, name: str, value: Any, kind: Any) -> None:
+    """One field of a config dict against its declared type; positive where it is a size."""
+    key = f"{where}{name}"
+    if kind is bool or kind == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"field {key} must be true or false, got {value!r}")
+        return
+    if name == "heads" and value is None:
+        return
+    if name == "layers" and where == "vision." and isinstance(value, (list, tuple)):
+        if len(value) != 4 or not all(_is_int(v) and v >= 1 for v in value):
+            raise ValueError(f"field {key} must be a positive integer (ViT) or a list of 4 (ResNet), got {value!r}")
+        return
+    if kind in (float, "float"):
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+            raise ValueError(f"field {key} must be a finite number, got {value!r}")
+        if name == "mlp_ratio" and value <= 0:
+            raise ValueError(f"field {key} must be > 0, got {value!r}")
+        return
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"field {key} must be a positive integer, got {value!r}")
+
+
+def check_config_dict(data: Any) -> None:
+    """Raise ``ValueError`` naming the first field of a model config dict that is unknown, of the
+    wrong type (``"128"``, ``4.5``, ``"no"`` for a boolean) or out of range (``0``, ``-128``)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"a model config must be a JSON object, got {type(data).__name__}")
+    for where, cls, section in (("", ClipConfig, data), ("vision.", VisionConfig, data.get("vision", {})),
+                                ("text.", TextConfig, data.get("text", {}))):
+        if not isinstance(section, dict):
+            raise ValueError(f"field {where.rstrip('.')} must be an object, got {type(section).__name__}")
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = sorted(set(section) - set(fields))
         if unknown:
-            raise ValueError(f"unknown ClipConfig fields {sorted(unknown)}; expected some of {sorted(known)}")
-        return cls(vision=VisionConfig(**vision), text=TextConfig(**text), **data)
+            raise ValueError(f"unknown ClipConfig fields {[where + name for name in unknown]}; "
+                             f"expected some of {sorted(fields)}")
+        for name, value in section.items():
+            if name not in ("vision", "text") or where:
+                _check_field(where, name, value, fields[name])
+
+
+def _check_shapes(config: ClipConfig) -> None:
+    """The sizes must fit together: heads divide widths, patches tile the image."""
+    vision, text = config.vision, config.text
+    if not vision.is_resnet and vision.image_size % vision.patch_size:
+        raise ValueError(f"field vision.image_size {vision.image_size} is not a multiple of "
+                         f"vision.patch_size {vision.patch_size}")
+    if vision.is_resnet and vision.image_size % 32:
+        raise ValueError(f"field vision.image_size {vision.image_size} must be a multiple of 32 for a ResNet")
+    attention_width = vision.width * 32 if vision.is_resnet else vision.width
+    if vision.num_heads < 1 or attention_width % vision.num_heads:
+        raise ValueError(f"field vision.heads: {vision.num_heads} heads do not divide the attention width "
+                         f"{attention_width}")
+    if text.width % text.heads:
+        raise ValueError(f"field text.heads: {text.heads} heads do not divide text.width {text.width}")

@@ -204,6 +204,9 @@ def validate(config: TrainConfig, world_size: int = 1, device_type: str = "cpu")
     """
     if config.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {config.batch_size}")
+    if config.batch_size < 2 and config.loss.kind == "clip":
+        raise ValueError("batch_size 1 gives the contrastive loss no negatives (it is always 0): "
+                         "use --batch-size 2 or more")
     if config.batch_size % world_size:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the {world_size} processes")
     per_rank = config.batch_size // world_size
@@ -221,15 +224,20 @@ def validate(config: TrainConfig, world_size: int = 1, device_type: str = "cpu")
         raise ValueError(f"precision must be one of {PRECISIONS}, got {config.precision!r}")
     if config.precision == "fp16" and device_type != "cuda":
         raise ValueError("precision fp16 needs CUDA (loss scaling); on CPU use precision=bf16")
-    if config.steps is None and config.epochs < 1:
-        raise ValueError(f"epochs must be >= 1 (or set steps), got {config.epochs}")
+    if config.epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {config.epochs}")
     if config.steps is not None and config.steps < 1:
         raise ValueError(f"steps must be >= 1, got {config.steps}")
     if config.model.lock_image and config.model.lock_text:
         raise ValueError("model.lock_image and model.lock_text are both set: nothing would train")
     optim = config.optim
-    if not (optim.lr > 0 and math.isfinite(optim.lr)) or optim.weight_decay < 0 or optim.warmup_steps < 0:
-        raise ValueError(f"optim needs lr > 0, weight_decay >= 0, warmup_steps >= 0; got {optim}")
+    for name in ("lr", "weight_decay", "eps"):
+        value = getattr(optim, name)
+        if not math.isfinite(value) or value < 0 or (value == 0 and name != "weight_decay"):
+            bound = ">= 0" if name == "weight_decay" else "> 0"
+            raise ValueError(f"optim.{name} must be a finite number {bound}, got {value}")
+    if optim.warmup_steps < 0:
+        raise ValueError(f"optim.warmup_steps must be >= 0, got {optim.warmup_steps}")
     if not all(0 <= b < 1 for b in optim.betas):
         raise ValueError(f"optim.betas must lie in [0, 1), got {optim.betas}")
     if optim.grad_clip_norm is not None and not optim.grad_clip_norm > 0:

@@ -10,6 +10,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..files import DiskFullError, atomic_path, is_disk_full, write_text_atomic
+
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
 
@@ -31,15 +33,23 @@ class MetricsLog:
     def log(self, step: int, values: dict[str, Any]) -> None:
         """Record ``values`` (numbers or strings) at optimizer step ``step``."""
         record = {"step": step, **values}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as err:
+            if is_disk_full(err):
+                raise DiskFullError(f"no space left on the device writing {self.path}") from None
+            raise
         if self.writer is not None:
             for name, value in values.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.writer.add_scalar(name if name.startswith("eval/") else f"train/{name}", value, step)
 
     def close(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:  # the buffer could not be flushed (full disk): log() already said so
+            pass
         if self.writer is not None:
             self.writer.close()
 
@@ -63,7 +73,7 @@ def truncate_after(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 # Evaluation metrics drawn in curves.png (others stay in metrics.jsonl and TensorBoard).
@@ -122,6 +132,9 @@ def plot_curves(run_dir: str | Path) -> Path | None:
         axes[2].legend(fontsize=8)
     figure.tight_layout()
     out = run_dir / CURVES_FILE
-    figure.savefig(out, dpi=100)
-    plt.close(figure)
+    try:
+        with atomic_path(out) as temporary:  # never a truncated PNG, even on a full disk
+            figure.savefig(temporary, dpi=100, format="png")
+    finally:
+        plt.close(figure)
     return out

@@ -10,6 +10,7 @@ the counters; after ``run.max_nonfinite_in_row`` of them in a row the run stops 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,7 +162,15 @@ def _optimizer_step(run: Run, images: torch.Tensor, tokens: torch.Tensor) -> tup
 
 
 def _save(run: Run, last_path: Path | None) -> Path | None:
-    """Checkpoint the current step (rank 0 writes; every process contributes its RNG state)."""
+    """Checkpoint the current step (rank 0 writes; every process contributes its RNG state).
+
+    Weights that are not all finite are never written: the run stops instead (the weights are the
+    same on every process, so all stop together).
+    """
+    if not all(bool(torch.isfinite(t).all()) for t in run.model.state_dict().values() if t.is_floating_point()):
+        raise TrainingStopped(
+            f"stopped at step {run.step}: the weights are no longer finite after the update, so they were not "
+            f"saved. {_before_divergence(run, run.step + 1)}. Try a lower optim.lr or optim.grad_clip_norm")
     rng_states = [rng_state()]
     if run.context.world_size > 1:
         rng_states = [None] * run.context.world_size
@@ -250,21 +259,47 @@ class _Progress:
                              samples_per_s=f"{self.samples_per_s:.1f}", refresh=False)
         self.bar.update(1)
 
-    def close(self) -> None:
+    def close(self, failing: bool = False) -> None:
+        """Close the bar and log and draw the curves; a failed plot (full disk) never hides the run's
+        own error, and after a good run it is a warning: the checkpoints are what matters."""
         self.bar.close()
         if self.log:
             self.log.close()
-            plot_curves(self.run_dir)
+            try:
+                plot_curves(self.run_dir)
+            except OSError as err:
+                if not failing:
+                    print(f"warning: curves not drawn: {err}", file=sys.stderr)
+
+
+def _before_divergence(run: Run, first_bad_step: int) -> str:
+    """Name the newest checkpoint written before step ``first_bad_step``, the first that failed.
+
+    A checkpoint of the step just before holds the weights that gave the first non-finite loss:
+    they may be the cause (an update that blew them up), so the one before it is named too.
+    """
+    found = [(int(path.name.rsplit("_", 1)[1]), path) for path in list_checkpoints(run.config.run.run_dir)]
+    before = [(step, path) for step, path in found if step < first_bad_step]
+    if not before:
+        return f"No checkpoint from before the divergence (it began at step {first_bad_step})"
+    step, path = before[-1]
+    message = f"Last checkpoint from before the divergence: {path}"
+    if step == first_bad_step - 1:
+        earlier = f"use {before[-2][1]}" if len(before) > 1 else "there is no earlier checkpoint"
+        message += (f" (its weights gave the first non-finite loss, at step {first_bad_step}; if a resume from it "
+                    f"diverges again, {earlier})")
+    return message
 
 
 def _stop_if_too_many_nonfinite(run: Run, loss: float, grad_norm: float) -> None:
     if run.nonfinite_in_row < run.config.run.max_nonfinite_in_row:
         return
-    found = list_checkpoints(run.config.run.run_dir)
+    first_bad = run.step - run.nonfinite_in_row + 1
     raise TrainingStopped(
         f"stopped at step {run.step}: {run.nonfinite_in_row} steps in a row had a non-finite loss or gradient "
-        f"(last loss {loss}, gradient norm {grad_norm}); they did not change the weights. Last good checkpoint: "
-        f"{found[-1] if found else 'none written yet'}. Try a lower optim.lr, optim.grad_clip_norm, or precision=bf16"
+        f"(last loss {loss}, gradient norm {grad_norm}); they did not change the weights and no checkpoint was "
+        f"written during them. {_before_divergence(run, first_bad)}. "
+        "Try a lower optim.lr, optim.grad_clip_norm, or precision=bf16"
     )
 
 
@@ -274,6 +309,7 @@ def run_loop(run: Run) -> TrainResult:
     progress = _Progress(run)
     checkpoint: Path | None = None
     batches = iter(epoch_loader(run, run.epoch, run.epoch_batch))
+    failing = True
     try:
         while run.step < run.total_steps:
             batch, rows = _next_batch(run, batches)
@@ -295,13 +331,15 @@ def run_loop(run: Run) -> TrainResult:
                 progress.nonfinite(run.step, loss, grad_norm)
                 _stop_if_too_many_nonfinite(run, loss, grad_norm)
             progress.record(run, loss, lr, grad_norm, rows)
-            if run.step % run.config.run.checkpoint_every == 0 or run.step == run.total_steps:
+            due = run.step % run.config.run.checkpoint_every == 0 or run.step == run.total_steps
+            if due and run.nonfinite_in_row == 0:  # never while steps are being skipped as non-finite
                 checkpoint = _save(run, checkpoint)
                 progress.restart_clock()
             if run.evaluation is not None and run.evaluation.due(run.step, run.total_steps):
                 progress.evaluated(run.step, run.evaluation(run.model))
+        failing = False
     finally:
-        progress.close()
+        progress.close(failing)
     return TrainResult(
         run_dir=Path(run.config.run.run_dir), steps=run.step,
         final_loss=progress.losses[-1] if progress.losses else math.nan, losses=progress.losses,

@@ -45,13 +45,15 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoints import load_model
+from ..files import write_text_atomic
 from ..data import open_dataset
 from ..loss import SIGLIP_INIT_LOGIT_SCALE, Objective
-from ..models import CLIP, get_config
+from ..models import CLIP, available_models, get_config
 from ..runtime import autocast_dtype
 from ..tokenizer import tokenize
 from ..transforms import image_transform
 from .resume import read_training_state, resolve_resume, set_rng_state
+from .run_folder import RunFolderLock, check_fresh_start, remove_leftovers, start_over
 from .config import TrainConfig, validate
 from .distributed_setup import DistributedContext, cleanup_distributed, init_distributed, read_environment
 from .evaluation import PeriodicEvaluation
@@ -63,11 +65,13 @@ CONFIG_FILE = "train_config.json"  # the resolved config, saved in the run folde
 __all__ = ["CONFIG_FILE", "TrainResult", "TrainingStopped", "train"]
 
 
-def train(config: TrainConfig) -> TrainResult:
+def train(config: TrainConfig, overwrite: bool = False) -> TrainResult:
     """Train (or fine-tune, or resume) the run ``config`` describes; see the module docstring.
 
     Configuration errors raise ``ValueError`` / ``FileNotFoundError`` before any work; a run that
-    stops itself (non-finite steps, too many bad samples) raises :class:`TrainingStopped`.
+    stops itself (non-finite steps, too many bad samples) raises :class:`TrainingStopped`. A new
+    run refuses a folder that holds one unless ``overwrite`` (the old files are moved aside), and
+    a folder another live training holds (:mod:`clipforge.train.run_folder`).
     """
     context = read_environment(config.device)
     validate(config, context.world_size, context.device.type)
@@ -77,25 +81,59 @@ def train(config: TrainConfig) -> TrainResult:
         raise ValueError("run.tensorboard is set but the tensorboard package is missing: pip install tensorboard")
     dataset = open_dataset(config.data.train, image_root=config.data.image_root,
                            image_key=config.data.image_key, caption_key=config.data.caption_key)
+    if overwrite and config.run.resume:
+        raise ValueError("--overwrite starts the run again and --resume continues it: pass one of them")
     resume = resolve_resume(config.run.run_dir, config.run.resume) if config.run.resume else None
-    joined = init_distributed(context)
+    if resume is None:
+        check_fresh_start(config.run.run_dir, overwrite)
+    lock = RunFolderLock(config.run.run_dir).acquire() if context.is_main else None
+    joined = False
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     try:
+        joined = init_distributed(context)
+        if context.is_main:
+            remove_leftovers(config.run.run_dir)  # temporary checkpoints of dead processes
+            if overwrite:
+                start_over(config.run.run_dir)
         if config.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
             torch.use_deterministic_algorithms(True)
         run = _build_run(config, context, dataset, resume)
         if resume is not None:
             _restore(run, resume)
+            _check_steps_left(run, resume)
         elif context.is_main:
             Path(config.run.run_dir).mkdir(parents=True, exist_ok=True)
         if context.is_main:
-            (Path(config.run.run_dir) / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+            write_text_atomic(Path(config.run.run_dir) / CONFIG_FILE,
+                              json.dumps(_as_trained(config, run.model), indent=2) + "\n")
         return run_loop(run)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
         if joined:
             cleanup_distributed()
+        if lock is not None:
+            lock.release()
+
+
+def _as_trained(config: TrainConfig, model: CLIP) -> dict:
+    """The config to save: with ``--init``, ``model.name`` names the checkpoint's architecture."""
+    saved = config.to_dict()
+    if config.model.init_checkpoint:
+        saved["model"]["name"] = _preset_name_of(model.config) or f"architecture of {config.model.init_checkpoint}"
+    return saved
+
+
+def _preset_name_of(model_config) -> str | None:
+    """The registered model preset whose config is exactly ``model_config``, if any."""
+    return next((name for name in available_models() if get_config(name) == model_config), None)
+
+
+def _check_steps_left(run: Run, checkpoint: Path) -> None:
+    """Resuming at or past the last step would train nothing and write nothing: say so."""
+    if run.step >= run.total_steps:
+        raise ValueError(f"cannot resume {checkpoint}: the run is at step {run.step} and --steps asks for "
+                         f"{run.total_steps} in all; pass --steps above {run.step} to train further")
 
 
 def _seed_everything(seed: int) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from ..checkpoints import CheckpointError, load_model
-from ..files import normal_permissions
+from ..files import DiskFullError, is_disk_full, normal_permissions
 from ..checkpoints import save as save_model_folder
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -97,12 +97,22 @@ def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, state: dict[str
     final = folder / f"step_{step:08d}"
     temporary = folder / f".tmp_step_{step:08d}_{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    normal_permissions(temporary, folder=True)
-    save_model_folder(model, temporary)  # model.safetensors + config.json, what clipforge.load reads
-    torch.save(state, temporary / STATE_FILE)  # inside a temporary folder: atomic with it
-    for file in temporary.iterdir():
-        _fsync(file)
+    try:
+        temporary.mkdir()
+        normal_permissions(temporary, folder=True)
+        save_model_folder(model, temporary)  # model.safetensors + config.json, what clipforge.load reads
+        with open(temporary / STATE_FILE, "wb") as file:  # a file object: a full disk surfaces as OSError
+            torch.save(state, file)  # inside a temporary folder: atomic with it
+        for file in temporary.iterdir():
+            _fsync(file)
+    except BaseException as err:  # a full disk, a kill signal: leave no half-written folder behind
+        shutil.rmtree(temporary, ignore_errors=True)
+        if is_disk_full(err):
+            previous = list_checkpoints(run_dir)
+            kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+            raise DiskFullError(f"no space left on the device writing checkpoint {final}; {kept}. "
+                                "Free some space, then resume with --resume latest") from None
+        raise
     if final.exists():  # the same step saved again after a resume: swap, then drop the old one
         stale = folder / f".stale_{final.name}_{os.getpid()}"
         os.replace(final, stale)
