@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise CliError(f"--top-k must be at least 1, got {args.top_k}")
     if args.labels_file:
-        lines = Path(args.labels_file).read_text(encoding="utf-8").splitlines()
+        lines = Path(args.labels_file).read_text(encoding="utf-8-sig").splitlines()  # BOM dropped
         labels = [line.strip() for line in lines if line.strip()]
     else:
         labels = parse_labels(args.labels)
