@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import unicodedata
 from pathlib import Path
 
 from . import CliError
@@ -41,6 +42,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def parse_labels(text: str) -> list[str]:
     """Comma-separated labels, stripped; empty entries dropped."""
     return [label.strip() for label in text.split(",") if label.strip()]
+
+
+def display_width(text: str) -> int:
+    """Terminal columns of ``text``: two for wide and full-width characters (猫, 🐦), none for
+    combining marks and zero-width joiners, one for the rest."""
+    return sum(0 if unicodedata.combining(char) or unicodedata.category(char) in ("Mn", "Me", "Cf")
+               else 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1 for char in text)
+
+
+def format_predictions(result: dict) -> list[str]:
+    """One image's lines of text output: its path, then each label padded so the scores line up."""
+    widths = [display_width(p["label"]) for p in result["predictions"]]
+    column = max(widths)
+    return [result["image"]] + [f"  {p['label']}{' ' * (column - width)}  {p['score']:.4f}"
+                                for p, width in zip(result["predictions"], widths)]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,10 +87,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         for result in results:
             if "predictions" in result:
-                print(result["image"])
-                width = max(len(p["label"]) for p in result["predictions"])
-                for prediction in result["predictions"]:
-                    print(f"  {prediction['label']:<{width}}  {prediction['score']:.4f}")
+                print("\n".join(format_predictions(result)))
     failed = [result for result in results if "error" in result]
     for result in failed:
         print(f"clipforge classify: skipped {result['image']}: {result['error']}", file=sys.stderr)

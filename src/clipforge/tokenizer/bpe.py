@@ -306,7 +306,7 @@ class Tokenizer:
                 raise ValueError(
                     f"texts[{index}] ({prefix!r}) has {len(text_ids[index]) // 2 + 2} tokens with "
                     f"start and end, more than context_length={context_length}; shorten it or "
-                    "pass truncate=True")
+                    "pass truncate=True (a model's own length: context_length=model.context_length)")
             text_ids = [ids[:room] for ids in text_ids]  # sot + the first L - 2 ids + eot: OpenAI's cut
         # Each row as 16-bit bytes, all rows one bytes.join, widened to int64 by numpy at once.
         sot, eot, zeros = self._sot_bytes, self._eot_bytes, _zero_bytes(room)
