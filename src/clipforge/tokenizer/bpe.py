@@ -209,7 +209,8 @@ class Tokenizer:
 
         With ``max_tokens``, a text's ids may stop after its first ``max_tokens`` ids (they are
         exact): every piece of text makes at least one id, so the first ``max_tokens`` pieces
-        are enough; a text whose first pieces make fewer ids is done again in full.
+        are enough, and the later ones are neither split nor merged unless already cached; a
+        text whose first pieces make fewer ids is done again in full.
         """
         # Text that ftfy and html.unescape leave as it is only needs lower() and split(): printable
         # ASCII without '&' (checked inline: a call per text costs as much as the cleaning), what
@@ -218,23 +219,24 @@ class Tokenizer:
         pieces = [text.lower().split() if text.isascii() and text.isprintable() and "&" not in text
                   or ftfy_is_identity(text) or not needs_ftfy(text) else fixed_pieces(text)
                   for text in texts]
-        if max_tokens is not None and max(map(len, pieces), default=0) > max_tokens:
-            cut = [i for i, text_pieces in enumerate(pieces) if len(text_pieces) > max_tokens]
-            text_ids = self._piece_ids([text_pieces[:max_tokens] for text_pieces in pieces])
-            short = [i for i in cut if len(text_ids[i]) < 2 * max_tokens]  # a piece made no id
-            for i, ids in zip(short, self._piece_ids([pieces[i] for i in short])):
-                text_ids[i] = ids
-            return text_ids
-        return self._piece_ids(pieces)
-
-    def _piece_ids(self, pieces: list[list[str]]) -> list[bytes]:
-        """Each text's ids, from its cleaned space-free pieces, caching new pieces."""
-        cache = self._cache
-        get = cache.__getitem__
+        get = self._cache.__getitem__
         try:
             return [b"".join(map(get, text_pieces)) for text_pieces in pieces]
         except KeyError:  # new pieces
             pass
+        if max_tokens is not None and max(map(len, pieces)) > max_tokens:
+            cut = [i for i, text_pieces in enumerate(pieces) if len(text_pieces) > max_tokens]
+            text_ids = self._new_piece_ids([text_pieces[:max_tokens] for text_pieces in pieces])
+            short = [i for i in cut if len(text_ids[i]) < 2 * max_tokens]  # a piece made no id
+            for i, ids in zip(short, self._new_piece_ids([pieces[i] for i in short])):
+                text_ids[i] = ids
+            return text_ids
+        return self._new_piece_ids(pieces)
+
+    def _new_piece_ids(self, pieces: list[list[str]]) -> list[bytes]:
+        """Each text's ids, from its cleaned space-free pieces, some of them not cached yet."""
+        cache = self._cache
+        get = cache.__getitem__
         new = set(chain.from_iterable(pieces)).difference(cache)
         if len(cache) - len(self._whole_word_pieces) + len(new) > self.cache_size:
             self._reset_cache()  # bounded memory; this batch's pieces are added back below
