@@ -210,7 +210,8 @@ class ImageTransform:
         steps = (
             f"random_resized_crop({self.image_size}, scale={self.scale}, ratio={self.ratio}, bicubic)"
             if self.train
-            else f"resize_shortest_side({self.image_size}, bicubic), center_crop({self.image_size})"
+            else f"resize_shortest_side({self.image_size}, bicubic, jpeg_draft_min_side={DRAFT_MIN_SIDE * self.image_size}), "
+            f"center_crop({self.image_size})"
         )
         mean, std = tuple(self.mean.flatten().tolist()), tuple(self.std.flatten().tolist())
         return f"ImageTransform({steps}, rgb, normalize(mean={mean}, std={std}))"
