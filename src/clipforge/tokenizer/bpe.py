@@ -21,6 +21,11 @@ and the cached ids of known pieces, kept as 16-bit bytes, are joined by ``bytes.
 runs on integer ids, is skipped for words that are one vocabulary entry, and runs on many new
 words at once in numpy (:mod:`clipforge.tokenizer._batch_merge`); the padded rows are one ``bytes.join``
 widened to int64 by numpy.
+
+Work stays bounded on hostile text: a word longer than 128 bytes (a run without spaces) is merged
+in O(n log n) by a heap over its pairs (:mod:`clipforge.tokenizer._long_merge`), so 1 MB without
+a space takes seconds, not hours; with ``truncate=True`` only a text's first ``context_length - 2``
+space-separated pieces are split and merged.
 """
 from __future__ import annotations
 
