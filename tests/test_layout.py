@@ -14,7 +14,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "clipforge"
 LAYERS = [
-    {"runtime", "files"},
+    {"runtime", "files", "_version"},
     {"models", "tokenizer", "transforms", "distributed"},
     {"data", "loss", "checkpoints", "export"},
     {"evaluate"},

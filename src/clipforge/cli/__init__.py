@@ -10,6 +10,7 @@ import importlib
 import os
 import sys
 
+from .._version import __version__
 from ..files import DiskFullError
 
 # One module per command group, in the order ``clipforge --help`` lists them.
@@ -23,16 +24,28 @@ class CliError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every sub-command registered."""
     parser = argparse.ArgumentParser(prog="clipforge", description="CLIP models: load, convert, train, evaluate.")
+    parser.add_argument("--version", action="version", version=f"clipforge {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"{__name__}.{name}").register(subparsers)
     return parser
 
 
+def _subcommand_parser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser | None:
+    """The parser of sub-command ``command``, or None."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices.get(command)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # shown with the sub-command's usage, not the top-level one
+        command = _subcommand_parser(parser, args.command) or parser
+        command.error(f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

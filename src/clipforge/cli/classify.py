@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import unicodedata
 from pathlib import Path
 
 from . import CliError
@@ -59,6 +60,21 @@ def read_labels_file(path: str) -> list[str]:
     return [line.strip() for line in lines if line.strip()]
 
 
+def display_width(text: str) -> int:
+    """Terminal columns of ``text``: two for wide and full-width characters (猫, 🐦), none for
+    combining marks and zero-width joiners, one for the rest."""
+    return sum(0 if unicodedata.combining(char) or unicodedata.category(char) in ("Mn", "Me", "Cf")
+               else 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1 for char in text)
+
+
+def format_predictions(result: dict) -> list[str]:
+    """One image's lines of text output: its path, then each label padded so the scores line up."""
+    widths = [display_width(p["label"]) for p in result["predictions"]]
+    column = max(widths)
+    return [result["image"]] + [f"  {p['label']}{' ' * (column - width)}  {p['score']:.4f}"
+                                for p, width in zip(result["predictions"], widths)]
+
+
 def run(args: argparse.Namespace) -> int:
     """Classify; exit 1 when some image could not be read (the others are still printed)."""
     from ..evaluate import check_classnames, classify, resolve_templates
@@ -90,10 +106,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         for result in results:
             if "predictions" in result:
-                print(result["image"])
-                width = max(len(p["label"]) for p in result["predictions"])
-                for prediction in result["predictions"]:
-                    print(f"  {prediction['label']:<{width}}  {prediction['score']:.4f}")
+                print("\n".join(format_predictions(result)))
     failed = [result for result in results if "error" in result]
     for result in failed:
         print(f"clipforge classify: skipped {result['image']}: {result['error']}", file=sys.stderr)

@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"{err} (--overwrite)") from None
     print(f"wrote {written.num_samples} samples in {len(written.paths)} shards ({written.num_bytes / 1e6:.1f} MB)")
     if written.num_skipped:
-        print(f"left out {written.num_skipped} rows whose image could not be read (see the log above)")
+        print(f"left out {written.num_skipped} rows whose image could not be read, "
+              f"{written.num_corrupt} of them corrupt images (see the log above)")
     print(f"train with: --data '{written.pattern}'")
     return 0

@@ -7,8 +7,9 @@ mappable back to the caption file. Rows are shuffled by default, because the loa
 in runs and a shard written in caption-file order (often sorted by source) would give batches of
 near-duplicates. A ``sizes.json`` with each shard's sample count is written beside the shards.
 
-Image content is not checked (the loader skips undecodable samples at train time); rows whose file
-cannot be read are left out and counted.
+Each image is decoded once as the loader would decode it (:func:`.samples.decode_image`), so a
+corrupt or truncated file is left out, logged and counted instead of packed (``check_images=False``
+packs without decoding); rows whose file cannot be read are left out and counted too.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import numpy as np
 
 from ..files import DiskFullError, is_disk_full, normal_permissions, write_text_atomic
 from .captions import CaptionDataset
+from .samples import BadSample, decode_image
 from .webdataset import IMAGE_MEMBERS, SIZES_FILE, require_webdataset
 
 logger = logging.getLogger("clipforge.data")
@@ -47,16 +49,24 @@ class ShardsWritten:
     paths: list[str]    # shard files in order
     pattern: str        # brace pattern naming them all, for the loader
     num_samples: int    # samples written
-    num_skipped: int    # rows left out because their image could not be read
+    num_skipped: int    # rows left out because their image could not be read or decoded
     num_bytes: int      # total size of the shard files
+    num_corrupt: int = 0  # of num_skipped: files read but not decodable as an image
 
 
-def _encode(dataset: CaptionDataset, row: int) -> dict | None:
-    """The webdataset sample dict for one row, or None (logged) when its image cannot be read."""
+def _encode(dataset: CaptionDataset, row: int, check_image: bool) -> dict | str | None:
+    """The webdataset sample dict for one row; None (logged) when its image cannot be read, or
+    ``"corrupt"`` (logged) when ``check_image`` and it does not decode."""
     raw = dataset.read(row)
     if raw.image is None:
         logger.warning("left out %s: %s", raw.key, raw.error)
         return None
+    if check_image:
+        try:
+            decode_image(raw.image)
+        except BadSample as error:
+            logger.warning("left out %s: %s", raw.key, error)
+            return "corrupt"
     extension = Path(raw.key).suffix.lower().lstrip(".")
     extension = extension if extension in IMAGE_MEMBERS else "jpg"  # the loader decodes by content anyway
     sample = {"__key__": f"{row:08d}", extension: raw.image,
@@ -81,7 +91,8 @@ def _remove_partial(out: Path, prefix: str, written: list[str], writer) -> None:
 def write_shards(caption_file: str | os.PathLike, out_dir: str | os.PathLike, *,
                  image_root: str | os.PathLike | None = None, max_count: int = 10000, max_size_mb: float = 1000.0,
                  prefix: str = "data", shuffle: bool = True, seed: int = 0, image_key: str | None = None,
-                 caption_key: str | None = None, overwrite: bool = False) -> ShardsWritten:
+                 caption_key: str | None = None, overwrite: bool = False,
+                 check_images: bool = True) -> ShardsWritten:
     """Pack the rows of ``caption_file`` (images under ``image_root``) into tar shards in ``out_dir``.
 
     A shard closes at ``max_count`` samples or before its file would exceed ``max_size_mb``
@@ -89,6 +100,7 @@ def write_shards(caption_file: str | os.PathLike, out_dir: str | os.PathLike, *,
     ``{prefix}-000000.tar`` upwards; each is written to a temporary name and renamed when complete.
     Raises FileExistsError when ``out_dir`` already holds ``{prefix}-*.tar`` files, unless
     ``overwrite`` (then they are removed first, so no stale shard joins the new set).
+    ``check_images`` decodes every image first and leaves out the ones that do not decode.
     """
     if max_count < 1 or max_size_mb <= 0:
         raise ValueError(f"max_count must be >= 1 and max_size_mb > 0, got {max_count} and {max_size_mb}")
@@ -109,7 +121,7 @@ def write_shards(caption_file: str | os.PathLike, out_dir: str | os.PathLike, *,
 
     paths: list[str] = []
     sizes: dict[str, int] = {}
-    writer, count, members_bytes, skipped = None, 0, 0, 0  # open shard, its samples and bytes
+    writer, count, members_bytes, skipped, corrupt = None, 0, 0, 0, 0  # open shard, its samples and bytes
 
     def close_shard():
         writer.close()
@@ -121,9 +133,10 @@ def write_shards(caption_file: str | os.PathLike, out_dir: str | os.PathLike, *,
 
     try:
         for row in rows:
-            sample = _encode(dataset, int(row))
-            if sample is None:
+            sample = _encode(dataset, int(row), check_images)
+            if sample is None or sample == "corrupt":
                 skipped += 1
+                corrupt += sample is not None
                 continue
             sample_bytes = sum(_member_bytes(len(v)) for k, v in sample.items() if k != "__key__")
             if writer is not None and (count >= max_count or _tar_file_bytes(members_bytes + sample_bytes) > max_bytes):
@@ -150,4 +163,4 @@ def write_shards(caption_file: str | os.PathLike, out_dir: str | os.PathLike, *,
         raise ValueError(f"no image of {caption_file} could be read under {dataset.image_root}; no shards written")
     pattern = paths[0] if len(paths) == 1 else str(out / f"{prefix}-{{000000..{len(paths) - 1:06d}}}.tar")
     num_bytes = sum(os.path.getsize(p) for p in paths)
-    return ShardsWritten(paths, pattern, sum(sizes.values()), skipped, num_bytes)
+    return ShardsWritten(paths, pattern, sum(sizes.values()), skipped, num_bytes, corrupt)

@@ -49,23 +49,31 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return is_image_name(path)
 
 
+def is_hidden_name(name: str) -> bool:
+    """Names that are never a class or an image: dot-files and folders (``.git``, AppleDouble
+    ``._x.jpg``) and macOS archives' ``__MACOSX`` resource folders."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
 def load_image_folder(root: str | os.PathLike) -> ClassificationData:
-    """One sub-folder per class (sorted by name), images found recursively inside each."""
+    """One sub-folder per class (sorted by name), images found recursively inside each; hidden
+    folders and files (:func:`is_hidden_name`) are skipped at every level."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such folder")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not is_hidden_name(p.name))
     if not class_dirs:
         loose = sum(1 for p in root.iterdir() if is_image_file(p))
         hint = f" ({loose} images lie directly in it)" if loose else ""
         raise ValueError(f"{root}: no class sub-folders{hint}; expected one sub-folder of images per class")
     paths, labels, empty = [], [], []
     for label, class_dir in enumerate(class_dirs):
-        files = sorted(
-            str(Path(dirpath) / name)
-            for dirpath, dirnames, names in os.walk(class_dir)
-            for name in names if is_image_file(name) and not name.startswith(".")
-        )
+        files = []
+        for dirpath, dirnames, names in os.walk(class_dir):
+            dirnames[:] = [name for name in dirnames if not is_hidden_name(name)]  # not walked
+            files += [str(Path(dirpath) / name) for name in names
+                      if is_image_file(name) and not is_hidden_name(name)]
+        files.sort()
         if not files:
             empty.append(class_dir.name)
         paths += files

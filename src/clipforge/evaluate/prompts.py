@@ -26,10 +26,10 @@ def fill_template(template: str, classname: str) -> str:
 def _read_list_file(path: Path) -> list:
     if path.suffix.lower() == ".json":
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            return json.loads(path.read_text(encoding="utf-8-sig"))  # -sig: a byte-order mark is no text
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}: not JSON ({error.msg} at line {error.lineno})") from None
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = path.read_text(encoding="utf-8-sig").splitlines()
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 

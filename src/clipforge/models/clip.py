@@ -64,7 +64,8 @@ class CLIP(nn.Module):
         """Text embeddings ``(N, embed_dim)`` from token ids ``(N, L)``, pooled at end-of-text."""
         if tokens.ndim != 2 or tokens.shape[1] > self.context_length:
             raise ValueError(
-                f"tokens must have shape (N, L) with L <= {self.context_length}, got {tuple(tokens.shape)}"
+                f"tokens must have shape (N, L) with L <= {self.context_length}, got {tuple(tokens.shape)}; "
+                "tokenize for this model with clipforge.tokenize(texts, context_length=model.context_length)"
             )
         eot_positions = tokens.argmax(dim=-1)  # the end-of-text id is the largest id
         if self.trim_text and tokens.shape[0] > 0:

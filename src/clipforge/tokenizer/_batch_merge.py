@@ -5,13 +5,17 @@ pair beside it (pairs across a word's end are no merge). Each round merges, in e
 once, the leftmost occurrence of that word's best-ranked pair: a few numpy calls over the array,
 whatever the number of words. Words with nothing left to merge leave the array; when only a
 few remain, the one-word loop (:func:`merge_ids`) finishes them, as rounds on a handful of
-words cost more than the loop.
+words cost more than the loop. Words longer than ``LONG_WORD_BYTES`` never enter the array:
+they go to :mod:`clipforge.tokenizer._long_merge`, whose merge is O(n log n) where the loop
+and the rounds here are quadratic in the length of a word.
 """
 from __future__ import annotations
 
 from array import array
 
 import numpy as np
+
+from ._long_merge import LONG_WORD_BYTES, ROUNDS_WORD_BYTES, merge_ids_heap, merge_ids_rounds
 
 # A round costs ~0.1 ms whatever the number of words, so batches of fewer new words than
 # MIN_BATCH_WORDS use the one-word loop, and so do the last TAIL_WORDS words left in a batch
@@ -130,6 +134,10 @@ class BatchMerger:
         id + 256), as native 16-bit unsigned integers (``memoryview(b).cast("H")`` reads them)."""
         if len(words) < MIN_BATCH_WORDS:
             return [id_bytes(self.merge_word(word)) for word in words]
+        if max(map(len, words)) > LONG_WORD_BYTES:  # long words are merged one by one
+            short = iter(self([word for word in words if len(word) <= LONG_WORD_BYTES]))
+            return [id_bytes(self.merge_word(word)) if len(word) > LONG_WORD_BYTES else next(short)
+                    for word in words]
         lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))  # (W,)
         ids = self.byte_ids[np.frombuffer(b"".join(words), dtype=np.uint8)]  # (E,) all words
         ends = np.cumsum(lengths)  # (W,) one past each word's last id
@@ -193,7 +201,12 @@ class BatchMerger:
         return list(map(parts.__getitem__, position.tolist()))
 
     def merge_word(self, word: bytes) -> list[int]:
-        """BPE ids of one word's UTF-8 bytes (non-empty) by the one-word loop."""
+        """BPE ids of one word's UTF-8 bytes (non-empty): by the one-word loop, or for a word
+        longer than ``LONG_WORD_BYTES`` by the heap, after numpy rounds if it is very long."""
         ids = list(word.translate(self.byte_table))  # byte ids are 0..255
         ids[-1] += 256  # the same byte with </w>
-        return merge_ids(ids, self.merges, self.no_merge)
+        if len(ids) <= LONG_WORD_BYTES:
+            return merge_ids(ids, self.merges, self.no_merge)
+        if len(ids) >= ROUNDS_WORD_BYTES:
+            ids = merge_ids_rounds(np.array(ids, dtype=np.int64), self._merged, self.no_merge).tolist()
+        return merge_ids_heap(ids, self.merges)

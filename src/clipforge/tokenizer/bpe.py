@@ -21,6 +21,11 @@ and the cached ids of known pieces, kept as 16-bit bytes, are joined by ``bytes.
 runs on integer ids, is skipped for words that are one vocabulary entry, and runs on many new
 words at once in numpy (:mod:`clipforge.tokenizer._batch_merge`); the padded rows are one ``bytes.join``
 widened to int64 by numpy.
+
+Work stays bounded on hostile text: a word longer than 128 bytes (a run without spaces) is merged
+in O(n log n) by a heap over its pairs (:mod:`clipforge.tokenizer._long_merge`), so 1 MB without
+a space takes seconds, not hours; with ``truncate=True`` only a text's first ``context_length - 2``
+space-separated pieces are split and merged.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ import gzip
 import hashlib
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from itertools import chain
 from pathlib import Path
 
@@ -203,9 +208,15 @@ class Tokenizer:
             if some_pieces:
                 cache.update(zip(some_pieces, b"".join(map(get, found)).split(SEPARATOR)))
 
-    def _text_ids(self, texts: Sequence[str]) -> list[bytes]:
+    def _text_ids(self, texts: Sequence[str], max_tokens: int | None = None) -> list[bytes]:
         """Each text's ids as 16-bit bytes (:func:`~clipforge.tokenizer._batch_merge.id_bytes`). New pieces
-        and words are split and merged once per batch, however often they occur."""
+        and words are split and merged once per batch, however often they occur.
+
+        With ``max_tokens``, a text's ids may stop after its first ``max_tokens`` ids (they are
+        exact): every piece of text makes at least one id, so the first ``max_tokens`` pieces
+        are enough, and the later ones are neither split nor merged unless already cached; a
+        text whose first pieces make fewer ids is done again in full.
+        """
         # Text that ftfy and html.unescape leave as it is only needs lower() and split(): printable
         # ASCII without '&' (checked inline: a call per text costs as much as the cleaning), what
         # ftfy_is_identity accepts (it excludes '&'), or ASCII whose '&'s start no entity. The
@@ -213,12 +224,24 @@ class Tokenizer:
         pieces = [text.lower().split() if text.isascii() and text.isprintable() and "&" not in text
                   or ftfy_is_identity(text) or not needs_ftfy(text) else fixed_pieces(text)
                   for text in texts]
-        cache = self._cache
-        get = cache.__getitem__
+        get = self._cache.__getitem__
         try:
             return [b"".join(map(get, text_pieces)) for text_pieces in pieces]
         except KeyError:  # new pieces
             pass
+        if max_tokens is not None and max(map(len, pieces)) > max_tokens:
+            cut = [i for i, text_pieces in enumerate(pieces) if len(text_pieces) > max_tokens]
+            text_ids = self._new_piece_ids([text_pieces[:max_tokens] for text_pieces in pieces])
+            short = [i for i in cut if len(text_ids[i]) < 2 * max_tokens]  # a piece made no id
+            for i, ids in zip(short, self._new_piece_ids([pieces[i] for i in short])):
+                text_ids[i] = ids
+            return text_ids
+        return self._new_piece_ids(pieces)
+
+    def _new_piece_ids(self, pieces: list[list[str]]) -> list[bytes]:
+        """Each text's ids, from its cleaned space-free pieces, some of them not cached yet."""
+        cache = self._cache
+        get = cache.__getitem__
         new = set(chain.from_iterable(pieces)).difference(cache)
         if len(cache) - len(self._whole_word_pieces) + len(new) > self.cache_size:
             self._reset_cache()  # bounded memory; this batch's pieces are added back below
@@ -264,6 +287,12 @@ class Tokenizer:
         """
         if isinstance(texts, str):
             texts = [texts]
+        elif not isinstance(texts, (list, tuple)):
+            if isinstance(texts, (bytes, bytearray, memoryview, Mapping)) \
+                    or not isinstance(texts, Iterable):
+                raise TypeError("texts must be a string or a list of strings, got "
+                                f"{type(texts).__name__}")
+            texts = list(texts)  # a generator, a numpy array of strings, ...
         if isinstance(context_length, bool) or not isinstance(context_length, int) \
                 or context_length < 2:
             raise ValueError(f"context_length must be an int >= 2 (room for the start and end "
@@ -271,8 +300,10 @@ class Tokenizer:
         if len(texts) > 1 and not all(isinstance(text, str) for text in texts) or \
                 len(texts) == 1 and not isinstance(texts[0], str):
             index, text = next((i, t) for i, t in enumerate(texts) if not isinstance(t, str))
-            raise TypeError(f"texts[{index}] must be a str, got {type(text).__name__}")
-        text_ids = self._text_ids(texts)
+            raise TypeError(f"texts[{index}] must be a str, got {type(text).__name__} (texts is "
+                            "a string or a list of strings)")
+        # truncated rows need only their first ids: the pieces after them are never merged
+        text_ids = self._text_ids(texts, context_length - 2 if truncate else None)
         room = 2 * (context_length - 2)  # bytes of ids that fit between start and end
         if text_ids and max(map(len, text_ids)) > room:
             index = next(i for i, ids in enumerate(text_ids) if len(ids) > room)
@@ -282,7 +313,7 @@ class Tokenizer:
                 raise ValueError(
                     f"texts[{index}] ({prefix!r}) has {len(text_ids[index]) // 2 + 2} tokens with "
                     f"start and end, more than context_length={context_length}; shorten it or "
-                    "pass truncate=True")
+                    "pass truncate=True (a model's own length: context_length=model.context_length)")
             text_ids = [ids[:room] for ids in text_ids]  # sot + the first L - 2 ids + eot: OpenAI's cut
         # Each row as 16-bit bytes, all rows one bytes.join, widened to int64 by numpy at once.
         sot, eot, zeros = self._sot_bytes, self._eot_bytes, _zero_bytes(room)
