@@ -35,8 +35,13 @@ def assert_parity(model, folder):
 
 @pytest.mark.parametrize("name", ["ViT-B/32", "RN50"])
 def test_full_size_random_weight_models_export_with_fp32_parity(tmp_path, name):
+    from clipforge.evaluate import model_fingerprint
+
     model = tiny_model(name)
-    assert_parity(model, export_onnx(model, tmp_path / "out"))
+    before = model_fingerprint(model)
+    folder = export_onnx(model, tmp_path / "out")
+    assert not model.training and model_fingerprint(model) == before  # export leaves BatchNorm statistics be
+    assert_parity(model, folder)
 
 
 def test_trained_demo_sized_model_exports_with_fp32_parity(tmp_path):

@@ -12,6 +12,7 @@ token exactly as ``CLIP.encode_text`` does, and gets the same embeddings.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -118,17 +119,21 @@ def export_onnx(model: CLIP, folder: str | os.PathLike, opset: int = DEFAULT_OPS
         raise ValueError(f"{folder}: exists and is not a folder; expected an output folder for the ONNX export")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / META_NAME).unlink(missing_ok=True)  # a half-rewritten folder must not look whole
-    model = model.float().eval().cpu()
+    if model.dtype != torch.float32 or model.text_projection.device.type != "cpu":
+        model = copy.deepcopy(model).float().cpu()  # export fp32 on the CPU, leave the caller's model be
+    was_training = model.training
+    model.eval()
     config = model.config
     size = config.vision.image_size
     images = torch.zeros(2, 3, size, size)
     tokens = torch.zeros(2, min(8, config.text.context_length), dtype=torch.long)
     tokens[:, -1] = config.text.vocab_size - 1  # an end-of-text id, so pooling reads a real position
     with torch.no_grad():
-        _export_graph(ImageTower(model), images, folder / "image.onnx", IMAGE_INPUT, IMAGE_OUTPUT,
+        _export_graph(ImageTower(model).eval(), images, folder / "image.onnx", IMAGE_INPUT, IMAGE_OUTPUT,
                       {0: "batch"}, opset)
-        _export_graph(TextTower(model), tokens, folder / "text.onnx", TEXT_INPUT, TEXT_OUTPUT,
+        _export_graph(TextTower(model).eval(), tokens, folder / "text.onnx", TEXT_INPUT, TEXT_OUTPUT,
                       {0: "batch", 1: "length"}, opset)
+    model.train(was_training)
     logit_scale = float(model.logit_scale.detach())
     meta = {
         "format": "clipforge-onnx", "format_version": FORMAT_VERSION, "opset": opset, "precision": "fp32",
