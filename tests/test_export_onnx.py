@@ -104,3 +104,23 @@ def test_exporting_over_a_file_or_with_a_bad_opset_is_refused(tmp_path):
     with pytest.raises(ValueError, match="opset"):
         export_onnx(tiny_model(), tmp_path / "out", opset=9)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_resnet_int8_graphs_stay_close_to_fp32(tmp_path, mode):
+    from clipforge.export import quantize_export
+
+    model = tiny_model("tiny-rn")
+    folder = export_onnx(model, tmp_path / "out")
+    images, tokens = sample_inputs(model)
+    calibration = torch.randn(8, *images.shape[1:], generator=torch.Generator().manual_seed(1))
+    entry = quantize_export(folder, mode, [calibration[:4].numpy(), calibration[4:].numpy()],
+                            [tokens[:, :12].numpy()])
+    assert entry["quantized_nodes"]["image"] > 10  # the ResNet's convolutions, not only the attention pool
+    int8, _ = load_export(folder, threads=1)
+    assert int8.precision == "int8"
+    with torch.no_grad():
+        for got, want in ((int8.encode_image(images), model.encode_image(images)),
+                          (int8.encode_text(tokens), model.encode_text(tokens))):
+            assert torch.nn.functional.cosine_similarity(got, want).min() >= 0.99
+            assert (got - want).abs().max() > 1e-6  # really int8

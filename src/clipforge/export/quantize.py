@@ -1,10 +1,10 @@
 """int8 quantisation of an export folder's graphs with onnxruntime, keeping the fp32 ones beside them.
 
-Which nodes stay fp32 was measured on the demo model, ViT-B/32 and RN50 (benchmarks/results_onnx.md):
-only the weight matrix multiplies (and convolutions) inside the towers are quantised; the patch
-embedding / ResNet stem, the final projection into the joint space, LayerNorms, softmax and the
-attention products of two activations stay fp32. Quantising the first and last layers costs the
-most cosine for the least time (they are one matmul each), and LayerNorm has no int8 kernel.
+Only the weight matrix multiplies (and convolutions) inside the towers are quantised; the patch
+embedding / first ResNet convolution and the final projection into the joint space stay fp32, as do
+LayerNorms, softmax and the attention products of two activations (``MatMulConstBOnly``). The
+first and last layers are one matmul each, so keeping them costs no measurable time, and it
+gave the highest cosine of the policies compared in benchmarks/results_onnx.md.
 
 ``static`` calibrates activation ranges on the user's images (and prompts made from their class
 names); ``dynamic`` computes activation ranges per batch at run time and needs no calibration.
