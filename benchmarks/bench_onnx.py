@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -67,20 +68,24 @@ def build(impl: str, work: Path, threads: int):
     return exported.encode_image, exported.encode_text, model.config
 
 
-def median_seconds(fn, repeats: int, min_time: float = 0.3) -> float:
-    """Median wall seconds of one call of ``fn`` over ``repeats`` rounds (each round >= ``min_time``)."""
+def median_seconds(fn, repeats: int, min_time: float = 0.3) -> tuple[float, float]:
+    """Median wall seconds and median process CPU seconds of one call of ``fn`` over ``repeats`` rounds.
+
+    On a shared machine wall time counts other tenants' load; with one thread, CPU time does not.
+    """
     fn()  # warm-up
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
-        calls, start = 0, time.perf_counter()
+        calls, start, cpu_start = 0, time.perf_counter(), time.process_time()
         while True:
             fn()
             calls += 1
             elapsed = time.perf_counter() - start
             if elapsed >= min_time:
                 break
-        times.append(elapsed / calls)
-    return statistics.median(times)
+        walls.append(elapsed / calls)
+        cpus.append((time.process_time() - cpu_start) / calls)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def run_case(impl: str, work: Path, threads: int, batches: list[int], repeats: int) -> dict:
@@ -96,9 +101,10 @@ def run_case(impl: str, work: Path, threads: int, batches: list[int], repeats: i
             images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
             tokens = clipforge.tokenize([CAPTIONS[i % len(CAPTIONS)] for i in range(batch)],
                                         context_length=config.text.context_length, truncate=True)
-            image_s = median_seconds(lambda: encode_image(images), repeats)
-            text_s = median_seconds(lambda: encode_text(tokens), repeats)
+            image_s, image_cpu = median_seconds(lambda: encode_image(images), repeats)
+            text_s, text_cpu = median_seconds(lambda: encode_text(tokens), repeats)
             row[f"images_per_s@{batch}"], row[f"texts_per_s@{batch}"] = batch / image_s, batch / text_s
+            row[f"images_per_cpu_s@{batch}"], row[f"texts_per_cpu_s@{batch}"] = batch / image_cpu, batch / text_cpu
             if batch == 1:
                 row["image_latency_ms"], row["text_latency_ms"] = 1000 * image_s, 1000 * text_s
     return row
@@ -134,7 +140,9 @@ def prepare(spec: str, calibration: str, work: Path) -> dict:
 
 def print_tables(spec: str, rows: list[dict], accuracy: dict, batches: list[int]) -> None:
     base = {row["threads"]: row for row in rows if row["impl"] == "open_clip"}
-    print(f"\nmodel {spec}; torch {torch.__version__}; medians; ratios are to open_clip fp32 at the same threads")
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    print(f"\nmodel {spec}; torch {torch.__version__}; medians; ratios are to open_clip fp32 at the same threads; "
+          f"load average at the end {load} on {os.cpu_count()} cores")
     heads = [f"images/s @{b}" for b in batches] + [f"texts/s @{b}" for b in batches]
     print("| implementation | threads | " + " | ".join(heads) + " | latency b1 image / text ms |")
     print("|---|---|" + "---|" * len(heads) + "---|")
@@ -148,6 +156,18 @@ def print_tables(spec: str, rows: list[dict], accuracy: dict, batches: list[int]
                 cells.append(f"{value:.1f}{ratio}")
         latency = f"{row.get('image_latency_ms', float('nan')):.2f} / {row.get('text_latency_ms', float('nan')):.2f}"
         print(f"| {row['impl']} | {row['threads']} | " + " | ".join(cells) + f" | {latency} |")
+    print("\none thread, per CPU-second of the process (insensitive to other tenants' load)")
+    print("| implementation | " + " | ".join(f"{h} per CPU-s" for h in heads) + " |")
+    print("|---|" + "---|" * len(heads))
+    ref = base.get(1)
+    for row in [r for r in rows if r["threads"] == 1]:
+        cells = []
+        for kind in ("images", "texts"):
+            for b in batches:
+                value = row[f"{kind}_per_cpu_s@{b}"]
+                ratio = f" ({value / ref[f'{kind}_per_cpu_s@{b}']:.2f}x)" if ref else ""
+                cells.append(f"{value:.1f}{ratio}")
+        print(f"| {row['impl']} | " + " | ".join(cells) + " |")
     print(f"\naccuracy of int8 vs fp32 on the calibration set (open_clip vs clipforge max abs: "
           f"{accuracy['open_clip_max_abs']:.1e})")
     print("| int8 mode | images | image cosine mean (min) | text cosine mean (min) | zero-shot top-1 fp32 | "
