@@ -33,6 +33,7 @@ def assert_parity(model, folder):
     assert torch.allclose(logits, expected, atol=1e-3) and torch.equal(logits_t, logits.t())
 
 
+@pytest.mark.slow  # 10-20 s each on 2 idle cores (exporting 150 M parameters), minutes when shared
 @pytest.mark.parametrize("name", ["ViT-B/32", "RN50"])
 def test_full_size_random_weight_models_export_with_fp32_parity(tmp_path, name):
     from clipforge.evaluate import model_fingerprint
@@ -82,7 +83,7 @@ def test_load_of_an_export_folder_gives_the_clip_api_and_follows_torch_threads(t
     assert type(loaded).__name__ == "OnnxCLIP" and loaded.config == model.config
     assert repr(preprocess) == repr(clipforge.image_transform(model.config.vision.image_size))
     assert loaded.eval() is loaded and loaded.to("cpu") is loaded and list(loaded.parameters()) == []
-    assert float(loaded.logit_scale) == pytest.approx(float(model.logit_scale))
+    assert float(loaded.logit_scale) == pytest.approx(float(model.logit_scale.detach()))
     assert loaded.context_length == model.context_length
     assert loaded.threads == torch.get_num_threads()
     assert load_export(folder, threads=1)[0]._image_session.get_session_options().intra_op_num_threads == 1
