@@ -52,7 +52,8 @@ def test_convert_quantize_int8_reports_cosine_and_zero_shot_of_both(capsys, tmp_
     accuracy = meta["quantization"]["accuracy"]
     assert meta["graphs"] == meta["int8_graphs"] and meta["quantization"]["mode"] == mode
     assert accuracy["image_cosine_mean"] >= 0.99 and accuracy["text_cosine_mean"] >= 0.99
-    assert meta["quantization"]["quantized_nodes"]["image"] > 0  # int8 graphs really hold int8 weights
+    assert meta["quantization"]["quantized_nodes"] == {"image": 4 * 4, "text": 2 * 4}  # q/k/v, out, fc, proj
+    assert meta["quantization"]["kept_fp32"] == {"image": ["/visual/conv1/Conv", "/visual/MatMul"], "text": ["/MatMul"]}
     assert (tmp_path / "out" / "image.int8.onnx").stat().st_size < (tmp_path / "out" / "image.onnx").stat().st_size
 
     loaded, _ = clipforge.load(tmp_path / "out")  # int8 by default, measured against torch on real images

@@ -29,14 +29,16 @@ KEEP_FP32 = {
 }
 
 
-def _weight_nodes(model, keep: Iterable[str]) -> list[str]:
-    """Names of the MatMul / Gemm / Conv nodes whose second input is a weight, minus ``keep``."""
+def _weight_nodes(model, keep: Iterable[str]) -> tuple[list[str], list[str]]:
+    """``(to_quantize, kept)``: the MatMul / Gemm / Conv nodes whose second input is a weight, split by
+    whether their name is in ``keep``."""
     weights = {init.name for init in model.graph.initializer}
     constants = {out for node in model.graph.node if node.op_type == "Constant" for out in node.output}
     keep = set(keep)
-    return [node.name for node in model.graph.node
-            if node.op_type in ("MatMul", "Gemm", "Conv") and node.name not in keep
-            and len(node.input) > 1 and (node.input[1] in weights or node.input[1] in constants)]
+    candidates = [node.name for node in model.graph.node
+                  if node.op_type in ("MatMul", "Gemm", "Conv")
+                  and len(node.input) > 1 and (node.input[1] in weights or node.input[1] in constants)]
+    return [name for name in candidates if name not in keep], [name for name in candidates if name in keep]
 
 
 class _Feeds:
@@ -55,11 +57,12 @@ class _Feeds:
         self._iterator = None
 
 
-def _quantize_graph(src: Path, dst: Path, tower: str, mode: str, feeds: list[dict] | None) -> list[str]:
+def _quantize_graph(src: Path, dst: Path, keep: Iterable[str], mode: str,
+                    feeds: list[dict] | None) -> tuple[list[str], list[str]]:
     onnx = require_onnx()
     require_onnxruntime()
     from onnxruntime import quantization  # a submodule the package does not import itself
-    nodes = _weight_nodes(onnx.load(str(src), load_external_data=False), KEEP_FP32[tower])
+    nodes, kept = _weight_nodes(onnx.load(str(src), load_external_data=False), keep)
     partial = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     common = dict(nodes_to_quantize=nodes, op_types_to_quantize=["MatMul", "Gemm", "Conv"],
                   per_channel=True, reduce_range=False, weight_type=quantization.QuantType.QInt8)
@@ -80,15 +83,17 @@ def _quantize_graph(src: Path, dst: Path, tower: str, mode: str, feeds: list[dic
     finally:
         root_logger.setLevel(level)
         partial.unlink(missing_ok=True)
-    return nodes
+    return nodes, kept
 
 
 def quantize_export(folder: str | os.PathLike, mode: str = "static", image_batches: list[np.ndarray] | None = None,
-                    token_batches: list[np.ndarray] | None = None) -> dict:
+                    token_batches: list[np.ndarray] | None = None,
+                    keep_fp32: dict[str, Iterable[str]] | None = None) -> dict:
     """Write ``image.int8.onnx`` and ``text.int8.onnx`` next to an export's fp32 graphs and make them its default.
 
     ``image_batches`` (N, 3, S, S) float32 and ``token_batches`` (N, L) int64 calibrate ``static``
-    mode; ``dynamic`` ignores them. Returns the ``quantization`` entry written to the metadata.
+    mode; ``dynamic`` ignores them. ``keep_fp32`` maps ``image``/``text`` to node names left in
+    fp32 (default :data:`KEEP_FP32`). Returns the ``quantization`` entry written to the metadata.
     """
     if mode not in MODES:
         raise ValueError(f"quantisation mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -98,11 +103,12 @@ def quantize_export(folder: str | os.PathLike, mode: str = "static", image_batch
     int8 = {"image": "image.int8.onnx", "text": "text.int8.onnx"}
     feeds = {"image": [{meta["inputs"]["image"]: batch} for batch in image_batches or []],
              "text": [{meta["inputs"]["text"]: batch} for batch in token_batches or []]}
-    quantized = {tower: _quantize_graph(folder / fp32[tower], folder / int8[tower], tower, mode, feeds[tower])
-                 for tower in ("image", "text")}
+    keep_fp32 = KEEP_FP32 if keep_fp32 is None else keep_fp32
+    quantized = {tower: _quantize_graph(folder / fp32[tower], folder / int8[tower], keep_fp32[tower], mode,
+                                        feeds[tower]) for tower in ("image", "text")}
     entry = {"mode": mode, "weights": "int8 per channel", "activations": "uint8" if mode == "static" else "dynamic",
-             "kept_fp32": {tower: list(names) for tower, names in KEEP_FP32.items()},
-             "quantized_nodes": {tower: len(names) for tower, names in quantized.items()},
+             "kept_fp32": {tower: kept for tower, (_, kept) in quantized.items()},
+             "quantized_nodes": {tower: len(nodes) for tower, (nodes, _) in quantized.items()},
              "calibration_batches": {tower: len(feeds[tower]) for tower in feeds} if mode == "static" else None}
     meta.update(graphs=int8, int8_graphs=int8, precision="int8", quantization=entry)
     meta["digests"].update({name: file_digest(folder / name) for name in int8.values()})
