@@ -1,6 +1,8 @@
 """Models for the ONNX export tests: a demo-sized CLIP with trained (not initial) weights."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -8,6 +10,7 @@ import clipforge
 from clipforge import CLIP
 
 
+@functools.lru_cache(maxsize=1)  # trained once per test process; no test changes it
 def trained_demo_model(steps: int = 12, seed: int = 0) -> CLIP:
     """``demo-vit`` after ``steps`` Adam steps of the contrastive loss on random pairs.
 
