@@ -262,6 +262,10 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device = "cpu", ji
                          "runs their code; use the default jit=False (same weights, same outputs)")
     from ..transforms import image_transform  # lazy: checkpoint tools do not need PIL
 
+    if (Path(name_or_path).expanduser() / "onnx_export.json").is_file():  # clipforge convert --to onnx
+        from ..export import load_export  # lazy: onnxruntime is the optional extra clipforge[onnx]
+
+        return load_export(Path(name_or_path).expanduser(), device)
     model = load_model(name_or_path, device, quick_gelu=quick_gelu, config=config)
     return model, image_transform(model.config.vision.image_size)
 
