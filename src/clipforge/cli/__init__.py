@@ -10,7 +10,7 @@ import importlib
 import sys
 
 # One module per command group, in the order ``clipforge --help`` lists them.
-COMMANDS = ["models", "convert", "shards", "classify", "eval", "train", "demo"]
+COMMANDS = ["models", "convert", "shards", "classify", "eval", "train", "embed", "index", "demo"]
 
 
 class CliError(Exception):
