@@ -6,8 +6,8 @@ https://github.com/facebookresearch/faiss/wiki/Guidelines-to-choose-an-index, in
    milliseconds and needs no training.
 2. ``HNSW32`` while it fits the budget (vectors plus a 32-neighbour graph) and the collection is at
    most :data:`HNSW_MAX_COUNT`: the fastest queries, no training, but slow to build beyond that.
-3. ``IVF{K},Flat`` with K a power of two near 4 sqrt(N) (the guidelines' 4-16 sqrt(N); the low
-   end keeps training and filling quick on CPUs), while the raw vectors fit.
+3. ``IVF{K},Flat`` with K the power of two in 4-8 sqrt(N) (the low end of the guidelines' 4-16
+   sqrt(N), which keeps training and filling quick on CPUs), while the raw vectors fit.
 4. ``OPQ{m}_{d},IVF{K},PQ{m}`` when they do not: m bytes per vector, the largest m in 64, 32, 16, 8
    whose codes fit. PQ codes lose precision, so recall@10 may stay under the target; the build
    reports what it reached.
@@ -44,11 +44,11 @@ def parse_memory(value: "str | int | float") -> int:
 
 
 def ivf_lists(count: int) -> int:
-    """IVF list count: the power of two nearest 4 sqrt(N), at least 1 and at most N / 39 (FAISS's
-    minimum of 39 training points per centroid)."""
-    target = 4 * math.sqrt(count)
-    lists = 2 ** round(math.log2(max(target, 1)))
-    return int(max(1, min(lists, count // 39 or 1)))
+    """IVF list count: the smallest power of two >= 4 sqrt(N) (so 4-8 sqrt(N)), lowered to a power of
+    two that leaves FAISS's minimum of 39 training points per list."""
+    lists = 2 ** math.ceil(math.log2(max(4 * math.sqrt(count), 1)))
+    most = 2 ** int(math.log2(max(count // 39, 1)))
+    return int(min(lists, most))
 
 
 def estimate_bytes(factory: str, count: int, dim: int) -> int:

@@ -113,8 +113,15 @@ class ShardSource(Source):
         self.description, self.urls, self.caption_keys = description, urls, caption_keys
         self.num_parts = len(urls)
         self.local = not urls[0].startswith(_REMOTE_PREFIXES)
-        self.sizes = shard_sizes(urls) if self.local else None
+        self.sizes = self._sizes() if self.local else None
         self.has_captions = self._first_has_caption()
+
+    def _sizes(self) -> list[int] | None:
+        """Samples per shard for the progress bar (tar headers only); None when a shard is damaged."""
+        try:
+            return shard_sizes(self.urls)
+        except (OSError, tarfile.TarError, ValueError):
+            return None  # the damaged shard is reported when its part is read
 
     def part_inputs(self, part: int) -> int | None:
         return self.sizes[part] if self.sizes is not None else None

@@ -227,6 +227,8 @@ def _write_index(out: Path, modality: str, index, info: dict) -> None:
     """The index then its info JSON, each through a temporary file beside it and ``os.replace``."""
     faiss = require_faiss()
     target = out / f"{modality}.index"
+    for stale in out.glob(f".{modality}.index.*.tmp"):  # left by a killed build
+        stale.unlink(missing_ok=True)
     partial = out / f".{modality}.index.{os.getpid()}.tmp"
     faiss.write_index(index, str(partial))
     os.replace(partial, target)
