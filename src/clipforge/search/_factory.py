@@ -9,7 +9,7 @@ https://github.com/facebookresearch/faiss/wiki/Guidelines-to-choose-an-index, in
 3. ``IVF{K},Flat`` with K the power of two in 4-8 sqrt(N) (the low end of the guidelines' 4-16
    sqrt(N), which keeps training and filling quick on CPUs), while the raw vectors fit.
 4. ``OPQ{m}_{d},IVF{K},PQ{m}`` when they do not: m bytes per vector, the largest m in 64, 32, 16, 8
-   whose codes fit. PQ codes lose precision, so recall@10 may stay under the target; the build
+   whose codes fit, rotated to d = 4m dimensions (at least 2 per sub-quantizer). PQ codes lose precision, so recall@10 may stay under the target; the build
    reports what it reached.
 
 Sizes are estimates of the index in memory; the builder adds its stated working overhead (the
@@ -86,10 +86,10 @@ def choose_factory(count: int, dim: int, memory_budget: int, overhead: int = 0) 
     if estimate_bytes(ivf, count, dim) <= room:
         return ivf, f"{count} vectors: inverted lists near 4 sqrt(N), raw vectors fit the budget"
     for code_bytes in PQ_BYTES:
-        rotated = min(dim, 4 * code_bytes)
+        rotated = min(dim, 4 * code_bytes)  # FAISS's advice: 4 dimensions per sub-quantizer
         rotated -= rotated % code_bytes
         factory = f"OPQ{code_bytes}_{rotated},IVF{lists},PQ{code_bytes}"
-        if rotated and estimate_bytes(factory, count, dim) <= room:
+        if rotated >= 2 * code_bytes and estimate_bytes(factory, count, dim) <= room:
             return factory, f"raw vectors exceed the budget: {code_bytes}-byte OPQ+PQ codes"
     need = estimate_bytes(f"OPQ8_32,IVF{lists},PQ8", count, dim) + overhead
     raise ValueError(f"memory budget {memory_budget} bytes is too small for {count} vectors of dim {dim}: "
