@@ -47,9 +47,14 @@ class Source:
     num_parts: int
     has_captions: bool  # whether any input has a caption (the default modalities follow it)
 
-    def records(self, part: int) -> Iterator[Record]:
-        """The inputs of ``part`` in their fixed order."""
+    def records(self, part: int, rows: range | None = None) -> Iterator[Record]:
+        """The inputs of ``part`` in their fixed order (only positions ``rows`` within it, if given)."""
         raise NotImplementedError
+
+    def chunks(self, part: int, size: int) -> list[range | None]:
+        """How ``part`` splits into pieces that decode independently: ranges of ``size`` inputs when
+        the source has random access, else ``[None]`` (the whole part, read as one stream)."""
+        return [None]
 
     def part_inputs(self, part: int) -> int | None:
         """How many inputs ``part`` holds (None when only reading it can tell)."""
@@ -71,8 +76,13 @@ class FileSource(Source):
     def part_inputs(self, part: int) -> int:
         return len(self._range(part))
 
-    def records(self, part: int) -> Iterator[Record]:
-        for row in self._range(part):
+    def chunks(self, part: int, size: int) -> list[range | None]:
+        count = len(self._range(part))
+        return [range(start, min(start + size, count)) for start in range(0, count, size)] or [None]
+
+    def records(self, part: int, rows: range | None = None) -> Iterator[Record]:
+        whole = self._range(part)
+        for row in whole if rows is None else whole[rows.start:rows.stop]:
             path = self.paths[row]
             if not path:
                 yield Record(key=f"row {row}", image_path=None, image=None, captions=self.captions[row],
@@ -131,7 +141,7 @@ class ShardSource(Source):
             return bool(record.captions)
         return False
 
-    def records(self, part: int) -> Iterator[Record]:
+    def records(self, part: int, rows: range | None = None) -> Iterator[Record]:
         """The shard's samples in file order; a damaged shard ends with one error record."""
         url = self.urls[part]
         name = url.rstrip("/").rsplit("/", 1)[-1]

@@ -63,9 +63,10 @@ def decode_record(record: Record):
 
 @dataclass
 class _Batch:
-    """Up to batch-size decoded inputs of one part; ``last`` closes the part."""
+    """Up to batch-size decoded inputs of one chunk of a part; ``last`` closes the chunk."""
 
     part: int
+    chunk: int                   # position of the chunk in the part (chunks decode in parallel)
     pixels: torch.Tensor | None  # (B, 3, H, W), None when every input of this batch was bad
     rows: list[dict]             # per pixel row: image_path, captions, meta
     skipped: list[dict]          # {"input", "reason"} of the inputs dropped since the previous batch
@@ -74,31 +75,37 @@ class _Batch:
 
 
 class _PartBatches(IterableDataset):
-    """Batches of the given parts; each DataLoader worker takes every num_workers-th part whole."""
+    """Batches of the given parts' chunks; DataLoader worker w decodes every num_workers-th chunk.
 
-    def __init__(self, source: Source, parts: list[int], preprocess: Callable, batch_size: int):
-        self.source, self.parts, self.preprocess, self.batch_size = source, parts, preprocess, batch_size
+    Folders and listings cut a part into chunks of one batch, so every worker helps with every
+    part; a shard is one chunk (a stream). Batch boundaries depend only on the input positions,
+    never on which worker decoded what, so results do not depend on the worker count.
+    """
+
+    def __init__(self, source: Source, work: list[tuple[int, int, range | None]], preprocess: Callable,
+                 batch_size: int):
+        self.source, self.work, self.preprocess, self.batch_size = source, work, preprocess, batch_size
 
     def __iter__(self) -> Iterator[_Batch]:
         worker = get_worker_info()
-        mine = self.parts if worker is None else self.parts[worker.id::worker.num_workers]
-        for part in mine:
-            yield from self._part_batches(part)
+        mine = self.work if worker is None else self.work[worker.id::worker.num_workers]
+        for part, chunk, rows in mine:
+            yield from self._chunk_batches(part, chunk, rows)
 
-    def _part_batches(self, part: int) -> Iterator[_Batch]:
-        pixels, rows, skipped, inputs = [], [], [], 0
-        for record in self.source.records(part):
+    def _chunk_batches(self, part: int, chunk: int, rows: range | None) -> Iterator[_Batch]:
+        pixels, kept, skipped, inputs = [], [], [], 0
+        for record in self.source.records(part, rows):
             inputs += 1
             try:
                 pixels.append(self.preprocess(decode_record(record)))
             except BadImage as err:
                 skipped.append({"input": record.key, "reason": str(err)})
                 continue
-            rows.append({"image_path": record.image_path, "captions": record.captions, "meta": record.meta})
+            kept.append({"image_path": record.image_path, "captions": record.captions, "meta": record.meta})
             if len(pixels) == self.batch_size:
-                yield _Batch(part, torch.stack(pixels), rows, skipped, inputs, last=False)
-                pixels, rows, skipped, inputs = [], [], [], 0
-        yield _Batch(part, torch.stack(pixels) if pixels else None, rows, skipped, inputs, last=True)
+                yield _Batch(part, chunk, torch.stack(pixels), kept, skipped, inputs, last=False)
+                pixels, kept, skipped, inputs = [], [], [], 0
+        yield _Batch(part, chunk, torch.stack(pixels) if pixels else None, kept, skipped, inputs, last=True)
 
 
 def _keep(batch):
@@ -221,35 +228,43 @@ def _embed_parts(collection: Source, out: Path, parts: list[int], encoder: _Enco
     """Run the pending ``parts`` through the model, writing each as soon as its last batch is in."""
     from tqdm import tqdm
 
-    dataset = _PartBatches(collection, parts, preprocess, batch_size)
-    workers = min(num_workers, len(parts))
-    loader = DataLoader(dataset, batch_size=None, collate_fn=_keep, num_workers=workers,
-                        worker_init_fn=_worker_init if workers else None,
+    work = [(part, chunk, rows) for part in parts for chunk, rows in enumerate(collection.chunks(part, batch_size))]
+    chunks_left = {part: sum(1 for item in work if item[0] == part) for part in parts}
+    workers = min(num_workers, len(work))
+    loader = DataLoader(_PartBatches(collection, work, preprocess, batch_size), batch_size=None, collate_fn=_keep,
+                        num_workers=workers, worker_init_fn=_worker_init if workers else None,
                         pin_memory=encoder.device.type == "cuda")
     counts = [collection.part_inputs(part) for part in parts]
     total = None if None in counts else sum(counts)
     kill_after = os.environ.get(KILL_AFTER_PART_ENV)
-    open_parts: dict[int, dict] = {}  # part -> its embeddings, rows and skips so far
+    open_parts: dict[int, dict] = {}  # part -> {(chunk, batch number): encoded batch} until all its chunks are in
     with tqdm(total=total, unit="img", desc="embed", file=sys.stderr, disable=not progress, smoothing=0.1) as bar:
         for batch in loader:
-            state = open_parts.setdefault(batch.part, {"image": [], "text": [], "rows": [], "skipped": []})
+            received = open_parts.setdefault(batch.part, {})
+            encoded = {"rows": batch.rows, "skipped": batch.skipped}
             if batch.pixels is not None:
-                state["image"].append(encoder.images(batch.pixels))
+                encoded["image"] = encoder.images(batch.pixels)
                 if "text" in modalities:
-                    state["text"].append(encoder.texts([r["captions"][0] if r["captions"] else "" for r in batch.rows]))
-            state["rows"] += batch.rows
-            state["skipped"] += batch.skipped
+                    encoded["text"] = encoder.texts([r["captions"][0] if r["captions"] else "" for r in batch.rows])
+            received[(batch.chunk, len([key for key in received if key[0] == batch.chunk]))] = encoded
             bar.update(batch.inputs)
-            if batch.last:
-                _write(out, batch.part, open_parts.pop(batch.part), collection, modalities, encoder)
+            chunks_left[batch.part] -= batch.last
+            if chunks_left[batch.part] == 0:
+                in_order = [received[key] for key in sorted(received)]
+                _write(out, batch.part, in_order, collection, modalities, int(encoder.model.config.embed_dim))
+                del open_parts[batch.part]
                 if kill_after is not None and int(kill_after) == batch.part:
                     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _write(out: Path, part: int, state: dict, collection: Source, modalities: list[str], encoder: _Encoder) -> None:
-    dim = int(encoder.model.config.embed_dim)
-    embeddings = {modality: np.concatenate(state[modality]) if state[modality] else np.zeros((0, dim), np.float16)
-                  for modality in modalities}
+def _write(out: Path, part: int, batches: list[dict], collection: Source, modalities: list[str], dim: int) -> None:
+    """Concatenate a part's encoded batches (in input order) and write the part."""
+    rows = [row for batch in batches for row in batch["rows"]]
+    skipped = [entry for batch in batches for entry in batch["skipped"]]
+    embeddings = {}
+    for modality in modalities:
+        arrays = [batch[modality] for batch in batches if modality in batch]
+        embeddings[modality] = np.concatenate(arrays) if arrays else np.zeros((0, dim), np.float16)
     multi = collection.multi_caption if isinstance(collection, FileSource) else \
-        any(len(row["captions"]) > 1 for row in state["rows"])
-    _parts.write_part(out, part, embeddings, state["rows"], state["skipped"], multi)
+        any(len(row["captions"]) > 1 for row in rows)
+    _parts.write_part(out, part, embeddings, rows, skipped, multi)
