@@ -194,8 +194,9 @@ def embed_collection(source: str | os.PathLike, out: str | os.PathLike, model, p
     different model, source, part size, modality set or precision is refused with ``ValueError``.
     """
     from ..evaluate import model_fingerprint
-    from ..runtime import resolve_device
+    from ..runtime import check_precision, resolve_device
 
+    check_precision(precision)
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     out = Path(out)
