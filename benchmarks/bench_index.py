@@ -26,7 +26,7 @@ import numpy as np
 PART_ROWS = 100_000
 
 
-def write_synthetic(work: Path, count: int, dim: int, clusters: int, seed: int) -> np.ndarray:
+def write_synthetic(work: Path, count: int, dim: int, clusters: int, seed: int, spread: float) -> np.ndarray:
     """The embedding folder at ``work``; returns the cluster centres (for fresh queries)."""
     from clipforge.search import _parts
 
@@ -34,10 +34,10 @@ def write_synthetic(work: Path, count: int, dim: int, clusters: int, seed: int) 
     centres = rng.standard_normal((clusters, dim)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     if (work / "manifest.json").is_file() and json.loads((work / "manifest.json").read_text())["count"] == count:
-        return centres
+        return centres  # already written by an earlier run with the same arguments
     for number, start in enumerate(range(0, count, PART_ROWS)):
         rows = min(PART_ROWS, count - start)
-        vectors = centres[rng.integers(clusters, size=rows)] + 0.35 / np.sqrt(dim) * rng.standard_normal(
+        vectors = centres[rng.integers(clusters, size=rows)] + spread / np.sqrt(dim) * rng.standard_normal(
             (rows, dim)).astype(np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         meta = [{"image_path": f"/synthetic/{start + i}.jpg", "captions": []} for i in range(rows)]
@@ -47,10 +47,10 @@ def write_synthetic(work: Path, count: int, dim: int, clusters: int, seed: int) 
     return centres
 
 
-def fresh_queries(centres: np.ndarray, count: int, seed: int) -> np.ndarray:
+def fresh_queries(centres: np.ndarray, count: int, seed: int, spread: float) -> np.ndarray:
     rng = np.random.default_rng(seed + 1000)
     dim = centres.shape[1]
-    queries = centres[rng.integers(len(centres), size=count)] + 0.5 / np.sqrt(dim) * rng.standard_normal(
+    queries = centres[rng.integers(len(centres), size=count)] + spread / np.sqrt(dim) * rng.standard_normal(
         (count, dim)).astype(np.float32)
     return (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
 
@@ -94,6 +94,9 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--clusters", type=int, default=20_000)
+    parser.add_argument("--spread", type=float, default=0.35,
+                        help="noise norm around a centre (0.35: cosine ~0.94 to it; 1.0: ~0.7, harder)")
+    parser.add_argument("--query-spread", type=float, default=0.5, help="the same for the fresh queries")
     parser.add_argument("--memory", default="4GiB")
     parser.add_argument("--factory", default=None)
     parser.add_argument("--queries", type=int, default=1000)
@@ -104,7 +107,7 @@ def main() -> None:
 
     work = Path(args.work)
     started = time.time()
-    centres = write_synthetic(work, args.count, args.dim, args.clusters, args.seed)
+    centres = write_synthetic(work, args.count, args.dim, args.clusters, args.seed, args.spread)
     print(f"collection ready ({time.time() - started:.0f} s)", file=sys.stderr)
     command = [sys.executable, "-m", "clipforge.cli", "index", str(work), "--memory", args.memory]
     command += ["--factory", args.factory] if args.factory else []
@@ -115,7 +118,7 @@ def main() -> None:
     index = faiss.read_index(str(work / "image.index"))
     if info["search_params"]:
         faiss.ParameterSpace().set_index_parameters(index, info["search_params"])
-    queries = fresh_queries(centres, args.queries, args.seed)
+    queries = fresh_queries(centres, args.queries, args.seed, args.query_spread)
     exact = brute_force(work, queries)
     _, found = index.search(queries, 10)
     fresh_recall = float(np.mean([len(set(f) & set(e)) / 10 for f, e in zip(found, exact)]))

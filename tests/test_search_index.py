@@ -67,8 +67,8 @@ def test_factory_follows_count_and_memory_budget():
     assert choose_factory(200_000, 512, 4 * gib)[0] == "HNSW32"
     assert choose_factory(1_000_000, 512, 4 * gib)[0] == "IVF4096,Flat"
     assert choose_factory(1_000_000, 512, 1 * gib)[0] == "OPQ64_256,IVF4096,PQ64"
-    assert choose_factory(12_000, 32, 3_500_000, overhead=3_072_000)[0] == "OPQ16_32,IVF256,PQ16"
-    assert choose_factory(100_000_000, 512, 4 * gib)[0] == "OPQ32_128,IVF65536,PQ32"  # 40 bytes a vector
+    assert choose_factory(12_000, 32, 3_500_000, overhead=3_072_000)[0] == "OPQ8_32,IVF256,PQ8"
+    assert choose_factory(100_000_000, 512, 4 * gib)[0] == "OPQ16_64,IVF65536,PQ16"  # 24 bytes a vector, x1.5
     with pytest.raises(ValueError, match="too small"):
         choose_factory(100_000_000, 512, 512 * 2**20)
     assert ivf_lists(10_000) == 256  # capped: at least 39 training points per list

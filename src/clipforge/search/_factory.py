@@ -65,7 +65,9 @@ def estimate_bytes(factory: str, count: int, dim: int) -> int:
         rotated = int(match.group(2) or dim)
         codes = 4 * dim if match.group(4) == "Flat" else int(match.group(5))
         pq_tables = 0 if match.group(4) == "Flat" else 256 * rotated * 4
-        return count * codes + ids + lists * rotated * 4 + pq_tables + 4 * dim * rotated
+        # Inverted lists grow like std::vector (capacity doubles), so filled lists hold ~1.5x their
+        # bytes: measured 3.07 GiB above the process baseline for 1M x 512 IVF1024,Flat (2 GiB of vectors).
+        return (count * codes + ids) * 3 // 2 + lists * rotated * 4 + pq_tables + 4 * dim * rotated
     raise ValueError(f"cannot estimate the memory of factory {factory!r}")
 
 

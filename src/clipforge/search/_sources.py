@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from ..data.captions import CAPTION_FILE_SUFFIXES, is_image_name, read_listing
+from ..data.captions import CAPTION_FILE_SUFFIXES, CAPTION_KEYS, is_image_name, read_listing
 from ..data.webdataset import IMAGE_EXTENSIONS as SHARD_IMAGE_EXTENSIONS
 from ..data.webdataset import expand_shards, require_webdataset, shard_sizes
 
@@ -194,8 +194,12 @@ def _shard_urls(source: str) -> list[str]:
 
 
 def open_source(source: str | os.PathLike, part_size: int = 10000, image_root: str | os.PathLike | None = None,
-                caption_keys: tuple[str, ...] = ("caption", "title", "text", "sentence", "raw")) -> Source:
-    """The :class:`Source` for SOURCE: a folder of images, a listing file, or shards (module docstring)."""
+                caption_keys: tuple[str, ...] = CAPTION_KEYS) -> Source:
+    """The :class:`Source` for SOURCE: a folder of images, a listing file, or shards (module docstring).
+
+    A folder that holds ``*.tar`` files is read as shards. ``caption_keys`` are the JSON fields a
+    shard sample's caption is looked up under when it has no ``.txt``.
+    """
     if part_size < 1:
         raise ValueError(f"part size must be at least 1 row, got {part_size}")
     text = str(source)
@@ -208,7 +212,6 @@ def open_source(source: str | os.PathLike, part_size: int = 10000, image_root: s
         if not path.exists() and "{" not in text:
             raise FileNotFoundError(f"{source}: no such file or folder (expected an image folder, a .csv/.tsv/.jsonl "
                                     "listing, or WebDataset shards)")
-    urls = _shard_urls(text)
-    description = text if text.startswith(_REMOTE_PREFIXES) else str(Path(text).expanduser().resolve()) \
-        if path.exists() else text
-    return ShardSource(description, urls, caption_keys)
+    remote = text.startswith(_REMOTE_PREFIXES)
+    description = str(path.resolve()) if not remote and path.exists() else text  # a pattern stays a pattern
+    return ShardSource(description, _shard_urls(text), caption_keys)
