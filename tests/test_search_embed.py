@@ -269,6 +269,8 @@ def test_two_ranks_write_the_rows_of_one_process(tmp_path, demo_images, checkpoi
     one, two = _collection(tmp_path / "one"), _collection(tmp_path / "two")
     assert two["manifest"]["complete"] and two["manifest"]["count"] == 30
     assert two["metadata"] == one["metadata"] and two["manifest"] == one["manifest"]
+    markers = [json.loads((tmp_path / "two" / ".clipforge" / f"part_{n}.json").read_text()) for n in range(8)]
+    assert [marker["rank"] for marker in markers] == [0, 1] * 4  # each part embedded once, by rank part % 2
     np.testing.assert_array_equal(two["image"], one["image"])
     np.testing.assert_array_equal(two["text"], one["text"])
 

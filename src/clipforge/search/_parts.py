@@ -96,8 +96,9 @@ def metadata_table(rows: list[dict], multi_caption: bool):
 
 
 def write_part(out: Path, part: int, embeddings: dict[str, np.ndarray], rows: list[dict],
-               skipped: list[dict], multi_caption: bool) -> None:
-    """Write part ``part`` (each modality's ``(rows, dim)`` float16, the metadata), then its marker."""
+               skipped: list[dict], multi_caption: bool, rank: int = 0) -> None:
+    """Write part ``part`` (each modality's ``(rows, dim)`` float16, the metadata), then its marker,
+    which also records the torchrun ``rank`` that wrote it."""
     pa = require_pyarrow()
     for modality, array in embeddings.items():
         buffer = io.BytesIO()
@@ -106,7 +107,7 @@ def write_part(out: Path, part: int, embeddings: dict[str, np.ndarray], rows: li
     sink = pa.BufferOutputStream()
     pa.parquet.write_table(metadata_table(rows, multi_caption), sink)
     write_atomic(metadata_path(out, part), sink.getvalue().to_pybytes())
-    write_json(marker_path(out, part), {"part": part, "rows": len(rows), "skipped": skipped})
+    write_json(marker_path(out, part), {"part": part, "rows": len(rows), "skipped": skipped, "rank": rank})
 
 
 def read_marker(out: Path, part: int) -> dict | None:

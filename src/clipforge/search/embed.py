@@ -268,4 +268,4 @@ def _write(out: Path, part: int, batches: list[dict], collection: Source, modali
         embeddings[modality] = np.concatenate(arrays) if arrays else np.zeros((0, dim), np.float16)
     multi = collection.multi_caption if isinstance(collection, FileSource) else \
         any(len(row["captions"]) > 1 for row in rows)
-    _parts.write_part(out, part, embeddings, rows, skipped, multi)
+    _parts.write_part(out, part, embeddings, rows, skipped, multi, rank=rank_and_world()[0])
