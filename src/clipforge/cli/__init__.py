@@ -14,7 +14,7 @@ from .._version import __version__
 from ..files import DiskFullError
 
 # One module per command group, in the order ``clipforge --help`` lists them.
-COMMANDS = ["models", "convert", "shards", "classify", "eval", "overlap", "train", "demo", "serve"]
+COMMANDS = ["models", "convert", "shards", "classify", "eval", "overlap", "train", "embed", "index", "serve", "demo"]
 
 
 class CliError(Exception):

@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from . import CliError
-from .eval import add_model_arguments
+from ._common import add_model_arguments
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -46,7 +46,7 @@ def build_app(args: argparse.Namespace):
     from ..search._guard import LOOPBACK_HOSTS
     from ..search.collection import load_collections
     from ..search.service import create_app
-    from .eval import load_model_arg
+    from ._common import load_model_arg
 
     if not 1 <= args.port <= 65535:
         raise CliError(f"--port must be 1..65535, got {args.port}")
