@@ -95,7 +95,7 @@ def test_demo_writes_every_report_file(finished: demo.DemoResult):
     assert len(per_class) == 10
     for png in ("curves.png", "predictions.png", "zeroshot/per_class_accuracy.png"):
         assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert set(on_disk["seconds"]) == {"prepare", "calibrate", "train", "evaluate", "total"}
+    assert set(on_disk["seconds"]) == {"prepare", "calibrate", "train", "evaluate", "search_index", "total"}
 
 
 def test_training_loss_fell(finished: demo.DemoResult):
@@ -199,3 +199,35 @@ def test_pick_threads_picks_the_measured_faster_count_and_restores_the_setting(m
     before = torch.get_num_threads()
     assert demo.pick_threads("tiny-vit", 8, candidates=(2, 1)) == faster
     assert torch.get_num_threads() == before
+
+
+def test_demo_collections_are_embedded_indexed_and_searchable(finished: demo.DemoResult):
+    """The demo's last step: its held-out and Fluent images in collections that clipforge serve answers."""
+    import base64
+
+    pytest.importorskip("faiss")
+    httpx = pytest.importorskip("httpx")
+    from clipforge.search._batcher import QueryEncoder
+    from clipforge.search._guard import LOOPBACK_HOSTS
+    from clipforge.search.collection import load_collections
+    from clipforge.search.service import create_app
+
+    from _search_fixtures import LiveServer
+
+    search = finished.results["search"]
+    assert search["serve"].startswith("clipforge serve ") and len(search["collections"]) == 2
+    heldout = json.loads((Path(search["collections"][0]) / "manifest.json").read_text())
+    assert heldout["count"] == finished.results["retrieval"]["texts"] and not heldout["skipped"]  # a row per pair
+    model, preprocess = clipforge.load(finished.checkpoint)
+    server = LiveServer(create_app(load_collections(search["collections"]), QueryEncoder(model, "cpu", "fp32"),
+                                   preprocess, allowed_hosts=LOOPBACK_HOSTS))
+    try:
+        image = sorted(finished.dataset.eval_dir.glob("*/*.png"))[3]
+        body = {"image": base64.b64encode(image.read_bytes()).decode(), "modality": "image",
+                "indice_name": "fluent3d", "num_images": 5}
+        results = httpx.post(f"{server.url}/knn-service", json=body, timeout=60).json()
+        assert Path(results[0]["image_path"]) == image and results[0]["similarity"] > 0.99
+        texts = httpx.get(f"{server.url}/search", params={"q": "a cat", "k": 5, "collection": "heldout"}, timeout=60)
+        assert texts.status_code == 200
+    finally:
+        server.stop()

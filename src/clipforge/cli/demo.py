@@ -37,6 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="torch CPU threads (default auto: all cores, or one when that trains faster on a busy machine)")
     parser.add_argument("--steps", type=int, metavar="N", help="train exactly N steps instead of a time budget")
     parser.add_argument("--quick", action="store_true", help="a small data slice and 40 short steps")
+    parser.add_argument("--serve", action="store_true",
+                        help="after the demo, serve its search collections at http://127.0.0.1:1234 (Ctrl-C stops)")
     parser.add_argument("--prepare-only", action="store_true",
                         help="install the data sources and build the dataset, then stop (no training)")
     parser.set_defaults(func=run)
@@ -71,6 +73,16 @@ def run(args: argparse.Namespace) -> int:
     print(format_results(result.results))
     print(f"\nwrote {result.run_dir}/: results.json, curves.png, predictions.png, zeroshot/, retrieval.json, "
           f"model/ (clipforge.load('{result.checkpoint}'))")
+    search = result.results.get("search") or {}
+    if search:
+        print(f"search: {search['serve']}")
+    if args.serve:
+        if not search:
+            raise CliError("--serve needs the search collections: pip install 'clipforge[search]' and run again")
+        from . import build_parser
+
+        serve_args = build_parser().parse_args(["serve", *search["collections"], "--model", str(result.checkpoint)])
+        return serve_args.func(serve_args)
     return 0
 
 

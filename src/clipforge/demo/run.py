@@ -39,6 +39,7 @@ from ..runtime import log_progress as _log
 from .dataset import DemoDataConfig, DemoDataset, default_data_dir, prepare_demo_data
 from .records import with_article
 from .report import draw_prediction_grid
+from .search import index_demo_collections
 from .sources import default_cache_dir
 
 DEFAULT_MODEL = "demo-vit"
@@ -116,6 +117,8 @@ def run_demo(run_dir: str | os.PathLike = "runs/demo", minutes: float = DEFAULT_
         trained = time.perf_counter()
         _log(progress, "demo: evaluating")
         results = evaluate_demo(run_dir, dataset, device, progress)
+        evaluated = time.perf_counter()
+        results["search"] = index_demo_collections(run_dir, dataset, device, progress)
         finished = time.perf_counter()
     finally:
         torch.set_num_threads(saved_threads)
@@ -126,7 +129,8 @@ def run_demo(run_dir: str | os.PathLike = "runs/demo", minutes: float = DEFAULT_
                "data": {"dir": str(dataset.root), **dataset.counts},
                "seconds": {"prepare": round(prepared - started, 1), "calibrate": round(calibrate_seconds, 1),
                            "train": round(trained - prepared - calibrate_seconds, 1),
-                           "evaluate": round(finished - trained, 1), "total": round(finished - started, 1)}}
+                           "evaluate": round(evaluated - trained, 1), "search_index": round(finished - evaluated, 1),
+                           "total": round(finished - started, 1)}}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return DemoResult(run_dir, run_dir / "model", results, dataset)
 
