@@ -17,6 +17,7 @@ from _checkpoint_helpers import assert_same_weights, embeddings, sample_inputs, 
 OPENAI_NAMES = ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14@336px"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", OPENAI_NAMES)
 def test_infer_config_recovers_each_openai_architecture_from_shapes(name):
     with torch.device("meta"):
@@ -33,6 +34,7 @@ def test_infer_config_takes_head_counts_from_a_preset_with_the_same_shapes(name)
     assert by_rule.text.heads == 1  # width 64 // 64: what OpenAI's rule alone would say
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn"])
 def test_save_then_load_gives_identical_tensors_config_and_embeddings(tmp_path, name):
     model = tiny_model(name)

@@ -27,6 +27,7 @@ def run_module(*args: str) -> subprocess.CompletedProcess:
                           env=ENV, timeout=120)
 
 
+@pytest.mark.slow
 def test_python_dash_m_clipforge_is_the_command_and_has_a_version_flag():
     done = run_module("--version")  # one process: starting Python with torch costs seconds here
     assert done.returncode == 0 and done.stdout.strip() == f"clipforge {clipforge.__version__}"

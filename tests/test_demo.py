@@ -23,6 +23,8 @@ from clipforge.demo.sources import DemoSourceError
 from clipforge.train import loop
 from clipforge.train.resume import list_checkpoints
 
+pytestmark = pytest.mark.slow  # trains, spawns processes or serves: left out of -m 'not slow'
+
 SLICE = DemoDataConfig(max_per_source=30, openclipart_max=30, eval_classes=10, heldout_fraction=0.2)
 STEPS, BATCH = 20, 16
 

@@ -144,6 +144,7 @@ def imagenet_r(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_imagenet_r_masking_equals_zero_shot_over_the_200_names_alone(imagenet_r, tiny_model, cache):
     data = load_classification_data(imagenet_r, dataset="imagenet-r")
     assert len(data.classes) == 200 and data.classes[0] == "goldfish"

@@ -20,6 +20,8 @@ from clipforge.evaluate._suite_tasks import imagenet_o_aupr
 from _eval_helpers import make_color_folder
 from _protocol_layouts import demo_images, make_class_folders, make_objectnet, make_wds, wnid_table
 
+pytestmark = pytest.mark.slow  # trains, spawns processes or serves: left out of -m 'not slow'
+
 TEMPLATE = "a photo of a {}."
 SCHEMA = {"dataset", "model", "pretrained", "task", "metrics", "language"}
 

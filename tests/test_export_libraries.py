@@ -20,6 +20,8 @@ import clipforge
 from clipforge import ClipConfig
 from clipforge.cli import main
 
+pytestmark = pytest.mark.slow  # trains, spawns processes or serves: left out of -m 'not slow'
+
 FIXTURE = Path(__file__).parent / "fixtures" / "openai_build_model" / "openai_build_model_io.safetensors"
 TOLERANCE = 1e-5
 LABELS = ["a red circle", "a blue square", "a green triangle"]

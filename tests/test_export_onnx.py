@@ -18,6 +18,8 @@ from clipforge.export.session import MissingOnnxError  # noqa: E402
 from _checkpoint_helpers import sample_inputs, tiny_model  # noqa: E402
 from _onnx_helpers import trained_demo_model  # noqa: E402
 
+pytestmark = pytest.mark.slow  # trains, spawns processes or serves: left out of -m 'not slow'
+
 PARITY = 1e-4  # max abs difference of fp32 embeddings, ONNX Runtime vs PyTorch
 
 

@@ -16,6 +16,8 @@ from clipforge.cli import main  # noqa: E402
 from _eval_helpers import make_color_folder, write_tinted_image  # noqa: E402
 from _onnx_helpers import trained_demo_model  # noqa: E402
 
+pytestmark = pytest.mark.slow  # trains, spawns processes or serves: left out of -m 'not slow'
+
 CLASSES = {"red": ["red"] * 3, "green": ["green"] * 3, "blue": ["blue"] * 3}
 
 

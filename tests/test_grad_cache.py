@@ -9,6 +9,8 @@ import clipforge
 from clipforge.loss import contrastive_loss, sigmoid_loss
 from clipforge.train.grad_cache import contrastive_step
 
+pytestmark = pytest.mark.slow  # full training steps and traced models: left out of -m 'not slow'
+
 SOT, EOT = 49406, 49407
 
 

@@ -108,6 +108,7 @@ def test_hf_folder_for_another_model_type_is_a_clear_error(tmp_path):
         checkpoints.load_model(tmp_path)
 
 
+@pytest.mark.slow
 def test_transformers_loads_export_hf_with_the_same_embeddings(tmp_path):
     """Live check against transformers; skipped where it is not installed (the main venv)."""
     transformers = pytest.importorskip("transformers")

@@ -70,6 +70,7 @@ def _is_module(name: str) -> bool:
     return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
 
 
+@pytest.mark.slow
 def test_every_module_imports_alone():
     """Each module is imported with no other clipforge module loaded first (a fresh import each time)."""
     script = (

@@ -13,6 +13,8 @@ from clipforge.runtime import cache_root, resolve_device
 
 from _train_data import make_shapes
 
+pytestmark = pytest.mark.slow  # trains, spawns processes or serves: left out of -m 'not slow'
+
 
 def _mode(path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)

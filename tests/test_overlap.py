@@ -13,6 +13,8 @@ from clipforge.evaluate.overlap import nearest_neighbours, split_accuracy
 
 from _protocol_layouts import demo_images
 
+pytestmark = pytest.mark.slow  # trains, spawns processes or serves: left out of -m 'not slow'
+
 
 @pytest.fixture(scope="module")
 def overlap_case(tmp_path_factory):

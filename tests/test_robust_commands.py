@@ -224,6 +224,7 @@ def test_linear_probe_with_one_image_per_class_explains_c_and_names_the_classes(
     assert "class 'cat' has 1 training images, fewer than --few-shot 2" in _error(capsys, "eval")
 
 
+@pytest.mark.slow
 def test_classify_into_a_closed_pipe_is_quiet(shapes, model_dir):
     images = sorted(str(p) for p in (shapes.parent / "images").iterdir())
     command = (f"{sys.executable} -m clipforge.cli classify {' '.join(images * 100)} --labels red,blue --json "

@@ -45,6 +45,7 @@ def test_eval_from_a_path_is_exact_unless_drafted_and_close_when_drafted(key):
         assert (from_path - expected).abs().max().item() <= DRAFT_TOLERANCE
 
 
+@pytest.mark.slow
 def test_big_jpeg_is_decoded_at_reduced_scale_with_the_same_framing(tmp_path):
     path = photo(tmp_path / "big.jpg", 4000, 3000)
     decoded, full_size = _decode(path, False, DRAFT_MIN_SIDE * 224)

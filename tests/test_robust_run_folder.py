@@ -18,6 +18,8 @@ from clipforge.train.log import read_metrics
 
 from _train_data import make_shapes
 
+pytestmark = pytest.mark.slow  # trains, spawns processes or serves: left out of -m 'not slow'
+
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 

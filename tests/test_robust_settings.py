@@ -77,6 +77,7 @@ def _finite(checkpoint: Path) -> bool:
                if t.is_floating_point())
 
 
+@pytest.mark.slow
 def test_divergence_saves_nothing_while_skipping_and_names_no_checkpoint_as_good(shapes, tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert _diverge(shapes, run_dir, "1e30") == 2

@@ -23,6 +23,8 @@ import clipforge
 from clipforge.cli import main
 from clipforge.runtime import cache_root
 
+pytestmark = pytest.mark.slow  # trains, spawns processes or serves: left out of -m 'not slow'
+
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 

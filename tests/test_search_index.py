@@ -16,6 +16,8 @@ from clipforge.cli import main
 from clipforge.search import choose_factory, parse_memory
 from clipforge.search._factory import ivf_lists
 
+pytestmark = pytest.mark.slow  # trains, spawns processes or serves: left out of -m 'not slow'
+
 faiss = pytest.importorskip("faiss")
 pytest.importorskip("pyarrow")
 

@@ -14,6 +14,8 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright missing
 
 from _search_fixtures import build_search_fixture, start_server  # noqa: E402
 
+pytestmark = pytest.mark.slow  # trains, spawns processes or serves: left out of -m 'not slow'
+
 CHROMIUM = os.environ.get("CLIPFORGE_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 SCREENSHOT = os.environ.get("CLIPFORGE_PAGE_SCREENSHOT")  # set to a .png path to keep a screenshot

@@ -17,6 +17,8 @@ httpx = pytest.importorskip("httpx")
 from _search_fixtures import build_search_fixture  # noqa: E402
 from clipforge.cli import build_parser, main  # noqa: E402
 
+pytestmark = pytest.mark.slow  # trains, spawns processes or serves: left out of -m 'not slow'
+
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 

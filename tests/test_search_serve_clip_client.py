@@ -15,6 +15,8 @@ pytest.importorskip("requests")
 
 from _search_fixtures import build_search_fixture, start_server  # noqa: E402
 
+pytestmark = pytest.mark.slow  # trains, spawns processes or serves: left out of -m 'not slow'
+
 
 def load_clip_client():
     spec = importlib.util.find_spec("clip_retrieval")  # finds the package without importing it

@@ -15,6 +15,8 @@ httpx = pytest.importorskip("httpx")
 
 from _search_fixtures import COLORS, SHAPES, build_search_fixture, start_server  # noqa: E402
 
+pytestmark = pytest.mark.slow  # trains, spawns processes or serves: left out of -m 'not slow'
+
 CLIENTS = 32
 SECONDS = 2.0
 

@@ -20,6 +20,8 @@ from clipforge.models.layers import Attention
 
 from _checkpoint_helpers import assert_same_weights, embeddings, sample_inputs, tiny_model
 
+pytestmark = pytest.mark.slow  # full training steps and traced models: left out of -m 'not slow'
+
 # OpenAI's archives carry these sizes as tensors too; load drops them.
 OPENAI_EXTRAS = {"input_resolution": 64, "context_length": 77, "vocab_size": 49408}
 

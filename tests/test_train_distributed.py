@@ -12,7 +12,7 @@ from clipforge.train import TrainConfig, apply_overrides, train
 
 from _train_data import make_shapes
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 STEPS = 3
 

@@ -14,6 +14,8 @@ from clipforge.train.log import read_metrics
 
 from _train_data import make_shapes
 
+pytestmark = pytest.mark.slow  # trains, spawns processes or serves: left out of -m 'not slow'
+
 
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory):

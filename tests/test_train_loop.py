@@ -17,6 +17,8 @@ from clipforge.loss import Objective
 
 from _train_data import make_shapes
 
+pytestmark = pytest.mark.slow  # trains, spawns processes or serves: left out of -m 'not slow'
+
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> Path:

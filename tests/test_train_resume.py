@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -13,6 +14,8 @@ from clipforge.cli import main
 from clipforge.train.resume import list_checkpoints, load_checkpoint, save_checkpoint
 
 from _train_data import make_shapes
+
+pytestmark = pytest.mark.slow  # trains and kills processes: left out of -m 'not slow'
 
 # 24 images in batches of 8: 3 steps per epoch, so the run resumes inside the second epoch.
 STEPS, KILL_AFTER = 6, 4

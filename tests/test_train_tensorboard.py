@@ -6,6 +6,8 @@ from clipforge.train.log import read_metrics
 
 from _train_data import make_shapes
 
+pytestmark = pytest.mark.slow  # trains, spawns processes or serves: left out of -m 'not slow'
+
 
 def test_tensorboard_events_hold_the_logged_losses(tmp_path):
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
