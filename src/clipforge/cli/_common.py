@@ -102,3 +102,13 @@ def feature_cache_dir(args: argparse.Namespace) -> str | None:
             raise CliError(f"--cache-dir {args.cache_dir}: is a file; expected a folder")
         return args.cache_dir
     return str(cache_root() / "features")
+
+
+def warn_skipped(skipped: list[dict], key: str, what: str, where: str) -> int:
+    """One warning line for unreadable inputs (the first five named); exit status 1 if any, else 0."""
+    if not skipped:
+        return 0
+    shown = "; ".join(f"{entry[key]} ({entry['reason']})" for entry in skipped[:5])
+    more = f" and {len(skipped) - 5} more (see {where})" if len(skipped) > 5 else ""
+    print(f"warning: skipped {len(skipped)} unreadable {what}: {shown}{more}", file=sys.stderr)
+    return 1

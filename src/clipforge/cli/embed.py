@@ -61,10 +61,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"embedded {manifest['count']} rows ({', '.join(manifest['modalities'])}, dim {manifest['dim']}) "
           f"in {len(manifest['parts'])} parts into {args.out}")
-    skipped = manifest["skipped"]
-    if skipped:
-        shown = "; ".join(f"{entry['input']} ({entry['reason']})" for entry in skipped[:5])
-        more = f" and {len(skipped) - 5} more (see manifest.json)" if len(skipped) > 5 else ""
-        print(f"warning: skipped {len(skipped)} unreadable input(s): {shown}{more}", file=sys.stderr)
-        return 1
-    return 0
+    from ._common import warn_skipped
+
+    return warn_skipped(manifest["skipped"], "input", "input(s)", "manifest.json")

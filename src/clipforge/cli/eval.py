@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import CliError
 from ._common import (add_cache_arguments, add_model_arguments, feature_cache_dir, load_model_arg, non_negative_int,
-                      positive_int, resolve_device_arg)
+                      positive_int, resolve_device_arg, warn_skipped)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -104,13 +104,7 @@ def _finish(args: argparse.Namespace, report: dict, summary: list[str], written:
             print("wrote " + ", ".join(str(path) for path in written))
     for note in report.get("notes", []):
         print(f"note: {note}", file=sys.stderr)
-    skipped = report.get("skipped", [])
-    if skipped:
-        shown = "; ".join(f"{entry['path']} ({entry['reason']})" for entry in skipped[:5])
-        more = f" and {len(skipped) - 5} more (see the report)" if len(skipped) > 5 else ""
-        print(f"warning: skipped {len(skipped)} unreadable image(s): {shown}{more}", file=sys.stderr)
-        return 1
-    return 0
+    return warn_skipped(report.get("skipped", []), "path", "image(s)", "the report")
 
 
 def _header(args: argparse.Namespace, task: str, started: float) -> dict:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.clip import pair_logits
 from ..models.config import ClipConfig
 from .onnx import META_NAME, read_meta
 from .session import create_session, resolve_threads
@@ -86,10 +87,7 @@ class OnnxCLIP(nn.Module):
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits_per_image, logits_per_text)``: scaled cosine similarities, as ``CLIP.forward``."""
-        image_features = self.encode_image(images, normalize=True)
-        text_features = self.encode_text(tokens, normalize=True)
-        logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()  # (N_img, N_txt)
-        return logits_per_image, logits_per_image.t()
+        return pair_logits(self, images, tokens)
 
     def extra_repr(self) -> str:
         return f"folder={str(self.folder)!r}, precision={self.precision}, threads={self.threads}"

@@ -80,10 +80,7 @@ class CLIP(nn.Module):
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits_per_image, logits_per_text)``: scaled cosine similarities, as OpenAI's."""
-        image_features = self.encode_image(images, normalize=True)
-        text_features = self.encode_text(tokens, normalize=True)
-        logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()  # (N_img, N_txt)
-        return logits_per_image, logits_per_image.t()
+        return pair_logits(self, images, tokens)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute activations in the backward pass to save memory (both towers)."""
@@ -117,3 +114,12 @@ class CLIP(nn.Module):
         for name, param in self.named_parameters():
             if not name.startswith("visual.") and name != "logit_scale":
                 param.requires_grad_(False)
+
+
+def pair_logits(model, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits_per_image, logits_per_text)`` of any model with ``encode_image``, ``encode_text`` and
+    ``logit_scale``: ``exp(logit_scale)`` times the cosine similarities (the ONNX model shares it)."""
+    image_features = model.encode_image(images, normalize=True)
+    text_features = model.encode_text(tokens, normalize=True)
+    logits_per_image = model.logit_scale.exp() * image_features @ text_features.t()  # (N_img, N_txt)
+    return logits_per_image, logits_per_image.t()
