@@ -1,18 +1,14 @@
 """A run killed with SIGKILL and resumed with ``--resume latest`` ends with the uninterrupted run's weights."""
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from clipforge.cli import main
 from clipforge.train.resume import list_checkpoints, load_checkpoint, save_checkpoint
 
+from _kill_after_checkpoint import train_and_kill
 from _train_data import make_shapes
 
 pytestmark = pytest.mark.slow  # trains and kills processes: left out of -m 'not slow'
@@ -30,27 +26,13 @@ def _train_args(data: Path, run_dir: Path) -> list[str]:
     ]
 
 
-def _start_killable(args: list[str]) -> subprocess.Popen:
-    """The same command in a child process with this process's thread count (same float results)."""
-    code = ("import sys, torch; torch.set_num_threads(int(sys.argv[1])); "
-            "from clipforge.cli import main; sys.exit(main(sys.argv[2:]))")
-    return subprocess.Popen([sys.executable, "-c", code, str(torch.get_num_threads()), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
 def test_resume_after_kill_matches_uninterrupted(tmp_path):
     data = make_shapes(tmp_path / "data", 24)
     assert main(_train_args(data, tmp_path / "uninterrupted")) == 0
 
     killed = tmp_path / "killed"
-    child = _start_killable(_train_args(data, killed))
+    output = train_and_kill(_train_args(data, killed), KILL_AFTER)  # SIGKILL right after this checkpoint
     marker = killed / "checkpoints" / f"step_{KILL_AFTER:08d}"
-    deadline = time.monotonic() + 300
-    while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    child.send_signal(signal.SIGKILL)
-    output = child.communicate()[0].decode(errors="replace")
-    assert child.returncode == -signal.SIGKILL, f"the child ended before it was killed:\n{output}"
     assert marker.exists(), output
     assert not (killed / "checkpoints" / f"step_{STEPS:08d}").exists()
 
