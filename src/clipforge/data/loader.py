@@ -12,10 +12,13 @@ Typical use in a training loop::
 
 Batch b of an epoch is a pure function of (dataset, seed, epoch, rank, world_size, batch_size,
 lanes): which samples (see ``order.py``), which caption of a multi-caption sample, and the random
-augmentation (the RNGs are seeded from (seed, epoch, rank, b) around each batch). So a run resumed
-with ``start_batch=b`` yields exactly the batches b, b+1, ... of an uninterrupted run. For tar
-shards the lanes are the workers, so resume with the same ``num_workers`` (and world size and
-batch size); for caption files the order does not depend on ``num_workers``.
+augmentation (the RNGs are seeded from (seed, epoch, epoch position) before each sample, so a
+sample's crop does not depend on the rank, worker or batch it lands in). So a run resumed with
+``start_batch=b`` yields exactly the batches b, b+1, ... of an uninterrupted run. For caption
+files batches are global (``order.py``): global batch b is the same on any number of processes
+and workers, so a run may resume on another world size. For tar shards the lanes are the workers
+and the split is by rank, so exact resume needs the same ``num_workers`` and world size (see
+``remaining`` in ``order.py`` for continuing an epoch on another world size).
 
 A sample that cannot be used (unreadable, truncated or non-image file, missing caption) is dropped
 from its batch, logged with its key and counted; the batch then has fewer than ``batch_size``
@@ -85,14 +88,10 @@ class Batch:
 
 
 @contextmanager
-def _seeded_rngs(*entropy: int):
-    """Seed torch, numpy and random from ``entropy`` inside the block, restoring them after."""
-    seed_words = np.random.SeedSequence(list(entropy)).generate_state(2)
+def _private_rngs():
+    """Let the block reseed torch, numpy and random freely; their states are restored after."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed_words[0]))
-        random.seed(int(seed_words[0]))
-        np.random.seed(int(seed_words[1]))
         try:
             yield
         finally:
@@ -100,14 +99,22 @@ def _seeded_rngs(*entropy: int):
             np.random.set_state(numpy_state)
 
 
+def _seed_rngs(*entropy: int) -> None:
+    """Seed torch, numpy and random from ``entropy`` (call inside :func:`_private_rngs`)."""
+    seed_words = np.random.SeedSequence(list(entropy)).generate_state(2)
+    torch.manual_seed(int(seed_words[0]))
+    random.seed(int(seed_words[0]))
+    np.random.seed(int(seed_words[1]))
+
+
 class _BatchStream(IterableDataset):
     """Yields batch dicts start_batch.. of a plan; worker k of K takes every K-th from start+k."""
 
     def __init__(self, view, plan: EpochPlan, start_batch: int, preprocess: Callable, tokenize: Callable,
-                 seed: int, epoch: int, rank: int):
+                 seed: int, epoch: int):
         self.view, self.plan, self.start_batch = view, plan, start_batch
         self.preprocess, self.tokenize = preprocess, tokenize
-        self.seed, self.epoch, self.rank = seed, epoch, rank
+        self.seed, self.epoch = seed, epoch
 
     def __iter__(self):
         worker = get_worker_info()
@@ -123,8 +130,11 @@ class _BatchStream(IterableDataset):
     def _make_batch(self, index: int, positions: np.ndarray, raws: list) -> dict:
         """Decode, augment and tokenize one batch; bad samples go to ``skipped`` instead."""
         images, captions, keys, skipped = [], [], [], []
-        with _seeded_rngs(self.seed, self.epoch, self.rank, index):
+        with _private_rngs():
             for position, raw in zip(positions, raws):
+                # Augmentation draws depend on the sample alone, not on the rank, worker or batch:
+                # the same sample gets the same crop on any number of processes.
+                _seed_rngs(self.seed, self.epoch, int(position))
                 try:
                     image, caption = to_pair(raw, self.seed, self.epoch, int(position))
                 except BadSample as err:
@@ -166,10 +176,16 @@ class TrainLoader:
         self.skips.check(final=True)
 
 
+def plan_lanes(dataset: Dataset, num_workers: int) -> int:
+    """Lanes of the epoch plan: one per worker for shards (each reads its own run), else one."""
+    return max(1, num_workers) if dataset.sequential else 1
+
+
 def make_train_loader(dataset: Dataset, preprocess: Callable, tokenize: Callable, batch_size: int, *,
                       epoch: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                       start_batch: int = 0, drop_last: bool = True, max_skip_fraction: float = 0.01,
-                      min_seen: int = 1000, shuffle_block: int = 1024, pin_memory: bool = False) -> TrainLoader:
+                      min_seen: int = 1000, shuffle_block: int = 1024, pin_memory: bool = False,
+                      positions: np.ndarray | None = None) -> TrainLoader:
     """A loader for one epoch of ``dataset`` on one rank, starting at batch ``start_batch``.
 
     ``preprocess`` maps an RGB PIL image to a (3, H, W) tensor (``image_transform(size, train=True)``);
@@ -179,7 +195,9 @@ def make_train_loader(dataset: Dataset, preprocess: Callable, tokenize: Callable
     every sample exactly once (ranks may differ by a batch). ``shuffle_block`` (shards only) is the
     number of samples shuffled together inside a worker's run of shards, rounded to a multiple of
     batch_size; their raw bytes are held in memory. Skip-rate checks start after ``min_seen``
-    samples and run again at the end of the epoch.
+    samples and run again at the end of the epoch. ``positions`` (shards) restricts the epoch to
+    those sorted epoch positions: the rest of an epoch continued on another world size (see
+    ``order.remaining_positions``); it may hold no full batch, and the loader then yields nothing.
 
     Raises ValueError when the rank's share cannot fill one batch or ``start_batch`` is past the end.
     """
@@ -187,13 +205,14 @@ def make_train_loader(dataset: Dataset, preprocess: Callable, tokenize: Callable
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     if seed < 0 or epoch < 0:
         raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
-    lanes = max(1, num_workers) if dataset.sequential else 1
+    lanes = plan_lanes(dataset, num_workers)
     plan = EpochPlan(len(dataset), batch_size, rank=rank, world_size=world_size, lanes=lanes,
-                     block=shuffle_block if dataset.sequential else 0, drop_last=drop_last, seed=seed, epoch=epoch)
-    if plan.num_batches == 0:
+                     block=shuffle_block if dataset.sequential else 0, drop_last=drop_last, seed=seed, epoch=epoch,
+                     global_batches=not dataset.sequential, positions=positions)
+    if plan.num_batches == 0 and positions is None:
         raise ValueError(f"{dataset!r} has too few samples for one batch of {batch_size} per rank "
                          f"on {world_size} rank(s) x {lanes} lane(s); lower batch_size or num_workers")
     if not 0 <= start_batch <= plan.num_batches:
         raise ValueError(f"start_batch must be in [0, {plan.num_batches}] for this epoch, got {start_batch}")
-    stream = _BatchStream(dataset.epoch_view(epoch, seed), plan, start_batch, preprocess, tokenize, seed, epoch, rank)
+    stream = _BatchStream(dataset.epoch_view(epoch, seed), plan, start_batch, preprocess, tokenize, seed, epoch)
     return TrainLoader(stream, num_workers, pin_memory, SkipCounter(max_skip_fraction, min_seen))

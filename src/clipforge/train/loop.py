@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..data import TooManyBadSamples, make_train_loader
+from ..data import TooManyBadSamples, make_train_loader, plan_lanes, remaining_positions
 from ..distributed import all_reduce_sum, average_gradients
 from ..loss import clamp_logit_scale_
 from .resume import list_checkpoints, rng_state, save_checkpoint
@@ -28,7 +28,8 @@ from .distributed_setup import DistributedContext
 from .grad_cache import contrastive_step
 from .log import MetricsLog, plot_curves
 
-STATE_FORMAT = 1  # version of the state.pt layout written by this loop
+STATE_FORMAT = 2  # version of the state.pt layout written by this loop (2: global batches, epoch_stages)
+SHUFFLE_BLOCK = 1024  # samples shuffled together within a worker's run of shards
 
 
 class TrainingStopped(RuntimeError):
@@ -67,6 +68,9 @@ class Run:
     epoch: int = 0  # epoch of the next batch
     epoch_batch: int = 0  # index in its epoch of the next batch
     nonfinite_in_row: int = 0  # consecutive steps skipped for a non-finite loss or gradient
+    # Shards only: (world_size, lanes, batches_done) of earlier stretches of this epoch run on another
+    # world size or worker count; the rest of the epoch is planned over the samples they left.
+    epoch_stages: list[list[int]] = field(default_factory=list)
     params: list[nn.Parameter] = field(init=False)  # trainable: model's, then the objective's
     norm_buffers: list[torch.Tensor] = field(init=False)  # BatchNorm statistics, put back after a bad step
 
@@ -81,13 +85,26 @@ class Run:
 
 
 def epoch_loader(run: Run, epoch: int, start_batch: int = 0):
-    """This process's loader over ``epoch``, starting at batch ``start_batch``."""
+    """This process's loader over ``epoch``, starting at batch ``start_batch``.
+
+    When ``run.epoch_stages`` is set (a shard epoch resumed on another world size), the loader
+    covers only the samples those stages did not take.
+    """
+    positions = None
+    if run.epoch_stages and epoch == run.epoch:
+        positions = remaining_positions(len(run.dataset), run.config.batch_size, run.epoch_stages,
+                                        block=SHUFFLE_BLOCK, seed=run.config.seed, epoch=epoch)
     return make_train_loader(
         run.dataset, run.preprocess, run.tokenize, run.per_rank_batch, epoch=epoch, seed=run.config.seed,
         rank=run.context.rank, world_size=run.context.world_size, num_workers=run.config.data.workers,
         start_batch=start_batch, max_skip_fraction=run.config.data.max_skip_fraction,
-        pin_memory=run.context.device.type == "cuda",
+        pin_memory=run.context.device.type == "cuda", shuffle_block=SHUFFLE_BLOCK, positions=positions,
     )
+
+
+def data_lanes(run: Run) -> int:
+    """Lanes of this run's epoch plan (shards: one per worker; caption files: one)."""
+    return plan_lanes(run.dataset, run.config.data.workers)
 
 
 def _smallest(value: int, context: DistributedContext) -> int:
@@ -174,6 +191,8 @@ def _save(run: Run, last_path: Path | None) -> Path | None:
         "epoch_batch": run.epoch_batch,
         "epoch_offset": run.epoch_batch * run.config.batch_size,  # samples of the epoch consumed
         "world_size": run.context.world_size,
+        "lanes": data_lanes(run),
+        "epoch_stages": [list(stage) for stage in run.epoch_stages],
         "nonfinite_in_row": run.nonfinite_in_row,
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
@@ -268,7 +287,7 @@ def run_loop(run: Run) -> TrainResult:
         while run.step < run.total_steps:
             batch, rows = _next_batch(run, batches)
             if batch is None:  # epoch done: the next one has its own order and augmentation
-                run.epoch, run.epoch_batch = run.epoch + 1, 0
+                run.epoch, run.epoch_batch, run.epoch_stages = run.epoch + 1, 0, []
                 batches = iter(epoch_loader(run, run.epoch))
                 continue
             progress.skipped_samples += len(batch.skipped)

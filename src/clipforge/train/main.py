@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoints import load_model
-from ..data import open_dataset
+from ..data import open_dataset, plan_lanes
 from ..loss import SIGLIP_INIT_LOGIT_SCALE, Objective
 from ..models import CLIP, get_config
 from ..runtime import autocast_dtype
@@ -54,7 +54,7 @@ from ..transforms import image_transform
 from .resume import read_training_state, resolve_resume, set_rng_state
 from .config import TrainConfig, validate
 from .distributed_setup import DistributedContext, cleanup_distributed, init_distributed, read_environment
-from .loop import Run, TrainingStopped, TrainResult, epoch_loader, run_loop
+from .loop import Run, TrainingStopped, TrainResult, data_lanes, epoch_loader, run_loop
 from .optim import build_optimizer, build_scheduler
 
 CONFIG_FILE = "train_config.json"  # the resolved config, saved in the run folder
@@ -173,12 +173,9 @@ def _restore(run: Run, checkpoint: Path) -> None:
     now = run.config
     checks = [
         ("batch_size", saved.batch_size, now.batch_size),
-        ("number of processes", state["world_size"], run.context.world_size),
         ("data.train", saved.data.train, now.data.train),
         ("seed", saved.seed, now.seed),
     ]
-    if run.dataset.sequential:  # shards are split into one lane per worker: the order depends on the count
-        checks.append(("data.workers", saved.data.workers, now.data.workers))
     for name, before, after in checks:
         if before != after:
             raise ValueError(f"cannot resume {checkpoint}: its {name} was {before!r}, now {after!r}; "
@@ -189,6 +186,14 @@ def _restore(run: Run, checkpoint: Path) -> None:
         run.scaler.load_state_dict(state["scaler"])
     run.objective.load_state_dict(state["objective"])
     run.step, run.epoch, run.epoch_batch = state["step"], state["epoch"], state["epoch_batch"]
+    # Caption files: global batch b is the same on any world size, so epoch_batch carries over.
+    # Shards: the split depends on the world size and workers; on other values, the rest of the
+    # epoch is planned over the samples not yet taken (none repeated or skipped, order differs).
+    run.epoch_stages = [list(stage) for stage in state.get("epoch_stages", [])]
+    saved_lanes = state.get("lanes", plan_lanes(run.dataset, saved.data.workers))
+    if run.dataset.sequential and (state["world_size"], saved_lanes) != (run.context.world_size, data_lanes(run)):
+        run.epoch_stages.append([state["world_size"], saved_lanes, run.epoch_batch])
+        run.epoch_batch = 0
     run.nonfinite_in_row = state["nonfinite_in_row"]
     rng = state["rng"]
     set_rng_state(rng[run.context.rank] if len(rng) == run.context.world_size else rng[0])
