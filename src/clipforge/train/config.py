@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..loss import DEFAULT_TILE_SIZE
+from ..models.config import check_patch_dropout
 from ..runtime import PRECISIONS
 
 LOSSES = ("clip", "siglip")
@@ -32,6 +33,7 @@ class ModelSection:
     lock_text: bool = False  # freeze the text tower
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     compile: bool = False  # torch.compile the towers (opt-in: slow first steps, faster after)
+    patch_dropout: float = 0.0  # FLIP: share of image patch tokens dropped per image while training (ViT only)
 
 
 @dataclass
@@ -204,6 +206,7 @@ def validate(config: TrainConfig, world_size: int = 1, device_type: str = "cpu")
         raise ValueError(f"epochs must be >= 1 (or set steps), got {config.epochs}")
     if config.steps is not None and config.steps < 1:
         raise ValueError(f"steps must be >= 1, got {config.steps}")
+    check_patch_dropout(config.model.patch_dropout)  # the ResNet refusal comes when the model is built
     if config.model.lock_image and config.model.lock_text:
         raise ValueError("model.lock_image and model.lock_text are both set: nothing would train")
     optim = config.optim

@@ -48,6 +48,7 @@ from ..checkpoints import load_model
 from ..data import open_dataset, plan_lanes
 from ..loss import SIGLIP_INIT_LOGIT_SCALE, Objective
 from ..models import CLIP, get_config
+from ..models.config import check_patch_dropout
 from ..runtime import autocast_dtype
 from ..tokenizer import tokenize
 from ..transforms import image_transform
@@ -70,8 +71,8 @@ def train(config: TrainConfig) -> TrainResult:
     """
     context = read_environment(config.device)
     validate(config, context.world_size, context.device.type)
-    if config.model.init_checkpoint is None:
-        get_config(config.model.name)  # unknown model: fail now, naming the known ones
+    if config.model.init_checkpoint is None:  # unknown model, or patch dropout on a ResNet: fail now
+        check_patch_dropout(config.model.patch_dropout, get_config(config.model.name).vision.is_resnet)
     if config.run.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ValueError("run.tensorboard is set but the tensorboard package is missing: pip install tensorboard")
     dataset = open_dataset(config.data.train, image_root=config.data.image_root,
@@ -108,7 +109,7 @@ def build_model(config: TrainConfig, device: torch.device, resume: Path | None =
 
     When resuming, the weights come from the checkpoint ``resume`` alone (read by
     :func:`clipforge.load_model`), never from the initial weights first. Applies gradient
-    checkpointing and tower locking; the model is fp32 (autocast handles bf16 and fp16) and in
+    checkpointing, patch dropout and tower locking; the model is fp32 (autocast handles bf16 and fp16) and in
     training mode, except for a locked image tower, which stays in eval mode.
     """
     section = config.model
@@ -122,6 +123,7 @@ def build_model(config: TrainConfig, device: torch.device, resume: Path | None =
             with torch.no_grad():
                 model.logit_scale.fill_(SIGLIP_INIT_LOGIT_SCALE)
     model = model.float()
+    model.set_patch_dropout(section.patch_dropout)  # ViT only; a ResNet refuses a non-zero share
     if section.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if section.lock_image:
