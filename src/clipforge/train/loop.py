@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..data import TooManyBadSamples, make_train_loader, plan_lanes, remaining_positions
-from ..distributed import all_reduce_sum, average_gradients
+from ..distributed import OverlappedGradientAverager, all_reduce_sum, average_gradients
 from ..loss import clamp_logit_scale_
 from .resume import list_checkpoints, rng_state, save_checkpoint
 from .config import TrainConfig
@@ -73,9 +73,11 @@ class Run:
     epoch_stages: list[list[int]] = field(default_factory=list)
     params: list[nn.Parameter] = field(init=False)  # trainable: model's, then the objective's
     norm_buffers: list[torch.Tensor] = field(init=False)  # BatchNorm statistics, put back after a bad step
+    grad_sync: OverlappedGradientAverager | None = field(init=False)  # several processes: all-reduce in backward
 
     def __post_init__(self):
         self.params = [p for m in (self.model, self.objective) for p in m.parameters() if p.requires_grad]
+        self.grad_sync = OverlappedGradientAverager(self.params) if self.context.world_size > 1 else None
         self.norm_buffers = [b for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                              for b in m.buffers() if b.is_floating_point()]
 
@@ -146,12 +148,21 @@ def _optimizer_step(run: Run, images: torch.Tensor, tokens: torch.Tensor) -> tup
     """One contrastive step; returns (loss, gradient norm, whether it was skipped as non-finite)."""
     model, objective, optimizer, scaler = run.model, run.objective, run.optimizer, run.scaler
     saved_norm_stats = [b.clone() for b in run.norm_buffers]
+    # One backward (no chunks): gradients are all-reduced in buckets while backward runs. Chunks
+    # accumulate several backwards per parameter, so they are averaged once at the end.
+    chunk_size = run.config.chunk_size
+    overlap = run.grad_sync is not None and (chunk_size is None or chunk_size >= images.shape[0])
+    if run.grad_sync is not None:
+        run.grad_sync.active = overlap
     loss, _ = contrastive_step(
         model, images, tokens, lambda image, text: objective(image, text, model.logit_scale),
-        run.config.chunk_size, autocast_dtype=run.autocast_dtype,
+        chunk_size, autocast_dtype=run.autocast_dtype,
         scale_loss=scaler.scale if scaler.is_enabled() else None,
     )
-    average_gradients(run.params)  # every process now holds the gradient of the global batch
+    if overlap:
+        run.grad_sync.finish()  # every process now holds the gradient of the global batch
+    else:
+        average_gradients(run.params)
     if scaler.is_enabled():
         scaler.unscale_(optimizer)
     clip = run.config.optim.grad_clip_norm
