@@ -111,10 +111,10 @@ class _BatchStream(IterableDataset):
     """Yields batch dicts start_batch.. of a plan; worker k of K takes every K-th from start+k."""
 
     def __init__(self, view, plan: EpochPlan, start_batch: int, preprocess: Callable, tokenize: Callable,
-                 seed: int, epoch: int):
+                 seed: int, epoch: int, draft_size: int | None = None):
         self.view, self.plan, self.start_batch = view, plan, start_batch
         self.preprocess, self.tokenize = preprocess, tokenize
-        self.seed, self.epoch = seed, epoch
+        self.seed, self.epoch, self.draft_size = seed, epoch, draft_size
 
     def __iter__(self):
         worker = get_worker_info()
@@ -136,7 +136,7 @@ class _BatchStream(IterableDataset):
                 # the same sample gets the same crop on any number of processes.
                 _seed_rngs(self.seed, self.epoch, int(position))
                 try:
-                    image, caption = to_pair(raw, self.seed, self.epoch, int(position))
+                    image, caption = to_pair(raw, self.seed, self.epoch, int(position), self.draft_size)
                 except BadSample as err:
                     skipped.append((raw.key, str(err)))
                     continue
@@ -185,7 +185,7 @@ def make_train_loader(dataset: Dataset, preprocess: Callable, tokenize: Callable
                       epoch: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                       start_batch: int = 0, drop_last: bool = True, max_skip_fraction: float = 0.01,
                       min_seen: int = 1000, shuffle_block: int = 1024, pin_memory: bool = False,
-                      positions: np.ndarray | None = None) -> TrainLoader:
+                      positions: np.ndarray | None = None, draft_size: int | None = None) -> TrainLoader:
     """A loader for one epoch of ``dataset`` on one rank, starting at batch ``start_batch``.
 
     ``preprocess`` maps an RGB PIL image to a (3, H, W) tensor (``image_transform(size, train=True)``);
@@ -198,6 +198,8 @@ def make_train_loader(dataset: Dataset, preprocess: Callable, tokenize: Callable
     samples and run again at the end of the epoch. ``positions`` (shards) restricts the epoch to
     those sorted epoch positions: the rest of an epoch continued on another world size (see
     ``order.remaining_positions``); it may hold no full batch, and the loader then yields nothing.
+    ``draft_size``: JPEGs at least twice that size are decoded at a reduced scale that keeps both
+    sides >= draft_size (PIL draft mode, see ``samples.decode_image``); None decodes in full.
 
     Raises ValueError when the rank's share cannot fill one batch or ``start_batch`` is past the end.
     """
@@ -214,5 +216,6 @@ def make_train_loader(dataset: Dataset, preprocess: Callable, tokenize: Callable
                          f"on {world_size} rank(s) x {lanes} lane(s); lower batch_size or num_workers")
     if not 0 <= start_batch <= plan.num_batches:
         raise ValueError(f"start_batch must be in [0, {plan.num_batches}] for this epoch, got {start_batch}")
-    stream = _BatchStream(dataset.epoch_view(epoch, seed), plan, start_batch, preprocess, tokenize, seed, epoch)
+    stream = _BatchStream(dataset.epoch_view(epoch, seed), plan, start_batch, preprocess, tokenize, seed, epoch,
+                          draft_size)
     return TrainLoader(stream, num_workers, pin_memory, SkipCounter(max_skip_fraction, min_seen))

@@ -101,7 +101,18 @@ def epoch_loader(run: Run, epoch: int, start_batch: int = 0):
         rank=run.context.rank, world_size=run.context.world_size, num_workers=run.config.data.workers,
         start_batch=start_batch, max_skip_fraction=run.config.data.max_skip_fraction,
         pin_memory=run.context.device.type == "cuda", shuffle_block=SHUFFLE_BLOCK, positions=positions,
+        draft_size=draft_size(run.model.config.vision.image_size, run.config.data.crop_scale[0]),
     )
+
+
+def draft_size(image_size: int, min_crop_area: float) -> int:
+    """Smallest decoded side that keeps every random crop at or above the model's input resolution.
+
+    The smallest crop covers ``min_crop_area`` of the image at aspect ratios up to 4/3, so its
+    short side is at least sqrt(min_crop_area * 3/4) of the image's; decoding JPEGs with PIL's
+    draft mode down to ``image_size`` over that never upsamples a crop that full decoding would not.
+    """
+    return math.ceil(image_size / math.sqrt(min_crop_area * 3 / 4))
 
 
 def data_lanes(run: Run) -> int:
