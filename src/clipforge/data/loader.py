@@ -28,8 +28,8 @@ batch b depend on how many bad samples came before it. When the skip rate passes
 ``max_skip_fraction``, iteration raises TooManyBadSamples.
 
 Any dataset works that has ``__len__`` (samples per epoch), ``sequential`` (True when it must be
-read in order, like tar shards) and ``epoch_view(epoch, seed)`` returning an object whose
-``read(start, stop)`` gives the RawSamples at epoch positions start..stop-1.
+read in order, like tar shards) and ``epoch_view(epoch, seed)`` returning an object whose ``len()``
+is the epoch's sample count and whose ``read(start, stop)`` gives the RawSamples at epoch positions start..stop-1.
 """
 from __future__ import annotations
 
@@ -53,20 +53,25 @@ Dataset = CaptionDataset | ShardDataset
 
 
 def open_dataset(data: str | os.PathLike | list, *, image_root: str | os.PathLike | None = None,
-                 image_key: str | None = None, caption_key: str | None = None) -> Dataset:
+                 image_key: str | None = None, caption_key: str | None = None,
+                 weights: list[float] | None = None, resampled: bool = False) -> Dataset:
     """Open training data by what ``data`` names; raises on configuration errors before any work.
 
     A ``.csv``/``.tsv``/``.jsonl`` file is a caption file (images under ``image_root``, default its
-    folder); a tar path or brace pattern (``data-{0000..0099}.tar``), a list of tar paths or a folder
-    of ``*.tar`` files are WebDataset shards.
+    folder); a tar path or brace pattern (``data-{0000..0099}.tar``, also ``http(s)://`` and
+    ``pipe:`` URLs), a list of them (several sources, mixed by ``weights`` when ``resampled``) or a
+    folder of ``*.tar`` files are WebDataset shards; ``resampled`` draws shards with replacement.
     """
+    shard_options = dict(caption_key=caption_key, weights=weights, resampled=resampled)
     if isinstance(data, (list, tuple)):
-        return ShardDataset(data, caption_key=caption_key)
+        return ShardDataset(data, **shard_options)
     text = str(data)
     if text.lower().endswith(CAPTION_FILE_SUFFIXES):
+        if resampled or weights:
+            raise ValueError(f"data.resampled and data.weights apply to tar shards, not to the caption file {text}")
         return CaptionDataset(data, image_root, image_key=image_key, caption_key=caption_key)
-    if ".tar" in text or os.path.isdir(text):
-        return ShardDataset(data, caption_key=caption_key)
+    if ".tar" in text or os.path.isdir(text) or text.startswith("pipe:"):
+        return ShardDataset(data, **shard_options)
     if not os.path.exists(text):
         raise FileNotFoundError(f"training data not found: {text}")
     raise ValueError(f"cannot tell the format of {text}: expected a .csv/.tsv/.jsonl caption file, "
@@ -208,7 +213,8 @@ def make_train_loader(dataset: Dataset, preprocess: Callable, tokenize: Callable
     if seed < 0 or epoch < 0:
         raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
     lanes = plan_lanes(dataset, num_workers)
-    plan = EpochPlan(len(dataset), batch_size, rank=rank, world_size=world_size, lanes=lanes,
+    view = dataset.epoch_view(epoch, seed)
+    plan = EpochPlan(len(view), batch_size, rank=rank, world_size=world_size, lanes=lanes,
                      block=shuffle_block if dataset.sequential else 0, drop_last=drop_last, seed=seed, epoch=epoch,
                      global_batches=not dataset.sequential, positions=positions)
     if plan.num_batches == 0 and positions is None:
@@ -216,6 +222,6 @@ def make_train_loader(dataset: Dataset, preprocess: Callable, tokenize: Callable
                          f"on {world_size} rank(s) x {lanes} lane(s); lower batch_size or num_workers")
     if not 0 <= start_batch <= plan.num_batches:
         raise ValueError(f"start_batch must be in [0, {plan.num_batches}] for this epoch, got {start_batch}")
-    stream = _BatchStream(dataset.epoch_view(epoch, seed), plan, start_batch, preprocess, tokenize, seed, epoch,
+    stream = _BatchStream(view, plan, start_batch, preprocess, tokenize, seed, epoch,
                           draft_size)
     return TrainLoader(stream, num_workers, pin_memory, SkipCounter(max_skip_fraction, min_seen))

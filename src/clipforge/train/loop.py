@@ -94,7 +94,8 @@ def epoch_loader(run: Run, epoch: int, start_batch: int = 0):
     """
     positions = None
     if run.epoch_stages and epoch == run.epoch:
-        positions = remaining_positions(len(run.dataset), run.config.batch_size, run.epoch_stages,
+        samples = len(run.dataset.epoch_view(epoch, run.config.seed))  # resampled epochs differ in length
+        positions = remaining_positions(samples, run.config.batch_size, run.epoch_stages,
                                         block=SHUFFLE_BLOCK, seed=run.config.seed, epoch=epoch)
     return make_train_loader(
         run.dataset, run.preprocess, run.tokenize, run.per_rank_batch, epoch=epoch, seed=run.config.seed,

@@ -75,8 +75,9 @@ def train(config: TrainConfig) -> TrainResult:
         check_patch_dropout(config.model.patch_dropout, get_config(config.model.name).vision.is_resnet)
     if config.run.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ValueError("run.tensorboard is set but the tensorboard package is missing: pip install tensorboard")
-    dataset = open_dataset(config.data.train, image_root=config.data.image_root,
-                           image_key=config.data.image_key, caption_key=config.data.caption_key)
+    dataset = open_dataset(list(config.data.sources) or config.data.train, image_root=config.data.image_root,
+                           image_key=config.data.image_key, caption_key=config.data.caption_key,
+                           weights=list(config.data.weights) or None, resampled=config.data.resampled)
     resume = resolve_resume(config.run.run_dir, config.run.resume) if config.run.resume else None
     joined = init_distributed(context)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
@@ -176,6 +177,9 @@ def _restore(run: Run, checkpoint: Path) -> None:
     checks = [
         ("batch_size", saved.batch_size, now.batch_size),
         ("data.train", saved.data.train, now.data.train),
+        ("data.sources", saved.data.sources, now.data.sources),
+        ("data.weights", saved.data.weights, now.data.weights),
+        ("data.resampled", saved.data.resampled, now.data.resampled),
         ("seed", saved.seed, now.seed),
     ]
     for name, before, after in checks:
