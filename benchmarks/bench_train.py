@@ -104,7 +104,7 @@ def _build(impl: str, args, device):
     if "@" in impl:
         model.set_patch_dropout(float(impl.split("@")[1]))
     model = model.to(device).train()
-    if args.channels_last and model.config.vision.is_resnet:
+    if impl.endswith("+channels_last"):
         model.visual.to(memory_format=torch.channels_last)
     objective = Objective("clip").to(device)
     optimizer = build_optimizer([model, objective], OptimSection(lr=1e-5))
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--patch-dropout", type=float, nargs="*", default=[], help="extra clipforge rows at these shares")
-    parser.add_argument("--channels-last", action="store_true", help="ResNets: clipforge's image tower in channels-last")
+    parser.add_argument("--channels-last", action="store_true", help="an extra clipforge row, image tower channels-last")
     parser.add_argument("--no-open-clip", action="store_true")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     impls = ["clipforge"] + [f"clipforge@{share}" for share in args.patch_dropout]
+    impls += ["clipforge+channels_last"] if args.channels_last else []
     impls += [] if args.no_open_clip else ["open_clip"]
     built = {impl: _build(impl, args, device) for impl in impls}
     model = built["clipforge"][1][0]
