@@ -149,6 +149,9 @@ def _build_run(config: TrainConfig, context: DistributedContext, dataset, resume
     if context.world_size > 1:  # make sure, whatever the init did on each device
         for tensor in model.state_dict().values():
             dist.broadcast(tensor, src=0)
+        # From here each process draws its own random stream (patch-dropout masks): with the shared
+        # init seed, the images in the same slot on every process would get the same mask.
+        torch.manual_seed(int(np.random.SeedSequence([config.seed, context.rank]).generate_state(1)[0]))
     if config.model.compile:
         _compile(model)
     objective = Objective(config.loss.kind, config.loss.tile_size).to(context.device)
