@@ -64,7 +64,7 @@ def _step_clipforge(model, optimizer, objective, images, tokens, autocast_dtype)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     clamp_logit_scale_(model.logit_scale)
-    return float(loss)
+    return float(loss.detach())
 
 
 def _step_open_clip(model, optimizer, loss_fn, images, tokens, autocast_dtype):
@@ -77,7 +77,7 @@ def _step_open_clip(model, optimizer, loss_fn, images, tokens, autocast_dtype):
     optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
         model.logit_scale.clamp_(0, math.log(100))
-    return float(loss)
+    return float(loss.detach())
 
 
 def _build(impl: str, args, device):
@@ -231,18 +231,20 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{args.model}, batch {args.batch}, {args.precision}, {device.type}, {args.threads} threads, "
           f"{args.rounds} rounds; load average {load}; matmul peak {peak / 1e9:.1f} GFLOP/s before, "
           f"{peak_after / 1e9:.1f} after; clipforge step {flops / 1e9:.1f} GFLOP\n")
-    print("| implementation | samples/s (median) | speed / clipforge's (median of rounds) | MFU | peak MiB |")
-    print("|---|---|---|---|---|")
+    print("| implementation | samples/s (median) | speed / clipforge's (median of rounds) | MFU |")
+    print("|---|---|---|---|")
     base = seconds["clipforge"]
     for impl in impls:
         rate = args.batch / statistics.median(seconds[impl])
         ratio = statistics.median(b / s for b, s in zip(base, seconds[impl]))  # > 1: faster than clipforge
         mfu = f"{flops * rate / args.batch / max(peak, peak_after):.1%}" if impl == "clipforge" else ""
-        memory = "" if args.no_memory else f"{_memory_child(impl, [a for a in (argv or sys.argv[1:])]):.0f}"
-        print(f"| {impl} | {rate:.2f} | {ratio:.2f}x | {mfu} | {memory} |")
+        print(f"| {impl} | {rate:.2f} | {ratio:.2f}x | {mfu} |", flush=True)
     if "open_clip" in seconds:
         speedup = statistics.median(o / c for o, c in zip(seconds["open_clip"], base))
-        print(f"\nclipforge speed-up over open_clip (median of per-round ratios): {speedup:.2f}x")
+        print(f"\nclipforge speed-up over open_clip (median of per-round ratios): {speedup:.2f}x", flush=True)
+    if not args.no_memory:
+        print("\npeak memory of two steps above the model, fresh process each (MiB): " + ", ".join(
+            f"{impl} {_memory_child(impl, list(argv or sys.argv[1:])):.0f}" for impl in impls))
 
 
 if __name__ == "__main__":
