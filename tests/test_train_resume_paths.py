@@ -1,5 +1,6 @@
 """Exact resume after SIGKILL on the paths the basic test does not take: data-loader workers,
-chunked (gradient-cached) steps and WebDataset shards, each crossing an epoch boundary."""
+chunked (gradient-cached) steps, WebDataset shards and FLIP patch dropout (whose masks draw from
+the random state a checkpoint must restore), each crossing an epoch boundary."""
 import pytest
 from safetensors.torch import load_file
 
@@ -28,7 +29,7 @@ def _worst_difference(first, second) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-@pytest.mark.parametrize("case", ["workers", "chunked", "shards"])
+@pytest.mark.parametrize("case", ["workers", "chunked", "shards", "patch_dropout"])
 def test_resume_after_kill_matches_uninterrupted(tmp_path, case):
     captions = make_shapes(tmp_path / "data", 24)
     data, extra = captions, ["--set", "data.workers=0"]
@@ -36,6 +37,8 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, case):
         extra = ["--set", "data.workers=2"]  # augmentation drawn in worker processes
     elif case == "chunked":
         extra = ["--set", "data.workers=0", "--chunk-size", "4"]
+    elif case == "patch_dropout":
+        extra = ["--set", "data.workers=0", "--set", "model.patch_dropout=0.5", "--chunk-size", "4"]
     elif case == "shards":
         data = write_shards(captions, tmp_path / "shards", max_count=6).pattern
         extra = ["--set", "data.workers=2"]

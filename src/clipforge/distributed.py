@@ -133,3 +133,79 @@ def _average_bucket(grads: list[torch.Tensor], world_size: int, group) -> None:
         for g in same:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
+
+
+class OverlappedGradientAverager:
+    """Average gradients over ranks in buckets launched *during* backward, as DDP does.
+
+    A hook on each parameter (``register_post_accumulate_grad_hook``) marks its gradient ready;
+    when every gradient of a bucket (about ``bucket_bytes``, parameters in reverse registration
+    order, which is roughly the order backward produces them) is ready, the bucket is flattened
+    and its all-reduce starts asynchronously while backward goes on with earlier layers.
+    :meth:`finish` waits for every bucket, launches those a gradient never reached (zeros, as
+    :func:`average_gradients` counts a ``None`` gradient) and writes the means back into ``.grad``.
+
+    Use it for steps with one backward per parameter (set :attr:`active` False around steps that
+    accumulate several backwards, such as gradient caching's chunks, and average those with
+    :func:`average_gradients`). Every rank must build it over the same parameters. The result is
+    the same sum-then-divide as :func:`average_gradients`, element by element.
+    """
+
+    def __init__(self, parameters: Iterable[torch.nn.Parameter], group: "dist.ProcessGroup | None" = None,
+                 bucket_bytes: int = 25 << 20):
+        self.group = group
+        self.world_size = world_info(group)[1]
+        self.active = True
+        params = [p for p in parameters if p.requires_grad]
+        self.buckets: list[list[torch.nn.Parameter]] = []
+        size = 0
+        for p in reversed(params):
+            key = (p.dtype, p.device)
+            if not self.buckets or size >= bucket_bytes or (self.buckets[-1][0].dtype, self.buckets[-1][0].device) != key:
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(p)
+            size += p.numel() * p.element_size()
+        self._bucket_of = {id(p): b for b, bucket in enumerate(self.buckets) for p in bucket}
+        self._handles = [p.register_post_accumulate_grad_hook(self._ready) for p in params]
+        self._reset()
+
+    def _reset(self) -> None:
+        self._waiting = [len(bucket) for bucket in self.buckets]  # gradients not yet ready per bucket
+        self._launched: dict[int, tuple[torch.Tensor, object]] = {}  # bucket -> (flat sum, work)
+
+    def _ready(self, param: torch.nn.Parameter) -> None:
+        if not self.active or self.world_size == 1:
+            return
+        bucket = self._bucket_of[id(param)]
+        self._waiting[bucket] -= 1
+        if self._waiting[bucket] == 0:
+            self._launch(bucket)
+
+    def _launch(self, bucket: int) -> None:
+        for p in self.buckets[bucket]:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in self.buckets[bucket]])  # (bucket elements,)
+        self._launched[bucket] = (flat, dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True))
+
+    def finish(self) -> None:
+        """Wait for every bucket and leave each ``.grad`` equal to its mean over ranks."""
+        if self.world_size == 1:
+            return
+        for bucket in range(len(self.buckets)):  # the same order on every rank
+            if bucket not in self._launched:
+                self._launch(bucket)
+        for bucket, (flat, work) in sorted(self._launched.items()):
+            work.wait()
+            flat.div_(self.world_size)
+            offset = 0
+            for p in self.buckets[bucket]:
+                p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+        self._reset()
+
+    def remove(self) -> None:
+        """Take the hooks off the parameters."""
+        for handle in self._handles:
+            handle.remove()

@@ -6,8 +6,8 @@ rank=..., world_size=..., start_batch=...)`` yields one epoch's batches on one r
 packs a folder plus caption file into shards.
 """
 from .captions import CaptionDataset
-from .loader import Batch, TrainLoader, make_train_loader, open_dataset
-from .order import EpochPlan
+from .loader import Batch, TrainLoader, make_train_loader, open_dataset, plan_lanes
+from .order import EpochPlan, remaining_positions
 from .shards import ShardsWritten, write_shards
 from .skips import SkipCounter, TooManyBadSamples
 from .webdataset import ShardDataset
@@ -23,5 +23,7 @@ __all__ = [
     "TrainLoader",
     "make_train_loader",
     "open_dataset",
+    "plan_lanes",
+    "remaining_positions",
     "write_shards",
 ]

@@ -237,6 +237,9 @@ class CaptionEpoch:
         self.dataset = dataset
         self.order = order  # (N,) row index at each epoch position
 
+    def __len__(self) -> int:
+        return len(self.order)
+
     def read(self, start: int, stop: int) -> list[RawSample]:
         """Raw samples at epoch positions start..stop-1."""
         return [self.dataset.read(int(row)) for row in self.order[start:stop]]

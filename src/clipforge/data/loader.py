@@ -12,10 +12,13 @@ Typical use in a training loop::
 
 Batch b of an epoch is a pure function of (dataset, seed, epoch, rank, world_size, batch_size,
 lanes): which samples (see ``order.py``), which caption of a multi-caption sample, and the random
-augmentation (the RNGs are seeded from (seed, epoch, rank, b) around each batch). So a run resumed
-with ``start_batch=b`` yields exactly the batches b, b+1, ... of an uninterrupted run. For tar
-shards the lanes are the workers, so resume with the same ``num_workers`` (and world size and
-batch size); for caption files the order does not depend on ``num_workers``.
+augmentation (the RNGs are seeded from (seed, epoch, epoch position) before each sample, so a
+sample's crop does not depend on the rank, worker or batch it lands in). So a run resumed with
+``start_batch=b`` yields exactly the batches b, b+1, ... of an uninterrupted run. For caption
+files batches are global (``order.py``): global batch b is the same on any number of processes
+and workers, so a run may resume on another world size. For tar shards the lanes are the workers
+and the split is by rank, so exact resume needs the same ``num_workers`` and world size (see
+``remaining`` in ``order.py`` for continuing an epoch on another world size).
 
 A sample that cannot be used (unreadable, truncated or non-image file, missing caption) is dropped
 from its batch, logged with its key and counted; the batch then has fewer than ``batch_size``
@@ -25,8 +28,8 @@ batch b depend on how many bad samples came before it. When the skip rate passes
 ``max_skip_fraction``, iteration raises TooManyBadSamples.
 
 Any dataset works that has ``__len__`` (samples per epoch), ``sequential`` (True when it must be
-read in order, like tar shards) and ``epoch_view(epoch, seed)`` returning an object whose
-``read(start, stop)`` gives the RawSamples at epoch positions start..stop-1.
+read in order, like tar shards) and ``epoch_view(epoch, seed)`` returning an object whose ``len()``
+is the epoch's sample count and whose ``read(start, stop)`` gives the RawSamples at epoch positions start..stop-1.
 """
 from __future__ import annotations
 
@@ -50,20 +53,25 @@ Dataset = CaptionDataset | ShardDataset
 
 
 def open_dataset(data: str | os.PathLike | list, *, image_root: str | os.PathLike | None = None,
-                 image_key: str | None = None, caption_key: str | None = None) -> Dataset:
+                 image_key: str | None = None, caption_key: str | None = None,
+                 weights: list[float] | None = None, resampled: bool = False) -> Dataset:
     """Open training data by what ``data`` names; raises on configuration errors before any work.
 
     A ``.csv``/``.tsv``/``.jsonl`` file is a caption file (images under ``image_root``, default its
-    folder); a tar path or brace pattern (``data-{0000..0099}.tar``), a list of tar paths or a folder
-    of ``*.tar`` files are WebDataset shards.
+    folder); a tar path or brace pattern (``data-{0000..0099}.tar``, also ``http(s)://`` and
+    ``pipe:`` URLs), a list of them (several sources, mixed by ``weights`` when ``resampled``) or a
+    folder of ``*.tar`` files are WebDataset shards; ``resampled`` draws shards with replacement.
     """
+    shard_options = dict(caption_key=caption_key, weights=weights, resampled=resampled)
     if isinstance(data, (list, tuple)):
-        return ShardDataset(data, caption_key=caption_key)
+        return ShardDataset(data, **shard_options)
     text = str(data)
     if text.lower().endswith(CAPTION_FILE_SUFFIXES):
+        if resampled or weights:
+            raise ValueError(f"data.resampled and data.weights apply to tar shards, not to the caption file {text}")
         return CaptionDataset(data, image_root, image_key=image_key, caption_key=caption_key)
-    if ".tar" in text or os.path.isdir(text):
-        return ShardDataset(data, caption_key=caption_key)
+    if ".tar" in text or os.path.isdir(text) or text.startswith("pipe:"):
+        return ShardDataset(data, **shard_options)
     if not os.path.exists(text):
         raise FileNotFoundError(f"training data not found: {text}")
     raise ValueError(f"cannot tell the format of {text}: expected a .csv/.tsv/.jsonl caption file, "
@@ -85,14 +93,10 @@ class Batch:
 
 
 @contextmanager
-def _seeded_rngs(*entropy: int):
-    """Seed torch, numpy and random from ``entropy`` inside the block, restoring them after."""
-    seed_words = np.random.SeedSequence(list(entropy)).generate_state(2)
+def _private_rngs():
+    """Let the block reseed torch, numpy and random freely; their states are restored after."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed_words[0]))
-        random.seed(int(seed_words[0]))
-        np.random.seed(int(seed_words[1]))
         try:
             yield
         finally:
@@ -100,14 +104,22 @@ def _seeded_rngs(*entropy: int):
             np.random.set_state(numpy_state)
 
 
+def _seed_rngs(*entropy: int) -> None:
+    """Seed torch, numpy and random from ``entropy`` (call inside :func:`_private_rngs`)."""
+    seed_words = np.random.SeedSequence(list(entropy)).generate_state(2)
+    torch.manual_seed(int(seed_words[0]))
+    random.seed(int(seed_words[0]))
+    np.random.seed(int(seed_words[1]))
+
+
 class _BatchStream(IterableDataset):
     """Yields batch dicts start_batch.. of a plan; worker k of K takes every K-th from start+k."""
 
     def __init__(self, view, plan: EpochPlan, start_batch: int, preprocess: Callable, tokenize: Callable,
-                 seed: int, epoch: int, rank: int):
+                 seed: int, epoch: int, draft_size: int | None = None):
         self.view, self.plan, self.start_batch = view, plan, start_batch
         self.preprocess, self.tokenize = preprocess, tokenize
-        self.seed, self.epoch, self.rank = seed, epoch, rank
+        self.seed, self.epoch, self.draft_size = seed, epoch, draft_size
 
     def __iter__(self):
         worker = get_worker_info()
@@ -123,10 +135,13 @@ class _BatchStream(IterableDataset):
     def _make_batch(self, index: int, positions: np.ndarray, raws: list) -> dict:
         """Decode, augment and tokenize one batch; bad samples go to ``skipped`` instead."""
         images, captions, keys, skipped = [], [], [], []
-        with _seeded_rngs(self.seed, self.epoch, self.rank, index):
+        with _private_rngs():
             for position, raw in zip(positions, raws):
+                # Augmentation draws depend on the sample alone, not on the rank, worker or batch:
+                # the same sample gets the same crop on any number of processes.
+                _seed_rngs(self.seed, self.epoch, int(position))
                 try:
-                    image, caption = to_pair(raw, self.seed, self.epoch, int(position))
+                    image, caption = to_pair(raw, self.seed, self.epoch, int(position), self.draft_size)
                 except BadSample as err:
                     skipped.append((raw.key, str(err)))
                     continue
@@ -166,10 +181,16 @@ class TrainLoader:
         self.skips.check(final=True)
 
 
+def plan_lanes(dataset: Dataset, num_workers: int) -> int:
+    """Lanes of the epoch plan: one per worker for shards (each reads its own run), else one."""
+    return max(1, num_workers) if dataset.sequential else 1
+
+
 def make_train_loader(dataset: Dataset, preprocess: Callable, tokenize: Callable, batch_size: int, *,
                       epoch: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                       start_batch: int = 0, drop_last: bool = True, max_skip_fraction: float = 0.01,
-                      min_seen: int = 1000, shuffle_block: int = 1024, pin_memory: bool = False) -> TrainLoader:
+                      min_seen: int = 1000, shuffle_block: int = 1024, pin_memory: bool = False,
+                      positions: np.ndarray | None = None, draft_size: int | None = None) -> TrainLoader:
     """A loader for one epoch of ``dataset`` on one rank, starting at batch ``start_batch``.
 
     ``preprocess`` maps an RGB PIL image to a (3, H, W) tensor (``image_transform(size, train=True)``);
@@ -179,7 +200,11 @@ def make_train_loader(dataset: Dataset, preprocess: Callable, tokenize: Callable
     every sample exactly once (ranks may differ by a batch). ``shuffle_block`` (shards only) is the
     number of samples shuffled together inside a worker's run of shards, rounded to a multiple of
     batch_size; their raw bytes are held in memory. Skip-rate checks start after ``min_seen``
-    samples and run again at the end of the epoch.
+    samples and run again at the end of the epoch. ``positions`` (shards) restricts the epoch to
+    those sorted epoch positions: the rest of an epoch continued on another world size (see
+    ``order.remaining_positions``); it may hold no full batch, and the loader then yields nothing.
+    ``draft_size``: JPEGs at least twice that size are decoded at a reduced scale that keeps both
+    sides >= draft_size (PIL draft mode, see ``samples.decode_image``); None decodes in full.
 
     Raises ValueError when the rank's share cannot fill one batch or ``start_batch`` is past the end.
     """
@@ -187,13 +212,16 @@ def make_train_loader(dataset: Dataset, preprocess: Callable, tokenize: Callable
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     if seed < 0 or epoch < 0:
         raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
-    lanes = max(1, num_workers) if dataset.sequential else 1
-    plan = EpochPlan(len(dataset), batch_size, rank=rank, world_size=world_size, lanes=lanes,
-                     block=shuffle_block if dataset.sequential else 0, drop_last=drop_last, seed=seed, epoch=epoch)
-    if plan.num_batches == 0:
+    lanes = plan_lanes(dataset, num_workers)
+    view = dataset.epoch_view(epoch, seed)
+    plan = EpochPlan(len(view), batch_size, rank=rank, world_size=world_size, lanes=lanes,
+                     block=shuffle_block if dataset.sequential else 0, drop_last=drop_last, seed=seed, epoch=epoch,
+                     global_batches=not dataset.sequential, positions=positions)
+    if plan.num_batches == 0 and positions is None:
         raise ValueError(f"{dataset!r} has too few samples for one batch of {batch_size} per rank "
                          f"on {world_size} rank(s) x {lanes} lane(s); lower the batch size (--batch-size) or data.workers (--set data.workers=N)")
     if not 0 <= start_batch <= plan.num_batches:
         raise ValueError(f"start_batch must be in [0, {plan.num_batches}] for this epoch, got {start_batch}")
-    stream = _BatchStream(dataset.epoch_view(epoch, seed), plan, start_batch, preprocess, tokenize, seed, epoch, rank)
+    stream = _BatchStream(view, plan, start_batch, preprocess, tokenize, seed, epoch,
+                          draft_size)
     return TrainLoader(stream, num_workers, pin_memory, SkipCounter(max_skip_fraction, min_seen))

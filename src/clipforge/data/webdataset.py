@@ -9,7 +9,18 @@ The loader needs each shard's sample count to split an epoch exactly across rank
 Counts come from a ``sizes.json`` beside the shards (``{"cc3m-0000.tar": 5000, ...}``, the file
 ``clipforge shards`` and open_clip's tools write) or, for shards it does not list, from reading
 the tar headers once at start-up (no image data is read). Samples are read with the
-``webdataset`` package's tar iterators; only local files are supported.
+``webdataset`` package's tar iterators.
+
+Shards may be local paths, ``http://`` / ``https://`` URLs (streamed; ``sizes.json`` is fetched
+from beside them) or ``pipe:COMMAND`` (the command's standard output is the tar stream, as in
+webdataset, e.g. ``pipe:aws s3 cp s3://bucket/data-0001.tar -``). Remote shards without a listed
+size are streamed once at start-up to count their samples.
+
+Several sources (a list of patterns) can be mixed with ``weights``: with ``resampled=True`` each
+epoch draws its shard sequence with replacement (open_clip's ``--dataset-resampled``), a shard of
+source i with probability proportional to ``weights[i] / shards in source i``, so source i gives
+about ``weights[i] / sum(weights)`` of the samples. The draw is a function of (seed, epoch), so
+exact resume holds as for a permuted epoch.
 """
 from __future__ import annotations
 
@@ -17,7 +28,10 @@ import json
 import logging
 import os
 import re
+import subprocess
 import tarfile
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -42,33 +56,60 @@ def require_webdataset():
     return webdataset
 
 
-def expand_shards(urls: str | os.PathLike | list) -> list[str]:
-    """Shard paths from a brace pattern, a folder of ``*.tar`` files or a list of paths.
+def is_remote(url: str) -> bool:
+    """Whether ``url`` is a ``pipe:`` command or an http(s) URL rather than a local path."""
+    return url.startswith("pipe:") or url.startswith(("http://", "https://"))
 
-    Raises FileNotFoundError when the pattern matches no file or some of the files it names are
-    missing (a partly copied dataset would silently change the epoch).
-    """
-    if isinstance(urls, (list, tuple)):
-        paths = [str(u) for u in urls]
-    elif Path(urls).is_dir():
-        paths = sorted(str(p) for p in Path(urls).glob("*.tar"))
+
+def _expand_one(pattern: str) -> list[str]:
+    if not is_remote(pattern) and Path(pattern).is_dir():
+        paths = sorted(str(p) for p in Path(pattern).glob("*.tar"))
         if not paths:
-            raise FileNotFoundError(f"no .tar shards in folder {urls}")
-    else:
-        paths = require_webdataset().shardlists.expand_urls(str(urls))
-    missing = [p for p in paths if not Path(p).is_file()]
-    if len(missing) == len(paths):
-        raise FileNotFoundError(f"shard pattern {urls} matches no files (first expected: {paths[0] if paths else urls})")
+            raise FileNotFoundError(f"no .tar shards in folder {pattern}")
+        return paths
+    return require_webdataset().shardlists.expand_urls(pattern)
+
+
+def expand_shards(urls: str | os.PathLike | list) -> list[str]:
+    """Shard paths or URLs from a brace pattern, a folder of ``*.tar`` files or a list of either.
+
+    Raises FileNotFoundError when the pattern matches no file or some of the local files it names
+    are missing (a partly copied dataset would silently change the epoch).
+    """
+    patterns = [str(u) for u in urls] if isinstance(urls, (list, tuple)) else [str(urls)]
+    paths = [path for pattern in patterns for path in _expand_one(pattern)]
+    local = [p for p in paths if not is_remote(p)]
+    missing = [p for p in local if not Path(p).is_file()]
+    if local and len(missing) == len(local):
+        raise FileNotFoundError(f"shard pattern {urls} matches no files (first expected: {missing[0]})")
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(paths)} shards of {urls} are missing, e.g. {missing[0]}")
     return paths
+
+
+@contextmanager
+def open_shard(url: str):
+    """A readable binary stream of shard ``url``: a local file, an http(s) response or a pipe's output."""
+    if url.startswith("pipe:"):
+        process = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE)
+        try:
+            yield process.stdout
+        finally:
+            process.stdout.close()
+            process.wait()
+    elif url.startswith(("http://", "https://")):
+        with urllib.request.urlopen(url, timeout=60) as response:
+            yield response
+    else:
+        with open(url, "rb") as stream:
+            yield stream
 
 
 def count_samples(path: str) -> int:
     """Samples in a tar shard, counted the way webdataset groups members, from headers only."""
     base_plus_ext = require_webdataset().tariterators.base_plus_ext
     count, last_key = 0, None
-    with tarfile.open(path, "r:*") as tar:
+    with open_shard(path) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
         for member in tar:
             if not member.isreg() or _META_MEMBER.match(member.name):
                 continue
@@ -94,13 +135,32 @@ def _read_sizes(path: Path) -> dict:
     return sizes
 
 
+def _sizes_beside(url: str) -> dict:
+    """The ``sizes.json`` in the folder of ``url`` ({} when there is none or it cannot be read)."""
+    if url.startswith("pipe:"):
+        return {}
+    if url.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(url.rsplit("/", 1)[0] + "/" + SIZES_FILE, timeout=60) as response:
+                return json.loads(response.read())
+        except (OSError, ValueError):
+            return {}
+    sizes_path = Path(url).parent / SIZES_FILE
+    return _read_sizes(sizes_path) if sizes_path.is_file() else {}
+
+
+def _folder(url: str) -> str:
+    return url.rsplit("/", 1)[0] if is_remote(url) else str(Path(url).parent)
+
+
+def _name(url: str) -> str:
+    return url.rsplit("/", 1)[-1] if is_remote(url) else Path(url).name
+
+
 def shard_sizes(paths: list[str]) -> list[int]:
     """Sample count of each shard: from ``sizes.json`` beside it when listed, else counted."""
-    listed: dict[Path, dict] = {}  # folder -> its sizes.json
-    for folder in {Path(p).parent for p in paths}:
-        sizes_path = folder / SIZES_FILE
-        listed[folder] = _read_sizes(sizes_path) if sizes_path.is_file() else {}
-    known = [listed[Path(p).parent].get(Path(p).name) for p in paths]
+    listed = {_folder(p): _sizes_beside(p) for p in {_folder(p): p for p in paths}.values()}
+    known = [listed[_folder(p)].get(_name(p)) for p in paths]
     if None in known:
         logger.info("counting samples of %d shards missing from %s (tar headers only)", known.count(None), SIZES_FILE)
     return [int(n) if n is not None else count_samples(p) for p, n in zip(paths, known)]
@@ -109,7 +169,7 @@ def shard_sizes(paths: list[str]) -> list[int]:
 def _iter_samples(path: str):
     """Yield webdataset sample dicts (``__key__`` plus one entry per extension) from one shard."""
     tariterators = require_webdataset().tariterators
-    with open(path, "rb") as stream:
+    with open_shard(path) as stream:
         files = ({**f, "__url__": path} for f in tariterators.tar_file_iterator(stream))
         yield from tariterators.group_by_keys(files)
 
@@ -143,9 +203,24 @@ class ShardDataset:
 
     sequential = True  # read in order: the loader shuffles shard order and within blocks
 
-    def __init__(self, urls: str | os.PathLike | list, caption_key: str | None = None):
-        self.urls = urls
-        self.paths = expand_shards(urls)
+    def __init__(self, urls: str | os.PathLike | list, caption_key: str | None = None, *,
+                 weights: list[float] | None = None, resampled: bool = False):
+        self.urls, self.resampled = urls, resampled
+        sources = [str(u) for u in urls] if isinstance(urls, (list, tuple)) else [str(urls)]
+        per_source = [expand_shards(source) for source in sources]
+        self.paths = [path for paths in per_source for path in paths]
+        self.shard_weights = None  # resampled: probability of drawing each shard
+        if weights:
+            if len(weights) != len(sources):
+                raise ValueError(f"data.weights has {len(weights)} values for {len(sources)} sources; give one per source")
+            if not all(w >= 0 for w in weights) or not sum(weights) > 0:
+                raise ValueError(f"data.weights must be >= 0 with a positive sum, got {list(weights)}")
+            if not resampled:
+                raise ValueError("data.weights needs data.resampled=true (weighted mixing draws shards with replacement)")
+        if resampled:
+            weights = weights or [len(paths) for paths in per_source]  # unweighted: every shard alike
+            shard_weights = np.concatenate([np.full(len(paths), w / len(paths)) for w, paths in zip(weights, per_source)])
+            self.shard_weights = shard_weights / shard_weights.sum()
         self.caption_keys = (caption_key,) if caption_key else CAPTION_KEYS
         self.sizes = np.array(shard_sizes(self.paths), dtype=np.int64)
         if self.sizes.sum() == 0:
@@ -174,9 +249,12 @@ class ShardDataset:
         return f"ShardDataset({str(self.urls)!r}, {len(self.paths)} shards, {len(self)} samples)"
 
     def epoch_view(self, epoch: int, seed: int) -> "ShardEpoch":
-        """This epoch's order: shards permuted by (seed, epoch), samples in file order within each."""
-        order = np.random.default_rng([seed, epoch]).permutation(len(self.paths))
-        return ShardEpoch(self, order)
+        """This epoch's order: shards permuted by (seed, epoch), or, resampled, as many shards drawn
+        with replacement (by ``shard_weights``); samples in file order within each."""
+        rng = np.random.default_rng([seed, epoch])
+        if self.resampled:
+            return ShardEpoch(self, rng.choice(len(self.paths), size=len(self.paths), p=self.shard_weights))
+        return ShardEpoch(self, rng.permutation(len(self.paths)))
 
 
 class ShardEpoch:
@@ -190,6 +268,10 @@ class ShardEpoch:
 
     def __getstate__(self):
         return {**self.__dict__, "_reader": None}  # an open file does not travel to workers
+
+    def __len__(self) -> int:
+        """Samples in this epoch (resampled epochs differ in length)."""
+        return int(self.starts[-1])
 
     def read(self, start: int, stop: int) -> list[RawSample]:
         """Raw samples at epoch positions start..stop-1 (positions cross shard boundaries freely)."""

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ClipConfig
+from .config import ClipConfig, check_patch_dropout
 from .layers import LayerNorm, Transformer
 from .resnet import ModifiedResNet
 from .vit import VisionTransformer
@@ -87,6 +87,17 @@ class CLIP(nn.Module):
         self.transformer.grad_checkpointing = enable
         target = self.visual.transformer if hasattr(self.visual, "transformer") else self.visual
         target.grad_checkpointing = enable
+
+    def set_patch_dropout(self, share: float) -> None:
+        """FLIP patch dropout: drop ``share`` of each image's patch tokens in training mode (ViT only).
+
+        Recorded in ``config.vision.patch_dropout`` so checkpoints keep it; evaluation (``eval()``)
+        always sees every patch. Raises ValueError for a share outside [0, 1) or a ResNet tower.
+        """
+        check_patch_dropout(share, self.config.vision.is_resnet)
+        if not self.config.vision.is_resnet:
+            self.visual.set_patch_dropout(share)
+        self.config.vision.patch_dropout = float(share)
 
     def no_weight_decay(self) -> set[str]:
         """Names of parameters that get no weight decay: gains, biases, embeddings, temperature."""

@@ -11,6 +11,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def check_patch_dropout(value: float, is_resnet: bool = False) -> None:
+    """Raise ValueError unless ``value`` is a usable patch-dropout share for this image tower."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"patch_dropout must lie in [0, 1), got {value!r}")
+    if value and is_resnet:
+        raise ValueError(f"patch_dropout={value} needs a ViT image tower; a ResNet has no patch tokens to drop")
+
+
 @dataclass
 class VisionConfig:
     image_size: int = 224  # input resolution (square)
@@ -19,6 +27,12 @@ class VisionConfig:
     patch_size: int = 32  # ViT only: side of a square patch
     heads: int | None = None  # None: width // 64 (ViT) or width * 32 // 64 (ResNet), as OpenAI
     mlp_ratio: float = 4.0  # ViT only: MLP hidden = width * mlp_ratio
+    # ViT only: share of patch tokens dropped per image in training mode (FLIP, Li et al. 2023);
+    # evaluation and inference always see every patch. 0 turns it off.
+    patch_dropout: float = 0.0
+
+    def __post_init__(self):
+        check_patch_dropout(self.patch_dropout, self.is_resnet)
 
     @property
     def is_resnet(self) -> bool:

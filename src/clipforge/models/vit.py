@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import VisionConfig
+from .config import VisionConfig, check_patch_dropout
 from .layers import LayerNorm, Transformer
 
 
@@ -27,6 +27,25 @@ class VisionTransformer(nn.Module):
         self.transformer = Transformer(width, cfg.layers, cfg.num_heads, cfg.mlp_ratio, quick_gelu)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+        self.patch_dropout = cfg.patch_dropout  # share of patch tokens dropped in training mode
+
+    def set_patch_dropout(self, share: float) -> None:
+        """Drop ``share`` of the patch tokens of each image in training mode (0: keep all)."""
+        check_patch_dropout(share)
+        self.patch_dropout = float(share)
+
+    def _drop_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Keep the class token and a uniform random subset of each image's patch tokens.
+
+        Draws from torch's global generator (the device's), so a resumed run, and the two passes of
+        gradient caching, which replay the generator state, draw the same subsets.
+        """
+        patches = x[:, 1:]  # (N, P, width)
+        keep = max(1, int(patches.shape[1] * (1.0 - self.patch_dropout)))
+        scores = torch.rand(patches.shape[0], patches.shape[1], device=x.device)  # (N, P)
+        kept = scores.topk(keep, dim=1).indices.sort(dim=1).values  # (N, keep), in patch order
+        patches = patches.gather(1, kept.unsqueeze(-1).expand(-1, -1, patches.shape[2]))  # (N, keep, width)
+        return torch.cat([x[:, :1], patches], dim=1)  # (N, keep + 1, width)
 
     def init_weights(self) -> None:
         """Transformer weights as OpenAI initialises them (embeddings are set in __init__)."""
@@ -38,6 +57,8 @@ class VisionTransformer(nn.Module):
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (N, 1, width)
         x = torch.cat([cls, x], dim=1)  # (N, grid*grid + 1, width)
         x = x + self.positional_embedding.to(x.dtype)
+        if self.training and self.patch_dropout > 0:
+            x = self._drop_patches(x)  # (N, keep + 1, width)
         x = self.ln_pre(x)
         x = self.transformer(x)
         x = self.ln_post(x[:, 0, :])  # (N, width)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..loss import DEFAULT_TILE_SIZE
+from ..models.config import check_patch_dropout
 from ..runtime import PRECISIONS
 
 LOSSES = ("clip", "siglip")
@@ -33,6 +34,7 @@ class ModelSection:
     lock_text: bool = False  # freeze the text tower
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     compile: bool = False  # torch.compile the towers (opt-in: slow first steps, faster after)
+    patch_dropout: float = 0.0  # FLIP: share of image patch tokens dropped per image while training (ViT only)
 
 
 @dataclass
@@ -44,6 +46,9 @@ class DataSection:
     image_key: str | None = None  # caption-file column / JSON field of the image path (None: image, filepath, ...)
     caption_key: str | None = None  # column / JSON field of the caption (None: caption, title, text)
     max_skip_fraction: float = 0.01  # stop when more than this fraction of samples are unreadable
+    resampled: bool = False  # shards: draw each epoch's shards with replacement (endless or imbalanced streams)
+    sources: tuple[str, ...] = ()  # shards: several patterns mixed, e.g. ("a-{0000..0099}.tar", "b-{00..09}.tar"); replaces train
+    weights: tuple[float, ...] = ()  # relative share of samples from each source (needs resampled), e.g. (3, 1)
 
 
 @dataclass
@@ -152,6 +157,12 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ValueError(f"{key} must be a list, got {value!r}")
         return value
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: any length
+        if isinstance(value, str):
+            value = _split_list(value)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key} must be a list of values, got {value!r}")
+        return tuple(_coerce(v, args[0], key) for v in value)
     if origin is tuple:
         if isinstance(value, str):
             value = [v for v in value.strip("()[] ").split(",") if v.strip()]
@@ -176,6 +187,21 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
     except (TypeError, ValueError):
         raise ValueError(f"{key} must be {kind.__name__}, got {value!r}") from None
     return value
+
+
+def _split_list(text: str) -> list[str]:
+    """``"[a-{0..9}.tar, b-{x,y}.tar]"`` -> its items: commas inside braces belong to the item."""
+    text = text.strip().removeprefix("[").removesuffix("]")
+    items, depth, current = [], 0, ""
+    for char in text:
+        depth += (char == "{") - (char == "}")
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    items.append(current)
+    return [item.strip().strip("'\"") for item in items if item.strip()]
 
 
 def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
@@ -228,6 +254,7 @@ def validate(config: TrainConfig, world_size: int = 1, device_type: str = "cpu")
         raise ValueError(f"epochs must be >= 1, got {config.epochs}")
     if config.steps is not None and config.steps < 1:
         raise ValueError(f"steps must be >= 1, got {config.steps}")
+    check_patch_dropout(config.model.patch_dropout)  # the ResNet refusal comes when the model is built
     if config.model.lock_image and config.model.lock_text:
         raise ValueError("model.lock_image and model.lock_text are both set: nothing would train")
     optim = config.optim
@@ -252,7 +279,14 @@ def validate(config: TrainConfig, world_size: int = 1, device_type: str = "cpu")
         raise ValueError(f"data.max_skip_fraction must lie in [0, 1), got {config.data.max_skip_fraction}")
     if config.data.workers < 0:
         raise ValueError(f"data.workers must be >= 0, got {config.data.workers}")
-    if not config.data.train:
+    data = config.data
+    if data.sources and data.train:
+        raise ValueError("set data.train or data.sources, not both (data.sources lists every shard pattern)")
+    if data.weights and len(data.weights) != len(data.sources):
+        raise ValueError(f"data.weights has {len(data.weights)} values for {len(data.sources)} data.sources")
+    if data.weights and not data.resampled:
+        raise ValueError("data.weights needs data.resampled=true (weighted mixing draws shards with replacement)")
+    if not (config.data.train or data.sources):
         raise ValueError("no training data: set data.train (--data) to a captions file or shard pattern")
     if config.eval.every_steps < 0 or config.eval.batch_size < 1:
         raise ValueError(f"eval needs every_steps >= 0 and batch_size >= 1; got {config.eval}")

@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..data import TooManyBadSamples, make_train_loader
-from ..distributed import all_reduce_sum, average_gradients
+from ..data import TooManyBadSamples, make_train_loader, plan_lanes, remaining_positions
+from ..distributed import OverlappedGradientAverager, all_reduce_sum, average_gradients
 from ..loss import clamp_logit_scale_
 from .resume import list_checkpoints, rng_state, save_checkpoint
 from .config import TrainConfig
@@ -29,7 +29,8 @@ from .distributed_setup import DistributedContext
 from .grad_cache import contrastive_step
 from .log import MetricsLog, plot_curves
 
-STATE_FORMAT = 1  # version of the state.pt layout written by this loop
+STATE_FORMAT = 2  # version of the state.pt layout written by this loop (2: global batches, epoch_stages)
+SHUFFLE_BLOCK = 1024  # samples shuffled together within a worker's run of shards
 
 
 class TrainingStopped(RuntimeError):
@@ -69,11 +70,16 @@ class Run:
     epoch_batch: int = 0  # index in its epoch of the next batch
     nonfinite_in_row: int = 0  # consecutive steps skipped for a non-finite loss or gradient
     evaluation: Callable | None = None  # a train.evaluation.PeriodicEvaluation when the config lists eval sets
+    # Shards only: (world_size, lanes, batches_done) of earlier stretches of this epoch run on another
+    # world size or worker count; the rest of the epoch is planned over the samples they left.
+    epoch_stages: list[list[int]] = field(default_factory=list)
     params: list[nn.Parameter] = field(init=False)  # trainable: model's, then the objective's
     norm_buffers: list[torch.Tensor] = field(init=False)  # BatchNorm statistics, put back after a bad step
+    grad_sync: OverlappedGradientAverager | None = field(init=False)  # several processes: all-reduce in backward
 
     def __post_init__(self):
         self.params = [p for m in (self.model, self.objective) for p in m.parameters() if p.requires_grad]
+        self.grad_sync = OverlappedGradientAverager(self.params) if self.context.world_size > 1 else None
         self.norm_buffers = [b for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                              for b in m.buffers() if b.is_floating_point()]
 
@@ -83,13 +89,38 @@ class Run:
 
 
 def epoch_loader(run: Run, epoch: int, start_batch: int = 0):
-    """This process's loader over ``epoch``, starting at batch ``start_batch``."""
+    """This process's loader over ``epoch``, starting at batch ``start_batch``.
+
+    When ``run.epoch_stages`` is set (a shard epoch resumed on another world size), the loader
+    covers only the samples those stages did not take.
+    """
+    positions = None
+    if run.epoch_stages and epoch == run.epoch:
+        samples = len(run.dataset.epoch_view(epoch, run.config.seed))  # resampled epochs differ in length
+        positions = remaining_positions(samples, run.config.batch_size, run.epoch_stages,
+                                        block=SHUFFLE_BLOCK, seed=run.config.seed, epoch=epoch)
     return make_train_loader(
         run.dataset, run.preprocess, run.tokenize, run.per_rank_batch, epoch=epoch, seed=run.config.seed,
         rank=run.context.rank, world_size=run.context.world_size, num_workers=run.config.data.workers,
         start_batch=start_batch, max_skip_fraction=run.config.data.max_skip_fraction,
-        pin_memory=run.context.device.type == "cuda",
+        pin_memory=run.context.device.type == "cuda", shuffle_block=SHUFFLE_BLOCK, positions=positions,
+        draft_size=draft_size(run.model.config.vision.image_size, run.config.data.crop_scale[0]),
     )
+
+
+def draft_size(image_size: int, min_crop_area: float) -> int:
+    """Smallest decoded side that keeps every random crop at or above the model's input resolution.
+
+    The smallest crop covers ``min_crop_area`` of the image at aspect ratios up to 4/3, so its
+    short side is at least sqrt(min_crop_area * 3/4) of the image's; decoding JPEGs with PIL's
+    draft mode down to ``image_size`` over that never upsamples a crop that full decoding would not.
+    """
+    return math.ceil(image_size / math.sqrt(min_crop_area * 3 / 4))
+
+
+def data_lanes(run: Run) -> int:
+    """Lanes of this run's epoch plan (shards: one per worker; caption files: one)."""
+    return plan_lanes(run.dataset, run.config.data.workers)
 
 
 def _smallest(value: int, context: DistributedContext) -> int:
@@ -131,12 +162,21 @@ def _optimizer_step(run: Run, images: torch.Tensor, tokens: torch.Tensor) -> tup
     """One contrastive step; returns (loss, gradient norm, whether it was skipped as non-finite)."""
     model, objective, optimizer, scaler = run.model, run.objective, run.optimizer, run.scaler
     saved_norm_stats = [b.clone() for b in run.norm_buffers]
+    # One backward (no chunks): gradients are all-reduced in buckets while backward runs. Chunks
+    # accumulate several backwards per parameter, so they are averaged once at the end.
+    chunk_size = run.config.chunk_size
+    overlap = run.grad_sync is not None and (chunk_size is None or chunk_size >= images.shape[0])
+    if run.grad_sync is not None:
+        run.grad_sync.active = overlap
     loss, _ = contrastive_step(
         model, images, tokens, lambda image, text: objective(image, text, model.logit_scale),
-        run.config.chunk_size, autocast_dtype=run.autocast_dtype,
+        chunk_size, autocast_dtype=run.autocast_dtype,
         scale_loss=scaler.scale if scaler.is_enabled() else None,
     )
-    average_gradients(run.params)  # every process now holds the gradient of the global batch
+    if overlap:
+        run.grad_sync.finish()  # every process now holds the gradient of the global batch
+    else:
+        average_gradients(run.params)
     if scaler.is_enabled():
         scaler.unscale_(optimizer)
     clip = run.config.optim.grad_clip_norm
@@ -184,6 +224,8 @@ def _save(run: Run, last_path: Path | None) -> Path | None:
         "epoch_batch": run.epoch_batch,
         "epoch_offset": run.epoch_batch * run.config.batch_size,  # samples of the epoch consumed
         "world_size": run.context.world_size,
+        "lanes": data_lanes(run),
+        "epoch_stages": [list(stage) for stage in run.epoch_stages],
         "nonfinite_in_row": run.nonfinite_in_row,
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
@@ -314,7 +356,7 @@ def run_loop(run: Run) -> TrainResult:
         while run.step < run.total_steps:
             batch, rows = _next_batch(run, batches)
             if batch is None:  # epoch done: the next one has its own order and augmentation
-                run.epoch, run.epoch_batch = run.epoch + 1, 0
+                run.epoch, run.epoch_batch, run.epoch_stages = run.epoch + 1, 0, []
                 batches = iter(epoch_loader(run, run.epoch))
                 continue
             progress.skipped_samples += len(batch.skipped)

@@ -45,10 +45,11 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoints import load_model
+from ..data import open_dataset, plan_lanes
 from ..files import write_text_atomic
-from ..data import open_dataset
 from ..loss import SIGLIP_INIT_LOGIT_SCALE, Objective
 from ..models import CLIP, available_models, get_config
+from ..models.config import check_patch_dropout
 from ..runtime import autocast_dtype
 from ..tokenizer import tokenize
 from ..transforms import image_transform
@@ -57,7 +58,7 @@ from .run_folder import RunFolderLock, check_fresh_start, remove_leftovers, star
 from .config import TrainConfig, validate
 from .distributed_setup import DistributedContext, cleanup_distributed, init_distributed, read_environment
 from .evaluation import PeriodicEvaluation
-from .loop import Run, TrainingStopped, TrainResult, epoch_loader, run_loop
+from .loop import Run, TrainingStopped, TrainResult, data_lanes, epoch_loader, run_loop
 from .optim import build_optimizer, build_scheduler
 
 CONFIG_FILE = "train_config.json"  # the resolved config, saved in the run folder
@@ -75,12 +76,13 @@ def train(config: TrainConfig, overwrite: bool = False) -> TrainResult:
     """
     context = read_environment(config.device)
     validate(config, context.world_size, context.device.type)
-    if config.model.init_checkpoint is None:
-        get_config(config.model.name)  # unknown model: fail now, naming the known ones
+    if config.model.init_checkpoint is None:  # unknown model, or patch dropout on a ResNet: fail now
+        check_patch_dropout(config.model.patch_dropout, get_config(config.model.name).vision.is_resnet)
     if config.run.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ValueError("run.tensorboard is set but the tensorboard package is missing: pip install tensorboard")
-    dataset = open_dataset(config.data.train, image_root=config.data.image_root,
-                           image_key=config.data.image_key, caption_key=config.data.caption_key)
+    dataset = open_dataset(list(config.data.sources) or config.data.train, image_root=config.data.image_root,
+                           image_key=config.data.image_key, caption_key=config.data.caption_key,
+                           weights=list(config.data.weights) or None, resampled=config.data.resampled)
     if overwrite and config.run.resume:
         raise ValueError("--overwrite starts the run again and --resume continues it: pass one of them")
     resume = resolve_resume(config.run.run_dir, config.run.resume) if config.run.resume else None
@@ -147,7 +149,7 @@ def build_model(config: TrainConfig, device: torch.device, resume: Path | None =
 
     When resuming, the weights come from the checkpoint ``resume`` alone (read by
     :func:`clipforge.load_model`), never from the initial weights first. Applies gradient
-    checkpointing and tower locking; the model is fp32 (autocast handles bf16 and fp16) and in
+    checkpointing, patch dropout and tower locking; the model is fp32 (autocast handles bf16 and fp16) and in
     training mode, except for a locked image tower, which stays in eval mode.
     """
     section = config.model
@@ -161,6 +163,7 @@ def build_model(config: TrainConfig, device: torch.device, resume: Path | None =
             with torch.no_grad():
                 model.logit_scale.fill_(SIGLIP_INIT_LOGIT_SCALE)
     model = model.float()
+    model.set_patch_dropout(section.patch_dropout)  # ViT only; a ResNet refuses a non-zero share
     if section.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if section.lock_image:
@@ -185,6 +188,9 @@ def _build_run(config: TrainConfig, context: DistributedContext, dataset, resume
     if context.world_size > 1:  # make sure, whatever the init did on each device
         for tensor in model.state_dict().values():
             dist.broadcast(tensor, src=0)
+        # From here each process draws its own random stream (patch-dropout masks): with the shared
+        # init seed, the images in the same slot on every process would get the same mask.
+        torch.manual_seed(int(np.random.SeedSequence([config.seed, context.rank]).generate_state(1)[0]))
     if config.model.compile:
         _compile(model)
     objective = Objective(config.loss.kind, config.loss.tile_size).to(context.device)
@@ -214,12 +220,12 @@ def _restore(run: Run, checkpoint: Path) -> None:
     now = run.config
     checks = [
         ("batch_size", saved.batch_size, now.batch_size),
-        ("number of processes", state["world_size"], run.context.world_size),
         ("data.train", saved.data.train, now.data.train),
+        ("data.sources", saved.data.sources, now.data.sources),
+        ("data.weights", saved.data.weights, now.data.weights),
+        ("data.resampled", saved.data.resampled, now.data.resampled),
         ("seed", saved.seed, now.seed),
     ]
-    if run.dataset.sequential:  # shards are split into one lane per worker: the order depends on the count
-        checks.append(("data.workers", saved.data.workers, now.data.workers))
     for name, before, after in checks:
         if before != after:
             raise ValueError(f"cannot resume {checkpoint}: its {name} was {before!r}, now {after!r}; "
@@ -230,6 +236,14 @@ def _restore(run: Run, checkpoint: Path) -> None:
         run.scaler.load_state_dict(state["scaler"])
     run.objective.load_state_dict(state["objective"])
     run.step, run.epoch, run.epoch_batch = state["step"], state["epoch"], state["epoch_batch"]
+    # Caption files: global batch b is the same on any world size, so epoch_batch carries over.
+    # Shards: the split depends on the world size and workers; on other values, the rest of the
+    # epoch is planned over the samples not yet taken (none repeated or skipped, order differs).
+    run.epoch_stages = [list(stage) for stage in state.get("epoch_stages", [])]
+    saved_lanes = state.get("lanes", plan_lanes(run.dataset, saved.data.workers))
+    if run.dataset.sequential and (state["world_size"], saved_lanes) != (run.context.world_size, data_lanes(run)):
+        run.epoch_stages.append([state["world_size"], saved_lanes, run.epoch_batch])
+        run.epoch_batch = 0
     run.nonfinite_in_row = state["nonfinite_in_row"]
     rng = state["rng"]
     set_rng_state(rng[run.context.rank] if len(rng) == run.context.world_size else rng[0])
