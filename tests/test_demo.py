@@ -228,7 +228,8 @@ def test_demo_collections_are_embedded_indexed_and_searchable(finished: demo.Dem
         body = {"image": base64.b64encode(image.read_bytes()).decode(), "modality": "image",
                 "indice_name": "fluent3d", "num_images": 5}
         results = httpx.post(f"{server.url}/knn-service", json=body, timeout=60).json()
-        assert Path(results[0]["image_path"]) == image and results[0]["similarity"] > 0.99
+        found = {Path(r["image_path"]): r["similarity"] for r in results}  # a briefly trained model may tie images
+        assert found.get(image, 0) > 0.999 and found[image] >= results[0]["similarity"] - 2e-3  # float16 rows
         texts = httpx.get(f"{server.url}/search", params={"q": "a cat", "k": 5, "collection": "heldout"}, timeout=60)
         assert texts.status_code == 200
     finally:
