@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from ..files import write_text_atomic
+from ..files import atomic_path, write_text_atomic
 
 # Supervised ImageNet models of the CLIP paper's robustness table (top-1 %), as issue 13 quotes
 # them: ImageNet, ImageNet-R, ImageNet-Sketch, ObjectNet.
@@ -101,9 +101,8 @@ def _figure(width: float, height: float):
 
 
 def _save(figure, path: Path) -> Path:
-    partial = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    figure.savefig(partial, bbox_inches="tight")
-    os.replace(partial, path)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, bbox_inches="tight", format="png")
     return path
 
 

@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..files import atomic_path
 from .datasets import ClassificationData
 from .features import encode_images
 
@@ -193,8 +194,6 @@ def write_contact_sheet(pairs: Sequence[tuple[str, str, float]], path: str | os.
                 draw.rectangle((x + offset, y, x + offset + tile - 1, y + tile - 1), outline="red")
         draw.text((x, y + tile + 2), f"eval | train  cos {cosine:.3f}", fill="black")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    sheet.save(partial, format="PNG")
-    os.replace(partial, path)
+    with atomic_path(path) as temporary:
+        sheet.save(temporary, format="PNG")
     return path

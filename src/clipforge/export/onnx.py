@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..files import atomic_path, write_text_atomic
 from ..models import CLIP
 from ..transforms import OPENAI_MEAN, OPENAI_STD
 from .session import require_onnx
@@ -64,16 +65,11 @@ class TextTower(nn.Module):
 
 def _export_graph(module: nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str,
                   input_axes: dict[int, str], opset: int) -> None:
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer notes
-            warnings.simplefilter("ignore")
-            torch.onnx.export(module, (example,), str(partial), dynamo=False, opset_version=opset,
-                              input_names=[input_name], output_names=[output_name],
-                              dynamic_axes={input_name: input_axes, output_name: {0: "batch"}})
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    with atomic_path(path) as temporary, warnings.catch_warnings():  # the exporter's deprecation and tracer notes
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (example,), str(temporary), dynamo=False, opset_version=opset,
+                          input_names=[input_name], output_names=[output_name],
+                          dynamic_axes={input_name: input_axes, output_name: {0: "batch"}})
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -87,11 +83,7 @@ def file_digest(path: str | os.PathLike) -> str:
 
 def write_meta(folder: Path, meta: dict) -> Path:
     """Write ``onnx_export.json`` atomically (it is written last: its presence means the folder is whole)."""
-    path = folder / META_NAME
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    partial.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(partial, path)
-    return path
+    return write_text_atomic(folder / META_NAME, json.dumps(meta, indent=2) + "\n")
 
 
 def read_meta(folder: str | os.PathLike) -> dict:

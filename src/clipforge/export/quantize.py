@@ -18,6 +18,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from ..files import atomic_path
 from .onnx import file_digest, read_meta, write_meta
 from .session import require_onnx, require_onnxruntime
 
@@ -63,26 +64,26 @@ def _quantize_graph(src: Path, dst: Path, keep: Iterable[str], mode: str,
     require_onnxruntime()
     from onnxruntime import quantization  # a submodule the package does not import itself
     nodes, kept = _weight_nodes(onnx.load(str(src), load_external_data=False), keep)
-    partial = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     common = dict(nodes_to_quantize=nodes, op_types_to_quantize=["MatMul", "Gemm", "Conv"],
                   per_channel=True, reduce_range=False, weight_type=quantization.QuantType.QInt8)
     root_logger, level = logging.getLogger(), logging.getLogger().level
     root_logger.setLevel(logging.ERROR)  # onnxruntime's "consider pre-processing" notes go to the root logger
     try:
-        if mode == "dynamic":
-            quantization.quantize_dynamic(str(src), str(partial), **common, extra_options={"MatMulConstBOnly": True})
-        else:
-            if not feeds:
-                raise ValueError("static quantisation needs calibration inputs: pass --calibration DIR")
-            quantization.quantize_static(
-                str(src), str(partial), _Feeds(feeds), quant_format=quantization.QuantFormat.QDQ,
-                activation_type=quantization.QuantType.QUInt8, calibrate_method=quantization.CalibrationMethod.MinMax,
-                extra_options={"MatMulConstBOnly": True}, **common,
-            )
-        os.replace(partial, dst)
+        with atomic_path(dst) as partial:
+            if mode == "dynamic":
+                quantization.quantize_dynamic(str(src), str(partial), **common,
+                                              extra_options={"MatMulConstBOnly": True})
+            else:
+                if not feeds:
+                    raise ValueError("static quantisation needs calibration inputs: pass --calibration DIR")
+                quantization.quantize_static(
+                    str(src), str(partial), _Feeds(feeds), quant_format=quantization.QuantFormat.QDQ,
+                    activation_type=quantization.QuantType.QUInt8,
+                    calibrate_method=quantization.CalibrationMethod.MinMax,
+                    extra_options={"MatMulConstBOnly": True}, **common,
+                )
     finally:
         root_logger.setLevel(level)
-        partial.unlink(missing_ok=True)
     return nodes, kept
 
 

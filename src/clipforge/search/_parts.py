@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import atomic_path
+
 FORMAT = "clipforge-embeddings"
 VERSION = 1
 STATE_DIR = ".clipforge"
@@ -39,13 +41,10 @@ def require_pyarrow():
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file beside it (normal permissions)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(partial, "wb") as file:
+    with atomic_path(path) as partial, open(partial, "wb") as file:
         file.write(data)
         file.flush()
-        os.fsync(file.fileno())
-    os.replace(partial, path)
+        os.fsync(file.fileno())  # a part must be on disk before its completion marker
 
 
 def write_json(path: Path, value) -> None:
