@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from . import CliError
+from ._common import add_cache_arguments, non_negative_int, positive_int
 
 
 def register_suite(tasks: argparse._SubParsersAction, add_model_arguments) -> None:
@@ -39,10 +40,9 @@ def register_suite(tasks: argparse._SubParsersAction, add_model_arguments) -> No
     suite.add_argument("--skip-existing", action="store_true", help="keep results already in --out (resume)")
     suite.add_argument("--out", required=True, metavar="DIR", help="folder for the results")
     add_model_arguments(suite)
-    suite.add_argument("--batch-size", type=int, default=64, metavar="N")
-    suite.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N")
-    suite.add_argument("--cache-dir", metavar="DIR", help="feature cache (default: $CLIPFORGE_CACHE/features)")
-    suite.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")
+    suite.add_argument("--batch-size", type=positive_int, default=64, metavar="N")
+    suite.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1), metavar="N")
+    add_cache_arguments(suite)
     suite.set_defaults(func=run_suite_command)
 
 
