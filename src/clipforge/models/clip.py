@@ -72,10 +72,8 @@ class CLIP(nn.Module):
             tokens = tokens[:, : int(eot_positions.max()) + 1]  # (N, L') with L' <= L
         x = self.token_embedding(tokens).to(self.dtype)  # (N, L', width)
         x = x + self.positional_embedding[: tokens.shape[1]].to(self.dtype)
-        x = self.transformer(x, causal=True)
-        x = self.ln_final(x)
-        pooled = x[torch.arange(x.shape[0], device=x.device), eot_positions]  # (N, width)
-        features = pooled @ self.text_projection  # (N, embed_dim)
+        pooled = self.transformer(x, causal=True, pool_at=eot_positions)  # (N, width): end-of-text tokens only
+        features = self.ln_final(pooled) @ self.text_projection  # (N, embed_dim)
         return F.normalize(features, dim=-1) if normalize else features
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

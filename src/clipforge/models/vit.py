@@ -60,6 +60,6 @@ class VisionTransformer(nn.Module):
         if self.training and self.patch_dropout > 0:
             x = self._drop_patches(x)  # (N, keep + 1, width)
         x = self.ln_pre(x)
-        x = self.transformer(x)
-        x = self.ln_post(x[:, 0, :])  # (N, width)
+        cls_index = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        x = self.ln_post(self.transformer(x, pool_at=cls_index))  # (N, width): the class token only
         return x @ self.proj  # (N, output_dim)
