@@ -59,6 +59,22 @@ def test_render_square_crops_to_content_and_fills_transparency_with_white(tmp_pa
     assert square.getpixel((2, 16))[1] < 50  # cropped to the bar: it now spans (almost) the full width
 
 
+def test_render_square_rasterises_svg_with_librsvg(tmp_path: Path):
+    if not demo_sources.is_installed("librsvg2-bin", tmp_path):
+        pytest.skip(f"rsvg-convert missing; run: {demo_sources.install_commands(['librsvg2-bin'], tmp_path)[0]}")
+    (tmp_path / "dot.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 72 72" width="72" '
+                                      'height="72"><circle cx="36" cy="36" r="18" fill="#00c000"/></svg>')
+    square = render_square(tmp_path / "dot.svg", 32)
+    assert square.mode == "RGB" and square.size == (32, 32)
+    assert square.getpixel((0, 0)) == (255, 255, 255)  # transparent background became white
+    red, green, blue = square.getpixel((16, 16))
+    assert green > 150 and red < 60 and blue < 60
+    assert square.getpixel((16, 2))[0] < 128  # cropped to the circle: it spans (almost) the full height
+    (tmp_path / "broken.svg").write_text("<svg")
+    with pytest.raises(ValueError, match="rsvg-convert could not render it"):
+        render_square(tmp_path / "broken.svg", 32)
+
+
 def test_missing_npm_names_the_install_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(demo_sources.shutil, "which", lambda name: None)
     expected = r"npm is not on PATH.*npm install --prefix .*emoji-datasource-google@"

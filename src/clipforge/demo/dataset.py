@@ -13,16 +13,19 @@ captions (``demo_records``), renders every image to a small RGB PNG on white, an
 
 It is cached and idempotent: a complete dataset with the same options is returned at once. An
 interrupted run resumes: images are written to a temporary name then renamed, and each source has a
-done-marker, so a second call renders only what is missing. The training sources are Noto and
-Twemoji emoji, Tux Paint stamps and Open Clip Art; Fluent emoji are only ever written under ``eval/``.
+done-marker, so a second call renders only what is missing. The training sources are Noto, Twemoji
+and OpenMoji emoji, Tux Paint stamps and Open Clip Art; Fluent emoji are only ever written under
+``eval/``. SVG sources (OpenMoji) are rasterised by librsvg's ``rsvg-convert``.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import shutil
+import subprocess
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -38,13 +41,16 @@ from .records import DemoRecord
 from .sources import (PACKAGES, SOURCES, DemoSourceError, install_commands, install_sources,
                                          missing_packages, package_dir, packages_for)
 
-FORMAT_VERSION = 1  # bump when the layout or the selection rules change: old caches are rebuilt
-TRAIN_SOURCES = ("noto", "twemoji", "tuxpaint", "openclipart")
+FORMAT_VERSION = 2  # bump when the layout or the selection rules change: old caches are rebuilt
+TRAIN_SOURCES = ("noto", "twemoji", "tuxpaint", "openclipart", "openmoji")
+EMOJI_SOURCES = ("noto", "twemoji", "openmoji", "fluent3d")  # one image per emoji, named by its CLDR name
 EVAL_SOURCE = "fluent3d"
 # Emoji groups whose names are concrete things ("red apple", "bicycle"): the zero-shot classes.
 EVAL_GROUPS = ("animals & nature", "food & drink", "travel & places", "activities", "objects")
 # A few Open Clip Art PNGs are posters of 10,000 x 16,000 pixels; decoding one takes seconds and GBs.
 MAX_SOURCE_PIXELS = 4096 * 4096
+# SVGs are rasterised at this side (at least 4x the output), then cropped and resized like the PNGs.
+SVG_RENDER_SIDE = 256
 
 
 @dataclass
@@ -138,8 +144,7 @@ def load_demo_dataset(data_dir: str | os.PathLike) -> DemoDataset:
 def read_records(cache_dir: Path, config: DemoDataConfig) -> dict[str, list[DemoRecord]]:
     """Every usable record of each source, capped as the config says, keyed by source name."""
     names = demo_records.emoji_names(cache_dir)
-    records = {source: demo_records.emoji_records(source, cache_dir, names)
-               for source in ("noto", "twemoji", EVAL_SOURCE)}
+    records = {source: demo_records.emoji_records(source, cache_dir, names) for source in EMOJI_SOURCES}
     records["tuxpaint"] = demo_records.tuxpaint_records(package_dir("tuxpaint-stamps-default", cache_dir))
     records["openclipart"] = _ranked(demo_records.openclipart_records(
         package_dir("openclipart-png", cache_dir), package_dir("openclipart-svg", cache_dir)),
@@ -149,7 +154,7 @@ def read_records(cache_dir: Path, config: DemoDataConfig) -> dict[str, list[Demo
         kept_emoji = {r.group for r in _ranked(records["noto"], config.seed)[:config.max_per_source]}
         for source in records:
             pool = records[source]
-            records[source] = ([r for r in pool if r.group in kept_emoji] if source in ("noto", "twemoji", EVAL_SOURCE)
+            records[source] = ([r for r in pool if r.group in kept_emoji] if source in EMOJI_SOURCES
                                else _ranked(pool, config.seed)[:config.max_per_source])
     return records
 
@@ -211,7 +216,7 @@ def render_square(path: Path, size: int) -> Image.Image:
     """The image cropped to its visible content, composited on white and centred in a size x size RGB square."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # raised, then skipped by the caller
-        opened = Image.open(path)
+        opened = Image.open(_rasterise_svg(path, size) if path.suffix.lower() == ".svg" else path)
     with opened:
         if opened.width * opened.height > MAX_SOURCE_PIXELS:
             raise ValueError(f"{path} is {opened.width} x {opened.height} pixels, over the "
@@ -232,6 +237,22 @@ def render_square(path: Path, size: int) -> Image.Image:
     return canvas
 
 
+def _rasterise_svg(path: Path, size: int) -> io.BytesIO:
+    """An SVG drawn by librsvg's ``rsvg-convert`` as PNG bytes with alpha, aspect ratio kept."""
+    side = str(max(SVG_RENDER_SIDE, 4 * size))
+    renderer = PACKAGES["librsvg2-bin"].probe
+    try:
+        done = subprocess.run([renderer, "--width", side, "--height", side, "--keep-aspect-ratio", str(path)],
+                              capture_output=True, timeout=120)
+    except FileNotFoundError:
+        raise DemoSourceError(f"{renderer} is missing: it renders {path}; run: "
+                              f"{install_commands(['librsvg2-bin'], '.')[0]}") from None
+    if done.returncode != 0:
+        why = done.stderr.decode("utf-8", errors="replace").strip().splitlines()
+        raise ValueError(f"rsvg-convert could not render it ({why[-1] if why else f'exit {done.returncode}'})")
+    return io.BytesIO(done.stdout)
+
+
 def _render_source(root: Path, source: str, records: list[DemoRecord], config: DemoDataConfig,
                    fingerprint: str, progress: bool) -> list[str]:
     """Render one source's images that are not on disk yet; returns the unreadable ones ("path: why")."""
@@ -248,7 +269,8 @@ def _render_source(root: Path, source: str, records: list[DemoRecord], config: D
             continue
         try:
             image = render_square(record.path, config.image_size)
-        except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        except (OSError, ValueError, subprocess.TimeoutExpired, Image.DecompressionBombError,
+                Image.DecompressionBombWarning) as err:
             # A broken or oversized file in a package must not stop the demo.
             unreadable.append(f"{record.path}: {err}")
             continue

@@ -1,7 +1,8 @@
 """Read each demo source into records: an original image file, its real name, and caption variants.
 
 Captions come only from text people wrote: the Tux Paint stamp descriptions, Open Clip Art titles
-and keywords, and the Unicode CLDR emoji names and keywords (via emojibase). Each record gets a few
+and keywords, and the Unicode CLDR emoji names and keywords (via emojibase) for every emoji style
+(Noto, Twemoji, OpenMoji, Fluent 3D). Each record gets a few
 variants ("a red apple", "an emoji of a red apple", "red apple: fruit", "a red apple, food & drink").
 
 Nothing here renders or writes; ``demo_dataset`` does that.
@@ -31,10 +32,10 @@ _OPENCLIPART_NON_ENGLISH = "architetto"
 
 @dataclass
 class DemoRecord:
-    source: str  # "tuxpaint", "openclipart", "noto", "twemoji" or "fluent3d"
+    source: str  # "tuxpaint", "openclipart", "noto", "twemoji", "openmoji" or "fluent3d"
     key: str  # unique within the source; the stem of the rendered file
     group: str  # records sharing a group (one emoji in two styles, stamps with one caption) split together
-    path: Path  # the original image file
+    path: Path  # the original image file (PNG, WebP, or SVG that the renderer rasterises)
     label: str  # the short real name: "red apple", "frog"
     category: str  # the source's category: "food & drink", "animals amphibians"
     captions: list[str] = field(default_factory=list)
@@ -117,10 +118,13 @@ def emoji_captions(label: str, tags: list[str], group: str) -> list[str]:
 
 
 def emoji_records(source: str, cache_dir: Path, names: dict[str, dict]) -> list[DemoRecord]:
-    """One record per named emoji image of ``source`` ("noto", "twemoji" or "fluent3d")."""
+    """One record per named emoji image of ``source`` ("noto", "twemoji", "openmoji" or "fluent3d")."""
     if source == "fluent3d":
         folder = package_dir("@lobehub/fluent-emoji-3d", cache_dir) / "assets"
         files = {emoji_key(p.stem): p for p in folder.glob("*.webp")}
+    elif source == "openmoji":  # colour SVGs named by code points ("1F34E.svg"); its own extras have no CLDR name
+        folder = package_dir("openmoji", cache_dir) / "color" / "svg"
+        files = {emoji_key(p.stem): p for p in folder.glob("*.svg")}
     else:
         package = {"noto": "emoji-datasource-google", "twemoji": "emoji-datasource-twitter"}[source]
         style = {"noto": "google", "twemoji": "twitter"}[source]
@@ -138,11 +142,13 @@ def emoji_records(source: str, cache_dir: Path, names: dict[str, dict]) -> list[
 
 # -------------------------------------------------------------------------------------- tux paint
 def tuxpaint_records(stamps_dir: Path) -> list[DemoRecord]:
-    """Stamps that have a PNG and an English description; stamps with the same description share a group."""
+    """Stamps that have a PNG (else an SVG, rasterised later) and an English description; stamps with
+    the same description share a group."""
     records = []
     for text_file in sorted(stamps_dir.rglob("*.txt")):
-        image = text_file.with_suffix(".png")
-        if not image.is_file():  # SVG-only stamps: no renderer among our dependencies
+        image = next((path for path in (text_file.with_suffix(".png"), text_file.with_suffix(".svg"))
+                      if path.is_file()), None)
+        if image is None:
             continue
         lines = text_file.read_text(encoding="utf-8", errors="replace").splitlines()
         description = next((ln.strip() for ln in lines if ln.strip() and ".utf8=" not in ln), "")

@@ -1,8 +1,8 @@
 """Where the demo's real images come from, and how to get them onto this machine.
 
 Every source installs from an ordinary package registry, so a fresh machine with no hub access can
-build the demo dataset: Debian's apt for the Tux Paint stamps and the Open Clip Art Library, npm for
-the emoji sets. Debian packages install system-wide (root needed); npm packages install into
+build the demo dataset: Debian's apt for the Tux Paint stamps, the Open Clip Art Library and the SVG
+renderer (librsvg's ``rsvg-convert``), npm for the emoji sets. Debian packages install system-wide (root needed); npm packages install into
 ``<cache_dir>/npm`` with pinned versions, so two machines build the same dataset.
 
 When a package manager is missing, the user is not root, or an install fails, ``install_sources``
@@ -37,7 +37,7 @@ class Package:
     manager: str  # "apt" or "npm"
     name: str  # the package name as the manager spells it
     version: str | None  # npm: the pinned version; apt: None (whatever the distribution ships)
-    probe: str  # apt: an absolute path the package installs; npm: its folder under node_modules
+    probe: str  # apt: an absolute path (folder or program) the package installs; npm: its folder under node_modules
     licence: str  # licence of the files we use from it
     url: str  # where the licence and the upstream project are described
 
@@ -58,6 +58,9 @@ PACKAGES: dict[str, Package] = {p.name: p for p in [
             "public domain (files whose SVG metadata says otherwise are skipped)", "https://openclipart.org/"),
     Package("apt", "openclipart-svg", None, "/usr/share/openclipart/svg",
             "public domain (only the titles and keywords are read)", "https://openclipart.org/"),
+    Package("apt", "librsvg2-bin", None, "/usr/bin/rsvg-convert",
+            "LGPL-2.1-or-later (the SVG renderer; none of its files end up in the dataset)",
+            "https://gitlab.gnome.org/GNOME/librsvg"),
     Package("npm", "emoji-datasource-google", "16.0.0", "emoji-datasource-google",
             "images: Apache-2.0 (Noto Emoji, Google); data: MIT",
             "https://github.com/iamcal/emoji-data"),
@@ -66,12 +69,14 @@ PACKAGES: dict[str, Package] = {p.name: p for p in [
             "https://github.com/jdecked/twemoji"),
     Package("npm", "emojibase-data", "17.0.0", "emojibase-data",
             "MIT (names and keywords from Unicode CLDR, Unicode License v3)", "https://emojibase.dev/"),
+    Package("npm", "openmoji", "17.0.0", "openmoji",
+            "CC-BY-SA-4.0 (OpenMoji, HfG Schwaebisch Gmuend and contributors)", "https://openmoji.org/"),
     Package("npm", "@lobehub/fluent-emoji-3d", "1.1.0", "@lobehub/fluent-emoji-3d",
             "MIT (Fluent Emoji, Microsoft)", "https://github.com/lobehub/fluent-emoji"),
 ]}
 
 SOURCES: dict[str, Source] = {s.name: s for s in [
-    Source("tuxpaint", "train", ("tuxpaint-stamps-default",),
+    Source("tuxpaint", "train", ("tuxpaint-stamps-default", "librsvg2-bin"),
            "Tux Paint stamps (drawings and cut-out photos) with a caption written by a person"),
     Source("openclipart", "train", ("openclipart-png", "openclipart-svg"),
            "Open Clip Art Library drawings with their titles and keywords"),
@@ -79,6 +84,8 @@ SOURCES: dict[str, Source] = {s.name: s for s in [
            "Noto emoji (64 px) named by their Unicode CLDR names and keywords"),
     Source("twemoji", "train", ("emoji-datasource-twitter", "emojibase-data"),
            "Twemoji (64 px) named by their Unicode CLDR names and keywords"),
+    Source("openmoji", "train", ("openmoji", "librsvg2-bin", "emojibase-data"),
+           "OpenMoji (colour SVGs rendered with rsvg-convert) named by their Unicode CLDR names and keywords"),
     Source("fluent3d", "eval", ("@lobehub/fluent-emoji-3d", "emojibase-data"),
            "Fluent emoji 3D renders: a style never seen in training, for zero-shot evaluation"),
 ]}
@@ -107,7 +114,7 @@ def is_installed(package: str, cache_dir: str | os.PathLike) -> bool:
     entry = PACKAGES[package]
     folder = package_dir(package, cache_dir)
     if entry.manager == "apt":
-        return folder.is_dir() and any(folder.iterdir())
+        return folder.is_file() or (folder.is_dir() and any(folder.iterdir()))
     manifest = folder / "package.json"
     if not manifest.is_file():
         return False
