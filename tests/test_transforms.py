@@ -187,6 +187,22 @@ def test_inputs_that_are_not_images_raise_a_clear_error():
         transform(Image.new("RGB", (0, 10)))
 
 
+def test_horizontal_flip_mirrors_the_crop_with_its_probability():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    full = {"scale": (1.0, 1.0), "ratio": (1.0, 1.0)}  # the crop is the whole image: only the flip varies
+    plain = image_transform(40, train=True, **full)(image)
+    mirrored = image_transform(40, train=True, hflip=1.0, **full)(image)
+    assert torch.equal(mirrored, plain.flip(-1))
+    assert torch.equal(image_transform(40, train=True, hflip=0.0, **full)(image), plain)
+    half = image_transform(40, train=True, hflip=0.5, generator=torch.Generator().manual_seed(3), **full)
+    outputs = [half(image) for _ in range(400)]
+    flips = sum(torch.equal(out, mirrored) for out in outputs)
+    assert 160 < flips < 240  # about half (binomial sd 10)
+    assert flips + sum(torch.equal(out, plain) for out in outputs) == 400  # the others are untouched
+    assert torch.equal(image_transform(40, **full)(image), image_transform(40, hflip=1.0, **full)(image))  # eval: never
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -196,6 +212,7 @@ def test_inputs_that_are_not_images_raise_a_clear_error():
         ({"image_size": 224, "std": (0.5, 0.0, 0.5)}, "std values must be positive"),
         ({"image_size": 224, "scale": (1.0, 0.5)}, "scale"),
         ({"image_size": 224, "ratio": (0.0, 1.0)}, "ratio"),
+        ({"image_size": 224, "hflip": 1.5}, "hflip must be a probability"),
     ],
 )
 def test_bad_arguments_are_refused_when_the_transform_is_built(kwargs, message):

@@ -179,9 +179,10 @@ class ImageTransform:
     differently, whereas a generator would be copied into every worker and repeat the same crops.
     """
 
-    def __init__(self, image_size, train, mean, std, scale, ratio, generator):
+    def __init__(self, image_size, train, mean, std, scale, ratio, generator, hflip=0.0):
         self.image_size, self.train = image_size, train
         self.scale, self.ratio, self.generator = tuple(scale), tuple(ratio), generator
+        self.hflip = float(hflip)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)  # (3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)  # (3, 1, 1)
 
@@ -202,6 +203,8 @@ class ImageTransform:
             image = image.crop((left, top, left + crop_width, top + crop_height))
             if image.size != (self.image_size, self.image_size):
                 image = image.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+            if self.hflip > 0 and float(torch.rand((), generator=self.generator)) < self.hflip:
+                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         else:
             image = center_crop(resize_shortest_side(image, self.image_size, full_size), self.image_size)
         return to_normalized_tensor(image, self.mean, self.std)
@@ -209,6 +212,7 @@ class ImageTransform:
     def __repr__(self) -> str:
         steps = (
             f"random_resized_crop({self.image_size}, scale={self.scale}, ratio={self.ratio}, bicubic)"
+            + (f", horizontal_flip(p={self.hflip})" if self.hflip > 0 else "")
             if self.train
             else f"resize_shortest_side({self.image_size}, bicubic, jpeg_draft_min_side={DRAFT_MIN_SIDE * self.image_size}), "
             f"center_crop({self.image_size})"
@@ -225,13 +229,15 @@ def image_transform(
     scale: Sequence[float] = (0.9, 1.0),
     ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
     generator: torch.Generator | None = None,
+    hflip: float = 0.0,
 ) -> Callable[[Image.Image], torch.Tensor]:
     """Build CLIP preprocessing: PIL image -> normalised FloatTensor[3, image_size, image_size].
 
     ``train=False`` is OpenAI's eval pipeline (shortest-side bicubic resize, center crop).
     ``train=True`` is a random resized crop of area fraction in ``scale`` (open_clip's default
     (0.9, 1.0)) and aspect ratio in ``ratio``, resized bicubic, drawing from ``generator`` or
-    torch's global RNG. Both then convert to RGB and normalise with ``mean`` / ``std``.
+    torch's global RNG, then mirrored left-right with probability ``hflip`` (default 0, as CLIP).
+    Both then convert to RGB and normalise with ``mean`` / ``std``.
     """
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
@@ -244,4 +250,6 @@ def image_transform(
         raise ValueError(f"scale must be (min, max) with 0 < min <= max, got {scale!r}")
     if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
         raise ValueError(f"ratio must be (min, max) with 0 < min <= max, got {ratio!r}")
-    return ImageTransform(image_size, train, mean, std, scale, ratio, generator)
+    if not 0 <= hflip <= 1:
+        raise ValueError(f"hflip must be a probability in [0, 1], got {hflip!r}")
+    return ImageTransform(image_size, train, mean, std, scale, ratio, generator, hflip)

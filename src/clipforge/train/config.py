@@ -43,6 +43,7 @@ class DataSection:
     image_root: str | None = None  # folder that image paths in a captions file are relative to (None: its folder)
     workers: int = 2  # data-loader worker processes per rank (0: load in the training process)
     crop_scale: tuple[float, float] = (0.9, 1.0)  # random-resized-crop area range of the train augmentation
+    hflip: float = 0.0  # probability of mirroring a training image left-right (CLIP: 0)
     image_key: str | None = None  # caption-file column / JSON field of the image path (None: image, filepath, ...)
     caption_key: str | None = None  # column / JSON field of the caption (None: caption, title, text)
     max_skip_fraction: float = 0.01  # stop when more than this fraction of samples are unreadable
@@ -275,6 +276,8 @@ def validate(config: TrainConfig, world_size: int = 1, device_type: str = "cpu")
     low, high = config.data.crop_scale
     if not 0 < low <= high <= 1:
         raise ValueError(f"data.crop_scale must satisfy 0 < low <= high <= 1, got {config.data.crop_scale}")
+    if not 0 <= config.data.hflip <= 1:
+        raise ValueError(f"data.hflip must be a probability in [0, 1], got {config.data.hflip}")
     if not 0 <= config.data.max_skip_fraction < 1:
         raise ValueError(f"data.max_skip_fraction must lie in [0, 1), got {config.data.max_skip_fraction}")
     if config.data.workers < 0:

@@ -200,7 +200,8 @@ def _build_run(config: TrainConfig, context: DistributedContext, dataset, resume
         config=config, context=context, model=model, objective=objective, optimizer=optimizer,
         scheduler=None, scaler=torch.amp.GradScaler(context.device.type, enabled=config.precision == "fp16"),
         dataset=dataset,
-        preprocess=image_transform(model.config.vision.image_size, train=True, scale=config.data.crop_scale),
+        preprocess=image_transform(model.config.vision.image_size, train=True, scale=config.data.crop_scale,
+                                   hflip=config.data.hflip),
         tokenize=partial(tokenize, context_length=context_length, truncate=True),
         total_steps=0, autocast_dtype=autocast_dtype(config.precision),
     )
