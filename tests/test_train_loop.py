@@ -74,6 +74,28 @@ def test_chunked_batch_reaches_the_same_weights_as_the_full_batch(shapes, tmp_pa
     assert _max_difference(_final_weights(full), _final_weights(chunked)) < 5e-5
 
 
+def test_resnet_channels_last_default_on_cpu_trains_like_the_plain_layout(shapes, tmp_path, monkeypatch):
+    import clipforge.train.main as train_main
+
+    layouts = []
+    original = train_main._use_channels_last
+    monkeypatch.setattr(train_main, "_use_channels_last",
+                        lambda *args: layouts.append(original(*args)) or layouts[-1])
+    def config(name, folder, channels_last=None, steps=3):
+        built = _config(shapes, tmp_path / folder, steps=steps)
+        built.model.name, built.model.channels_last = name, channels_last
+        return built
+
+    default = train(config("tiny-rn", "default"))
+    plain = train(config("tiny-rn", "plain", channels_last=False))
+    assert layouts == [True, False]  # None means channels-last for a ResNet on the CPU
+    assert default.losses[0] == pytest.approx(plain.losses[0], rel=1e-5)  # same weights; conv sums in another order
+    assert default.losses == pytest.approx(plain.losses, rel=1e-4)  # then Adam amplifies float noise
+    # (weights are not compared: Adam turns the float noise of near-zero gradients into steps of up to lr)
+    vit = train(config("tiny-vit", "vit", channels_last=True, steps=1))
+    assert layouts[-1] is False and vit.losses  # a ViT tower has no convolution stack to reorder
+
+
 def _nan_after(monkeypatch, first_bad_call: int, last_bad_call: int = 10**9):
     """Make the objective return NaN on calls first_bad_call..last_bad_call (1-based)."""
     calls = {"n": 0}

@@ -35,6 +35,9 @@ class ModelSection:
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     compile: bool = False  # torch.compile the towers (opt-in: slow first steps, faster after)
     patch_dropout: float = 0.0  # FLIP: share of image patch tokens dropped per image while training (ViT only)
+    # ResNet image tower in channels-last memory; None: on for ResNets on the CPU, where the RN50
+    # step measured 1.28x faster (benchmarks/results_train.md), off elsewhere (not measured on GPUs)
+    channels_last: bool | None = None
 
 
 @dataclass

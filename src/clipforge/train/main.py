@@ -180,6 +180,13 @@ def _compile(model: CLIP) -> None:
     model.encode_text = torch.compile(model.encode_text)
 
 
+def _use_channels_last(setting: "bool | None", model: CLIP, device: torch.device) -> bool:
+    """Whether the image tower runs channels-last: ``model.channels_last``, or by default ResNets on CPU."""
+    if not model.config.vision.is_resnet:
+        return False
+    return device.type == "cpu" if setting is None else bool(setting)
+
+
 def _build_run(config: TrainConfig, context: DistributedContext, dataset, resume: Path | None) -> Run:
     if config.deterministic:
         torch.backends.cudnn.benchmark = False
@@ -191,6 +198,8 @@ def _build_run(config: TrainConfig, context: DistributedContext, dataset, resume
         # From here each process draws its own random stream (patch-dropout masks): with the shared
         # init seed, the images in the same slot on every process would get the same mask.
         torch.manual_seed(int(np.random.SeedSequence([config.seed, context.rank]).generate_state(1)[0]))
+    if _use_channels_last(config.model.channels_last, model, context.device):
+        model.visual.to(memory_format=torch.channels_last)  # same values; convolutions run faster
     if config.model.compile:
         _compile(model)
     objective = Objective(config.loss.kind, config.loss.tile_size).to(context.device)
