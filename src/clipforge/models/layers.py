@@ -92,15 +92,18 @@ class Attention(nn.Module):
 
     def forward_at(self, x: torch.Tensor, positions: torch.Tensor, causal: bool = False) -> torch.Tensor:
         """The attention output at one position per row, ``(B, 1, C)``: keys and values of every token
-        of ``x`` (B, T, C), the query only at ``positions`` (B,). Equals ``forward(x, causal)`` there."""
+        of ``x`` (B, T, C), attention only for the queries at ``positions`` (B,). Equals
+        ``forward(x, causal)`` there."""
         batch, seq, width = x.shape
         head_dim = width // self.heads
         rows = torch.arange(batch, device=x.device)
-        q = F.linear(x[rows, positions], self.in_proj_weight[:width], self.in_proj_bias[:width])  # (B, C)
-        kv = F.linear(x, self.in_proj_weight[width:], self.in_proj_bias[width:])  # (B, T, 2C)
-        kv = kv.view(batch, seq, 2, self.heads, head_dim)  # (B, T, 2, heads, head_dim)
+        # One projection with the whole fused weight (not slices of it: exported graphs keep one
+        # quantisable MatMul per block), queries then read at the pooled positions only.
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, T, 3C)
+        q = qkv[rows, positions, :width]  # (B, C)
+        kv = qkv[:, :, width:].reshape(batch, seq, 2, self.heads, head_dim)  # (B, T, 2, heads, head_dim)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, head_dim)
-        q = q.view(batch, self.heads, 1, head_dim)  # (B, heads, 1, head_dim)
+        q = q.reshape(batch, self.heads, 1, head_dim)  # (B, heads, 1, head_dim)
         mask = None
         if causal:  # the query at position p sees keys 0..p, as row p of the causal mask
             mask = (torch.arange(seq, device=x.device) <= positions[:, None]).view(batch, 1, 1, seq)  # (B, 1, 1, T)
@@ -125,7 +128,7 @@ class ResidualAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, causal: bool = False, pool_at: "torch.Tensor | None" = None) -> torch.Tensor:
         """``(B, T, C)`` -> ``(B, T, C)``; with ``pool_at`` (B,) positions, only those tokens' outputs
-        ``(B, 1, C)``, computed without the other tokens' queries and MLP (exact: nothing else reads them)."""
+        ``(B, 1, C)``, computed without the other tokens' attention and MLP (exact: nothing else reads them)."""
         if pool_at is None:
             x = x + self.attn(self.ln_1(x), causal=causal)
             return x + self.mlp(self.ln_2(x))
@@ -159,7 +162,7 @@ class Transformer(nn.Module):
 
     def forward(self, x: torch.Tensor, causal: bool = False, pool_at: "torch.Tensor | None" = None) -> torch.Tensor:
         """``(B, T, C)`` -> ``(B, T, C)``, or with ``pool_at`` (B,) the ``(B, C)`` outputs at those positions
-        only (the towers pool one token: the last block then skips every other token's query and MLP)."""
+        only (the towers pool one token: the last block then skips every other token's attention and MLP)."""
         last = len(self.resblocks) - 1
         for index, block in enumerate(self.resblocks):
             at = pool_at if index == last else None
