@@ -100,10 +100,9 @@ class Attention(nn.Module):
         # One projection with the whole fused weight (not slices of it: exported graphs keep one
         # quantisable MatMul per block), queries then read at the pooled positions only.
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, T, 3C)
-        q = qkv[rows, positions, :width]  # (B, C)
-        kv = qkv[:, :, width:].reshape(batch, seq, 2, self.heads, head_dim)  # (B, T, 2, heads, head_dim)
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, head_dim)
-        q = q.reshape(batch, self.heads, 1, head_dim)  # (B, heads, 1, head_dim)
+        qkv = qkv.view(batch, seq, 3, self.heads, head_dim)  # (B, T, 3, heads, head_dim)
+        q = qkv[rows, positions, 0].unsqueeze(2)  # (B, heads, 1, head_dim)
+        k, v = qkv[:, :, 1:].permute(2, 0, 3, 1, 4).unbind(0)  # views, each (B, heads, T, head_dim)
         mask = None
         if causal:  # the query at position p sees keys 0..p, as row p of the causal mask
             mask = (torch.arange(seq, device=x.device) <= positions[:, None]).view(batch, 1, 1, seq)  # (B, 1, 1, T)
