@@ -59,6 +59,10 @@ def test_demo_reports_counts_of_the_data_it_used(finished: demo.DemoResult):
     for mode in ("bare", "ensemble"):
         assert 0 <= results["zeroshot"][mode]["top1"] <= results["zeroshot"][mode]["top5"] <= 1
     assert results["zeroshot"]["ensemble"]["templates"] == list(demo.ENSEMBLE_TEMPLATES)
+    margin = results["zeroshot"]["ensemble_minus_bare"]  # paired over the same images
+    assert margin["top1"] == pytest.approx(results["zeroshot"]["ensemble"]["top1"] - results["zeroshot"]["bare"]["top1"],
+                                           abs=2e-4)
+    assert margin["beyond_noise"] == (margin["top1"] > demo.NOISE_ERRORS * margin["paired_standard_error"])
     for key in ("image_to_text_recall@1", "image_to_text_recall@10", "text_to_image_recall@5"):
         assert 0 <= results["retrieval"][key] <= 1
 

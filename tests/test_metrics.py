@@ -10,6 +10,7 @@ from clipforge.evaluate.metrics import (
     confusion_matrix,
     first_positive_ranks,
     mean_per_class_recall,
+    paired_difference,
     per_class_recall,
     recall_at_k,
     retrieval_metrics,
@@ -126,3 +127,20 @@ def test_recall_at_k_and_queries_without_answers():
         first_positive_ranks(torch.randn(2, 3), torch.randn(4, 3), [[1], []])
     with pytest.raises(ValueError, match="must index the 3 images"):
         retrieval_metrics(torch.randn(3, 4), torch.randn(2, 4), [0, 3])
+
+
+def test_paired_difference_matches_the_mean_and_error_of_per_item_differences():
+    generator = torch.Generator().manual_seed(0)
+    a = torch.rand(200, generator=generator) < 0.4
+    b = a.clone()
+    flip = torch.rand(200, generator=generator) < 0.15  # the methods disagree on about 30 items
+    b[flip] = ~b[flip]
+    difference, error = paired_difference(a, b)
+    per_item = a.double() - b.double()  # (200,) in {-1, 0, 1}
+    assert difference == pytest.approx(float(a.double().mean() - b.double().mean()), abs=1e-12)
+    assert error == pytest.approx(float(per_item.std(unbiased=False)) / 200 ** 0.5, rel=1e-9)
+    unpaired = (0.4 * 0.6 / 200 * 2) ** 0.5
+    assert error < unpaired / 2  # agreement on most items makes the paired error far smaller
+    assert paired_difference(a, a) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="same N"):
+        paired_difference(a, b[:10])

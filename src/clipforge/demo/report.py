@@ -60,6 +60,7 @@ def format_results(results: dict) -> str:
     """The short results table ``clipforge demo`` prints."""
     zeroshot, retrieval, seconds = results["zeroshot"], results["retrieval"], results["seconds"]
     chance = zeroshot["chance"]
+    margin = zeroshot["ensemble_minus_bare"]
     lines = [
         f"clipforge demo: {results['model']}, {results['steps']} steps x {results['batch_size']} pairs "
         f"({results['epochs']} epochs) on {results['device']}, {results['threads']} threads",
@@ -69,6 +70,9 @@ def format_results(results: dict) -> str:
         f"{zeroshot['bare']['top5']:6.1%}",
         f"  prompt ensemble ({len(zeroshot['ensemble']['templates'])} templates)                              "
         f"{zeroshot['ensemble']['top1']:6.1%}   {zeroshot['ensemble']['top5']:6.1%}",
+        f"  ensemble minus class name only: {margin['top1'] * 100:+.1f} points (paired standard error "
+        f"{margin['paired_standard_error'] * 100:.1f}; {'ahead beyond' if margin['beyond_noise'] else 'within'} "
+        "the noise of 2 errors)",
         f"  ensemble {'beats' if results['floor']['ensemble_beats_bare'] else 'does not beat'} bare names; "
         + (f"quality floor (20x chance = {20 * chance:.0%} top-1) {'met' if results['floor']['met'] else 'NOT met'}"
            if 20 * chance < 1 else "too few classes for the 20x-chance floor"),

@@ -58,6 +58,7 @@ ENSEMBLE_TEMPLATES = (
     "{}", "{}.", "an emoji of {}", "a picture of {}", "a clip art of {}",
     "an icon of {}", "a drawing of {}", "a 3D render of {}",
 )
+NOISE_ERRORS = 2.0  # the ensemble is "ahead beyond the noise" by more than this many paired standard errors
 # ``--quick``: a slice of every source and a short fixed run, to check a set-up in about a minute.
 QUICK_DATA = DemoDataConfig(max_per_source=60, openclipart_max=60, eval_classes=20, heldout_fraction=0.2)
 QUICK_STEPS, QUICK_BATCH = 40, 32
@@ -295,7 +296,8 @@ def _train(run_dir: Path, dataset: DemoDataset, model: str, minutes: float, step
 def evaluate_demo(run_dir: str | os.PathLike, dataset: DemoDataset, device: str = "cpu", progress: bool = True) -> dict:
     """Zero-shot (bare names and the ensemble) and retrieval scores of ``run_dir/model``; writes the reports."""
     from ..checkpoints import load
-    from ..evaluate import evaluate_retrieval, evaluate_zeroshot, load_image_folder, load_retrieval_data
+    from ..evaluate import (evaluate_retrieval, evaluate_zeroshot, load_image_folder, load_retrieval_data,
+                            paired_difference)
     from ..evaluate.report import write_json, write_zeroshot_report
 
     run_dir = Path(run_dir)
@@ -303,13 +305,18 @@ def evaluate_demo(run_dir: str | os.PathLike, dataset: DemoDataset, device: str 
     cache = run_dir / "eval_cache"  # image features are computed once for both prompt sets
     eval_data = load_image_folder(dataset.eval_dir)
     articled = {name: with_article(name) for name in eval_data.classes}
-    zeroshot = {}
+    zeroshot, hits = {}, {}
     for mode, classnames, templates in (("bare", None, None), ("ensemble", articled, list(ENSEMBLE_TEMPLATES))):
         result = evaluate_zeroshot(model, eval_data, classnames=classnames, templates=templates, preprocess=preprocess,
                                    batch_size=256, device=device, cache_dir=cache, progress=False)
         write_zeroshot_report(result.to_report(), run_dir / ("zeroshot" if mode == "ensemble" else "zeroshot_bare"))
         zeroshot[mode] = {key: round(value, 4) for key, value in result.metrics.items()}
+        hits[mode] = torch.zeros(len(eval_data.paths), dtype=torch.bool)  # (images,) top-1 right, by image
+        hits[mode][result.indices] = result.logits.argmax(-1) == result.targets
     zeroshot["ensemble"]["templates"] = list(ENSEMBLE_TEMPLATES)
+    margin, margin_error = paired_difference(hits["ensemble"], hits["bare"])
+    zeroshot["ensemble_minus_bare"] = {"top1": round(margin, 4), "paired_standard_error": round(margin_error, 4),
+                                       "beyond_noise": margin > NOISE_ERRORS * margin_error}
     draw_prediction_grid(eval_data, result, run_dir / "predictions.png")
     retrieval = evaluate_retrieval(model, load_retrieval_data(dataset.heldout_captions), preprocess=preprocess,
                                    device=device, cache_dir=cache, progress=False)

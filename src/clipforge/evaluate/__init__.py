@@ -21,6 +21,7 @@ from .metrics import (
     confusion_matrix,
     first_positive_ranks,
     mean_per_class_recall,
+    paired_difference,
     per_class_recall,
     recall_at_k,
     retrieval_metrics,
@@ -37,7 +38,7 @@ __all__ = [
     "confusion_matrix", "encode_images", "encode_texts", "evaluate_linear_probe", "evaluate_retrieval",
     "evaluate_zeroshot", "fill_template", "first_positive_ranks", "linear_probe",
     "load_classification_data", "load_image_folder", "load_labels_csv", "load_retrieval_data",
-    "mean_per_class_recall", "metadata", "model_fingerprint", "per_class_recall", "recall_at_k",
+    "mean_per_class_recall", "metadata", "model_fingerprint", "paired_difference", "per_class_recall", "recall_at_k",
     "resolve_classnames", "resolve_templates", "retrieval_metrics", "sweep_c", "target_ranks",
     "topk_accuracy", "zero_shot_classifier", "zero_shot_logits", "zero_shot_predict",
 ]
