@@ -16,7 +16,8 @@ from PIL import Image, ImageStat
 
 from clipforge.demo import sources as demo_sources
 from clipforge.demo.dataset import (EVAL_SOURCE, TRAIN_SOURCES, DemoDataConfig, load_demo_dataset,
-                                         prepare_demo_data, render_square)
+                                         prepare_demo_data, read_records, render_square, split_records,
+                                         validation_records)
 from clipforge.demo.records import emoji_key, with_article
 from clipforge.demo.sources import DemoSourceError
 
@@ -128,6 +129,16 @@ def test_eval_set_is_fluent_only_with_class_names_from_training(built):
     assert not any(EVAL_SOURCE in path for path in listed)  # Fluent never reaches training or retrieval
     names = (built.root / "eval" / f"{EVAL_SOURCE}_classnames.txt").read_text(encoding="utf-8").split("\n")
     assert names[:-1] == built.classnames
+
+
+def test_validation_classes_are_other_fluent_emoji_whose_styles_train(built, cache_dir: Path):
+    records = read_records(cache_dir, SLICE)
+    train, _, _ = split_records(records, SLICE)
+    validation = validation_records(records, SLICE, count=10)
+    assert validation and all(r.source == EVAL_SOURCE for r in validation)
+    assert not {r.label for r in validation} & set(built.classnames)  # never an eval class
+    assert {r.group for r in validation} <= {r.group for r in train}  # their Noto/Twemoji styles train
+    assert len({r.label for r in validation}) == len(validation)
 
 
 def test_heldout_images_share_no_emoji_or_caption_with_training(built):

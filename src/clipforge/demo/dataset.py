@@ -163,10 +163,7 @@ def split_records(records: dict[str, list[DemoRecord]], config: DemoDataConfig
                   ) -> tuple[list[DemoRecord], list[DemoRecord], list[DemoRecord]]:
     """(train, held-out, eval). Eval classes are emoji with a Fluent render whose name is in training;
     held-out groups never reach training, and keep one image each so retrieval answers are unique."""
-    train_labels = {r.label for r in records["noto"]} & {r.label for r in records["twemoji"]}
-    eligible = [r for r in records[EVAL_SOURCE]
-                if r.category in EVAL_GROUPS and r.label in train_labels and _is_folder_safe(r.label)]
-    evaluation = sorted(_ranked(eligible, config.seed)[:config.eval_classes], key=lambda r: r.label)
+    evaluation = sorted(_ranked(_eligible_for_eval(records), config.seed)[:config.eval_classes], key=lambda r: r.label)
     eval_groups = {r.group for r in evaluation}
     train, heldout, heldout_groups = [], [], set()
     for source in TRAIN_SOURCES:
@@ -187,6 +184,23 @@ def split_records(records: dict[str, list[DemoRecord]], config: DemoDataConfig
     if any(r.source == EVAL_SOURCE for r in train + heldout):
         raise AssertionError("a Fluent emoji reached the training or held-out data")
     return train, heldout, evaluation
+
+
+def validation_records(records: dict[str, list[DemoRecord]], config: DemoDataConfig, count: int = 300
+                       ) -> list[DemoRecord]:
+    """Fluent 3D records for choosing prompts without the eval set: the next ``count`` eligible classes
+    after the eval ones, each with its other styles in training, none an eval class."""
+    train, _, evaluation = split_records(records, config)
+    train_groups, eval_labels = {r.group for r in train}, {r.label for r in evaluation}
+    eligible = _ranked(_eligible_for_eval(records), config.seed)
+    return [r for r in eligible if r.group in train_groups and r.label not in eval_labels][:count]
+
+
+def _eligible_for_eval(records: dict[str, list[DemoRecord]]) -> list[DemoRecord]:
+    """Fluent 3D emoji of the eval groups whose name both trained emoji styles share."""
+    train_labels = {r.label for r in records["noto"]} & {r.label for r in records["twemoji"]}
+    return [r for r in records[EVAL_SOURCE]
+            if r.category in EVAL_GROUPS and r.label in train_labels and _is_folder_safe(r.label)]
 
 
 def _ranked(records: list[DemoRecord], seed: int) -> list[DemoRecord]:
