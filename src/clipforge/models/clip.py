@@ -30,7 +30,7 @@ class CLIP(nn.Module):
         self.context_length = text.context_length
         self.vocab_size = text.vocab_size
         # Run the text tower only up to the last end-of-text token in the batch; exact under the
-        # causal mask (later positions cannot reach the pooled one). Turn off for torch.compile.
+        # causal mask (later positions cannot reach the pooled one). Off for fixed-shape tracing.
         self.trim_text = True
         self.transformer = Transformer(text.width, text.layers, text.heads, text.mlp_ratio, config.quick_gelu)
         self.token_embedding = nn.Embedding(text.vocab_size, text.width)
