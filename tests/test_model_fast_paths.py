@@ -83,7 +83,10 @@ def _reference_features(model, images, tokens):
     return image_features, model.ln_final(t) @ model.text_projection
 
 
-def test_model_training_loss_and_gradients_equal_the_full_token_formulation():
+def test_model_training_loss_and_gradients_equal_the_full_token_formulation(monkeypatch):
+    import clipforge.models.clip as clip_module
+
+    monkeypatch.setattr(clip_module, "MIN_GROUP_SAVING_FLOPS", 0.0)  # length groups on, as in large towers
     torch.manual_seed(0)
     model = clipforge.create_model("tiny-vit").double().train()
     images = torch.randn(6, 3, 64, 64, dtype=torch.float64)
@@ -103,7 +106,7 @@ def test_model_training_loss_and_gradients_equal_the_full_token_formulation():
     torch.testing.assert_close(fast[0], slow[0], rtol=0, atol=1e-12)
     assert fast[1].keys() == slow[1].keys() and len(fast[1]) == len(list(model.parameters()))
     for name in slow[1]:
-        torch.testing.assert_close(fast[1][name], slow[1][name], rtol=1e-9, atol=1e-12, msg=name)
+        _assert_grad_close(fast[1][name], slow[1][name], name)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -122,3 +125,61 @@ def test_explicit_cpu_attention_equals_sdpa_values_and_gradients(causal):
     assert 17 <= _CPU_EXPLICIT_ATTENTION_MAX_TOKENS  # so the explicit path is the one compared
     for ours, reference in zip(*outputs):
         torch.testing.assert_close(ours, reference, rtol=0, atol=1e-12)
+
+
+def test_length_groups_cover_every_row_once_and_never_cost_more_padding():
+    from clipforge.models.clip import length_groups
+
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        lengths = torch.randint(2, 78, (int(torch.randint(1, 200, (1,), generator=generator)),), generator=generator)
+        groups = length_groups(lengths, 4)
+        assert 1 <= len(groups) <= 4
+        assert torch.equal(torch.cat(groups).sort().values, torch.arange(len(lengths)))
+        padded = sum(int(lengths[g].max()) * len(g) for g in groups)
+        assert padded <= int(lengths.max()) * len(lengths)
+    similar = torch.tensor([13, 14, 14, 15, 14, 13, 14, 14])  # splitting saves under 10 %: one group
+    assert len(length_groups(similar, 4)) == 1
+    assert [len(g) for g in length_groups(torch.tensor([5, 5, 5, 77]), 4)] == [3, 1]
+    assert len(length_groups(torch.tensor([5, 77]), 1)) == 1
+    assert len(length_groups(torch.tensor([5, 5, 5, 77]), 4, min_saving_tokens=1000)) == 1  # a small tower
+
+
+def test_text_in_length_groups_equals_one_trimmed_batch_values_and_gradients(monkeypatch):
+    import clipforge.models.clip as clip_module
+
+    monkeypatch.setattr(clip_module, "MIN_GROUP_SAVING_FLOPS", 0.0)  # group even this tiny tower
+    torch.manual_seed(0)
+    model = clipforge.create_model("tiny-vit").double().train()
+    captions = ["a very long caption about a bicycle leaning on a wall beside a red door in the rain", "x",
+                "two cats on a mat", "a dog", "a small boat on a lake at dawn", "an apple", "a", "a frog"]
+    tokens = clipforge.tokenize(captions, context_length=model.context_length)
+    from clipforge.models.clip import length_groups
+
+    order = torch.cat(length_groups(tokens.argmax(-1) + 1, model.text_length_groups))
+    assert not torch.equal(order, order.argsort())  # several groups, in an order that is not its own inverse
+    grad_out = torch.randn(len(captions), model.config.embed_dim, dtype=torch.float64)
+
+    def run(groups):
+        model.text_length_groups = groups
+        model.zero_grad()
+        out = model.encode_text(tokens)
+        out.backward(grad_out)
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    calls = []
+    encode = model._encode_tokens
+    monkeypatch.setattr(model, "_encode_tokens", lambda *a: calls.append(a[0].shape) or encode(*a))
+    grouped, whole = run(4), run(1)
+    assert len(calls) == 3 + 1 and len({shape[1] for shape in calls[:3]}) == 3  # three trimmed groups, then one
+    torch.testing.assert_close(grouped[0], whole[0], rtol=0, atol=1e-12)
+    assert grouped[1].keys() == whole[1].keys()
+    for name in whole[1]:
+        _assert_grad_close(grouped[1][name], whole[1][name], name)
+
+
+def _assert_grad_close(ours: torch.Tensor, reference: torch.Tensor, name: str) -> None:
+    """Float64 gradients equal to 1e-12; LayerNorm's to float32 rounding, as it computes in fp32
+    (OpenAI's LayerNorm) and rows in other groups change the order of its sums."""
+    atol = 2e-6 * reference.abs().max().item() if ".ln_" in f".{name}" else 1e-12
+    torch.testing.assert_close(ours, reference, rtol=1e-9, atol=atol, msg=name)

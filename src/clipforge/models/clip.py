@@ -6,6 +6,8 @@ released OpenAI checkpoint: ``visual.*``, ``transformer.*``, ``token_embedding.w
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,6 +16,11 @@ from .config import ClipConfig, check_patch_dropout
 from .layers import LayerNorm, Transformer
 from .resnet import ModifiedResNet
 from .vit import VisionTransformer
+
+TEXT_LENGTH_GROUPS = 4  # most groups of similar caption length the text tower runs a batch in
+GROUP_COST = 0.1  # each extra group must save more than 10 % of the one-group padded tokens,
+MIN_GROUP_SAVING_FLOPS = 2e9  # and this much forward compute: a group costs ~20 kernel calls a layer
+# (demo-rn's 2-layer, 128-wide text tower at batch 64 ran 0.83x as fast with groups; ViT-B/32's gains)
 
 
 class CLIP(nn.Module):
@@ -32,6 +39,9 @@ class CLIP(nn.Module):
         # Run the text tower only up to the last end-of-text token in the batch; exact under the
         # causal mask (later positions cannot reach the pooled one). Off for fixed-shape tracing.
         self.trim_text = True
+        # With trimming, captions of very different lengths run in up to this many groups of
+        # similar length, each trimmed to its own longest (exact: captions never interact).
+        self.text_length_groups = TEXT_LENGTH_GROUPS
         self.transformer = Transformer(text.width, text.layers, text.heads, text.mlp_ratio, config.quick_gelu)
         self.token_embedding = nn.Embedding(text.vocab_size, text.width)
         self.positional_embedding = nn.Parameter(torch.empty(text.context_length, text.width))
@@ -68,13 +78,23 @@ class CLIP(nn.Module):
                 "tokenize for this model with clipforge.tokenize(texts, context_length=model.context_length)"
             )
         eot_positions = tokens.argmax(dim=-1)  # the end-of-text id is the largest id
-        if self.trim_text and tokens.shape[0] > 0:
-            tokens = tokens[:, : int(eot_positions.max()) + 1]  # (N, L') with L' <= L
-        x = self.token_embedding(tokens).to(self.dtype)  # (N, L', width)
+        if not self.trim_text or tokens.shape[0] == 0:
+            features = self._encode_tokens(tokens, eot_positions)
+        else:
+            text = self.config.text
+            token_flops = 24 * text.width ** 2 * text.layers  # forward, per token: 12 width^2 weights a layer
+            groups = length_groups(eot_positions + 1, self.text_length_groups, MIN_GROUP_SAVING_FLOPS / token_flops)
+            parts = [self._encode_tokens(tokens[rows, : int(eot_positions[rows].max()) + 1], eot_positions[rows])
+                     for rows in groups]  # each (n_g, embed_dim), trimmed to its own longest caption
+            features = parts[0] if len(parts) == 1 else torch.cat(parts)[torch.cat(groups).argsort()]  # (N, embed_dim)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def _encode_tokens(self, tokens: torch.Tensor, eot_positions: torch.Tensor) -> torch.Tensor:
+        """Text embeddings ``(N, embed_dim)`` of ``tokens`` (N, L) as given, pooled at ``eot_positions``."""
+        x = self.token_embedding(tokens).to(self.dtype)  # (N, L, width)
         x = x + self.positional_embedding[: tokens.shape[1]].to(self.dtype)
         pooled = self.transformer(x, causal=True, pool_at=eot_positions)  # (N, width): end-of-text tokens only
-        features = self.ln_final(pooled) @ self.text_projection  # (N, embed_dim)
-        return F.normalize(features, dim=-1) if normalize else features
+        return self.ln_final(pooled) @ self.text_projection  # (N, embed_dim)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits_per_image, logits_per_text)``: scaled cosine similarities, as OpenAI's."""
@@ -123,6 +143,44 @@ class CLIP(nn.Module):
         for name, param in self.named_parameters():
             if not name.startswith("visual.") and name != "logit_scale":
                 param.requires_grad_(False)
+
+
+def length_groups(lengths: torch.Tensor, max_groups: int, min_saving_tokens: float = 0.0) -> list[torch.Tensor]:
+    """Row indices of ``lengths`` (N,) in at most ``max_groups`` groups of similar length.
+
+    The groups minimise the padded tokens (each group runs at its longest length) plus, for each
+    group past the first, the larger of ``GROUP_COST`` of the one-group cost and
+    ``min_saving_tokens``, so a batch of similar lengths (or a small tower) stays whole. Dynamic
+    programming over the distinct lengths (at most the context length). One group: ``[arange(N)]``.
+    """
+    rows = torch.arange(len(lengths), device=lengths.device)
+    if max_groups <= 1 or len(lengths) < 2:
+        return [rows]
+    values, counts = torch.unique(lengths.cpu(), sorted=True, return_counts=True)
+    values, below = values.tolist(), [0, *torch.cumsum(counts, 0).tolist()]  # below[i]: rows shorter than values[i]
+    penalty = max(GROUP_COST * values[-1] * below[-1], min_saving_tokens)
+    # best[g][j]: cheapest cost of the rows with the j shortest distinct lengths in g groups; cut[g][j]: where the last starts
+    best = [[0.0] + [math.inf] * len(values)]
+    cut: list[list[int]] = [[0] * (len(values) + 1)]
+    for g in range(1, max_groups + 1):
+        row, where = [math.inf] * (len(values) + 1), [0] * (len(values) + 1)
+        row[0] = 0.0
+        for j in range(1, len(values) + 1):
+            for i in range(j):  # the last group holds distinct lengths i..j-1
+                cost = best[g - 1][i] + values[j - 1] * (below[j] - below[i]) + (penalty if g > 1 else 0.0)
+                if cost < row[j]:
+                    row[j], where[j] = cost, i
+        best.append(row)
+        cut.append(where)
+    groups_used = min(range(1, max_groups + 1), key=lambda g: (best[g][len(values)], g))
+    if groups_used == 1:
+        return [rows]
+    edges, j = [], len(values)
+    for g in range(groups_used, 0, -1):
+        edges.append(values[cut[g][j]])  # the shortest length of group g
+        j = cut[g][j]
+    group_of = torch.bucketize(lengths, torch.tensor(sorted(edges)[1:], device=lengths.device), right=True)  # (N,)
+    return [rows[group_of == g] for g in range(groups_used) if bool((group_of == g).any())]
 
 
 def pair_logits(model, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
