@@ -7,10 +7,12 @@ clamp. open_clip: ``model(images, texts)`` -> ``ClipLoss`` -> backward -> AdamW 
 model's state dict (``build_model_from_openai_state_dict``), so both start from identical weights;
 the first step's losses are printed side by side as the check.
 
-The implementations run interleaved in one process (A, B, A, B, ...) after a warm-up step each;
+The implementations run interleaved in one process (A, B, A, B, ...) after ``--warmup`` untimed
+steps each (4: open_clip's step time falls by about a fifth over its first steps, as its own
+training loop's log shows too; with one warm-up step the ratio was overstated);
 samples/s is the median over rounds, and the ratio is the median of per-round ratios, so a load
-change on a shared machine hits both sides of a pair alike. MFU counts the FLOPs the step needs
-(``torch.utils.flop_counter`` on clipforge's step, trimmed text included) against the machine's
+change on a shared machine hits both sides of a pair alike. MFU counts the FLOPs each step runs
+(``torch.utils.flop_counter``; clipforge's text trimmed, open_clip's at 77 tokens) against the machine's
 measured peak: the median of large fp32 ``torch.mm`` calls with the same threads (CPU) or bf16 on
 the GPU. Peak memory: a fresh child process per implementation runs two steps and reports its peak
 RSS above what it held before the steps (CPU, ``/proc/self/clear_refs``) or
@@ -106,9 +108,26 @@ def _build(impl: str, args, device):
     model = model.to(device).train()
     if impl.endswith("+channels_last"):
         model.visual.to(memory_format=torch.channels_last)
+    if impl.endswith("+one_text_group"):
+        model.text_length_groups = 1  # the whole batch trimmed to its longest caption, as before groups
+    if impl.endswith("+compile"):
+        from clipforge.train.main import _compile
+
+        _compile(model)  # as run.compile=true does; the warm-up step below pays the compilation
     objective = Objective("clip").to(device)
     optimizer = build_optimizer([model, objective], OptimSection(lr=1e-5))
     return _step_clipforge, (model, optimizer, objective)
+
+
+def _web_captions(count: int) -> list[str]:
+    """Captions with web-like lengths: most one sentence, some two to five (about 13 to 77 tokens)."""
+    generator = torch.Generator().manual_seed(2)
+    sentences = [1] * 10 + [2] * 3 + [3] * 2 + [5]  # how many sentences, drawn uniformly from this list
+    out = []
+    for i in range(count):
+        n = sentences[int(torch.randint(len(sentences), (1,), generator=generator))]
+        out.append(" ".join(CAPTIONS[(i + k) % len(CAPTIONS)] for k in range(n)))
+    return out
 
 
 def _batch(args, device, image_size: int, context_length: int):
@@ -116,7 +135,8 @@ def _batch(args, device, image_size: int, context_length: int):
 
     generator = torch.Generator().manual_seed(1)
     images = torch.randn(args.batch, 3, image_size, image_size, generator=generator).to(device)
-    captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(args.batch)]
+    captions = ([CAPTIONS[i % len(CAPTIONS)] for i in range(args.batch)] if args.captions == "coco"
+                else _web_captions(args.batch))
     return images, tokenize(captions, context_length=context_length, truncate=True).to(device)
 
 
@@ -188,11 +208,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="ViT-B/32")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved A/B rounds after one warm-up step each")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved A/B rounds after the warm-up steps")
+    parser.add_argument("--warmup", type=int, default=4, help="untimed steps of each implementation first")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--patch-dropout", type=float, nargs="*", default=[], help="extra clipforge rows at these shares")
     parser.add_argument("--channels-last", action="store_true", help="an extra clipforge row, image tower channels-last")
+    parser.add_argument("--compile", action="store_true", help="an extra clipforge row, towers torch.compile'd")
+    parser.add_argument("--one-text-group", action="store_true",
+                        help="an extra clipforge row, text in one trimmed batch instead of length groups")
+    parser.add_argument("--captions", default="coco", choices=["coco", "web"],
+                        help="coco: one sentence each (13-17 tokens); web: 1-5 sentences (long-tailed lengths)")
     parser.add_argument("--no-open-clip", action="store_true")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
@@ -208,13 +234,26 @@ def main(argv: list[str] | None = None) -> None:
 
     impls = ["clipforge"] + [f"clipforge@{share}" for share in args.patch_dropout]
     impls += ["clipforge+channels_last"] if args.channels_last else []
+    impls += ["clipforge+compile"] if args.compile else []
+    impls += ["clipforge+one_text_group"] if args.one_text_group else []
     impls += [] if args.no_open_clip else ["open_clip"]
     built = {impl: _build(impl, args, device) for impl in impls}
     model = built["clipforge"][1][0]
     images, tokens = _batch(args, device, model.config.vision.image_size, model.config.text.context_length)
-    first_losses = {impl: step(*state, images, tokens, autocast_dtype) for impl, (step, state) in built.items()}
+    first_losses, warm_up_s = {}, {}
+    for impl, (step, state) in built.items():
+        start = time.perf_counter()
+        first_losses[impl] = step(*state, images, tokens, autocast_dtype)
+        warm_up_s[impl] = [round(time.perf_counter() - start, 1)]
+    for _ in range(args.warmup - 1):  # step times settle over the first few steps (the allocator's pools)
+        for impl, (step, state) in built.items():
+            start = time.perf_counter()
+            step(*state, images, tokens, autocast_dtype)
+            warm_up_s[impl].append(round(time.perf_counter() - start, 1))
     print("first-step losses (same weights, same batch):", json.dumps(first_losses))
-    flops = _step_flops(*built["clipforge"], images, tokens, autocast_dtype)
+    print("warm-up step s (compilation included where compiled):", json.dumps(warm_up_s))
+    flops = {impl: _step_flops(*built[impl], images, tokens, autocast_dtype)
+             for impl in ("clipforge", "open_clip") if impl in built}  # FLOPs each step actually runs
     peak = _matmul_peak(device, torch.bfloat16 if autocast_dtype else torch.float32)
 
     seconds = {impl: [] for impl in impls}
@@ -230,18 +269,22 @@ def main(argv: list[str] | None = None) -> None:
     load = open("/proc/loadavg").read().split()[0] if device.type == "cpu" else "n/a"
     print(f"\n{args.model}, batch {args.batch}, {args.precision}, {device.type}, {args.threads} threads, "
           f"{args.rounds} rounds; load average {load}; matmul peak {peak / 1e9:.1f} GFLOP/s before, "
-          f"{peak_after / 1e9:.1f} after; clipforge step {flops / 1e9:.1f} GFLOP\n")
+          f"{peak_after / 1e9:.1f} after; step GFLOP: "
+          + ", ".join(f"{impl} {value / 1e9:.1f}" for impl, value in flops.items()) + "\n")
     print("| implementation | samples/s (median) | speed / clipforge's (median of rounds) | MFU |")
     print("|---|---|---|---|")
     base = seconds["clipforge"]
     for impl in impls:
         rate = args.batch / statistics.median(seconds[impl])
         ratio = statistics.median(b / s for b, s in zip(base, seconds[impl]))  # > 1: faster than clipforge
-        mfu = f"{flops * rate / args.batch / max(peak, peak_after):.1%}" if impl == "clipforge" else ""
+        mfu = f"{flops[impl] * rate / args.batch / max(peak, peak_after):.1%}" if impl in flops else ""
         print(f"| {impl} | {rate:.2f} | {ratio:.2f}x | {mfu} |", flush=True)
     if "open_clip" in seconds:
         speedup = statistics.median(o / c for o, c in zip(seconds["open_clip"], base))
         print(f"\nclipforge speed-up over open_clip (median of per-round ratios): {speedup:.2f}x", flush=True)
+        # The most any implementation of clipforge's FLOPs could reach: all of them at the matmul peak.
+        bound = statistics.median(seconds["open_clip"]) * max(peak, peak_after) / flops["clipforge"]
+        print(f"ceiling: clipforge's FLOPs at 100% of the peak would be {bound:.2f}x open_clip", flush=True)
     if not args.no_memory:
         print("\npeak memory of two steps above the model, fresh process each (MiB): " + ", ".join(
             f"{impl} {_memory_child(impl, list(argv or sys.argv[1:])):.0f}" for impl in impls))
