@@ -138,6 +138,22 @@ def test_length_groups_cover_every_row_once_and_never_cost_more_padding():
         assert torch.equal(torch.cat(groups).sort().values, torch.arange(len(lengths)))
         padded = sum(int(lengths[g].max()) * len(g) for g in groups)
         assert padded <= int(lengths.max()) * len(lengths)
+    import itertools
+
+    from clipforge.models.clip import GROUP_COST
+
+    for _ in range(30):  # the chosen groups cost the least of every split into runs of sorted lengths
+        lengths = torch.randint(2, 40, (int(torch.randint(2, 12, (1,), generator=generator)),), generator=generator)
+        values = sorted(set(lengths.tolist()))
+        penalty = GROUP_COST * max(values) * len(lengths)
+
+        def cost(groups):
+            return sum(int(lengths[g].max()) * len(g) for g in groups) + penalty * (len(groups) - 1)
+
+        cheapest = min(cost([torch.nonzero((lengths >= lo) & (lengths < hi)).flatten()
+                             for lo, hi in zip((0, *cuts), (*cuts, 10**9))])
+                       for k in range(4) for cuts in itertools.combinations(values[1:], k))
+        assert cost(length_groups(lengths, 4)) == pytest.approx(cheapest)
     similar = torch.tensor([13, 14, 14, 15, 14, 13, 14, 14])  # splitting saves under 10 %: one group
     assert len(length_groups(similar, 4)) == 1
     assert [len(g) for g in length_groups(torch.tensor([5, 5, 5, 77]), 4)] == [3, 1]

@@ -159,26 +159,30 @@ def length_groups(lengths: torch.Tensor, max_groups: int, min_saving_tokens: flo
     values, counts = torch.unique(lengths.cpu(), sorted=True, return_counts=True)
     values, below = values.tolist(), [0, *torch.cumsum(counts, 0).tolist()]  # below[i]: rows shorter than values[i]
     penalty = max(GROUP_COST * values[-1] * below[-1], min_saving_tokens)
-    # best[g][j]: cheapest cost of the rows with the j shortest distinct lengths in g groups; cut[g][j]: where the last starts
-    best = [[0.0] + [math.inf] * len(values)]
-    cut: list[list[int]] = [[0] * (len(values) + 1)]
+    if values[-1] * below[-1] - sum(v * c for v, c in zip(values, counts.tolist())) <= penalty:
+        return [rows]  # even one group per length would not save one group's cost
+    # best[g][j]: cheapest cost of the rows with the j shortest distinct lengths in g groups; cut[g][j]:
+    # where the last of them starts. seg[i, j]: one group of distinct lengths i..j-1 (inf unless i < j).
+    m = len(values)
+    count_below = torch.tensor(below, dtype=torch.float64)  # (m + 1,)
+    longest = torch.tensor([0.0, *values], dtype=torch.float64)  # (m + 1,): longest[j] = values[j - 1]
+    seg = longest[None, :] * (count_below[None, :] - count_below[:, None])  # (m + 1, m + 1)
+    seg = seg.masked_fill(~torch.ones(m + 1, m + 1, dtype=torch.bool).triu(1), math.inf)
+    best = [torch.tensor([0.0] + [math.inf] * m, dtype=torch.float64)]
+    cut = [torch.zeros(m + 1, dtype=torch.long)]
     for g in range(1, max_groups + 1):
-        row, where = [math.inf] * (len(values) + 1), [0] * (len(values) + 1)
+        total = best[-1][:, None] + seg + (penalty if g > 1 else 0.0)  # (m + 1, m + 1): previous groups + last
+        row, where = total.min(dim=0)  # (m + 1,) each
         row[0] = 0.0
-        for j in range(1, len(values) + 1):
-            for i in range(j):  # the last group holds distinct lengths i..j-1
-                cost = best[g - 1][i] + values[j - 1] * (below[j] - below[i]) + (penalty if g > 1 else 0.0)
-                if cost < row[j]:
-                    row[j], where[j] = cost, i
         best.append(row)
         cut.append(where)
-    groups_used = min(range(1, max_groups + 1), key=lambda g: (best[g][len(values)], g))
+    groups_used = min(range(1, max_groups + 1), key=lambda g: (float(best[g][m]), g))
     if groups_used == 1:
         return [rows]
-    edges, j = [], len(values)
+    edges, j = [], m
     for g in range(groups_used, 0, -1):
-        edges.append(values[cut[g][j]])  # the shortest length of group g
-        j = cut[g][j]
+        j = int(cut[g][j])
+        edges.append(values[j])  # the shortest length of group g
     group_of = torch.bucketize(lengths, torch.tensor(sorted(edges)[1:], device=lengths.device), right=True)  # (N,)
     return [rows[group_of == g] for g in range(groups_used) if bool((group_of == g).any())]
 
