@@ -110,6 +110,24 @@ def test_the_lock_is_released_when_training_ends_even_on_an_error(shapes, tmp_pa
     assert _train(shapes, run_dir, "--resume", "latest", steps=3) == 0  # both locks are gone
 
 
+def test_released_lock_is_free_even_while_a_forked_worker_still_holds_the_file(tmp_path):
+    """Data-loader workers forked during training inherit the lock's open file; a second training
+    in the same process right after the first must not find the folder busy."""
+    from clipforge.train.run_folder import RunFolderLock
+
+    lock = RunFolderLock(tmp_path).acquire()
+    child = os.fork()
+    if child == 0:  # a worker that outlives the training for a while
+        signal.pause()
+        os._exit(0)
+    try:
+        lock.release()
+        RunFolderLock(tmp_path).acquire().release()
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+
+
 def test_stale_temporary_checkpoints_of_dead_processes_are_removed_on_resume(shapes, tmp_path):
     run_dir = tmp_path / "run"
     assert _train(shapes, run_dir) == 0

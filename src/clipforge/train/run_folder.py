@@ -65,7 +65,12 @@ class RunFolderLock:
 
     def release(self) -> None:
         if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor releases the flock
+            import fcntl
+
+            # Unlock before closing: data-loader workers forked during the training share the open
+            # file (and so the flock) until they exit, which can be after this training returns.
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
             self.fd = None
 
     def __enter__(self) -> "RunFolderLock":
