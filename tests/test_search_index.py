@@ -143,7 +143,7 @@ def test_killed_build_leaves_previous_index_usable(tmp_path):
     assert main(["index", str(tmp_path), "--factory", "Flat", "--quiet"]) == 0
     before = (tmp_path / "image.index.json").read_text()
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    for delay in (2.0, 4.0):  # killed while training/filling an HNSW graph of 60k vectors
+    for delay in (1.0, 2.0):  # killed while training/filling an HNSW graph of 60k vectors
         process = subprocess.Popen([sys.executable, "-m", "clipforge.cli", "index", str(tmp_path), "--factory",
                                     "HNSW32", "--quiet"], env=env, stderr=subprocess.DEVNULL)
         time.sleep(delay)
@@ -151,8 +151,10 @@ def test_killed_build_leaves_previous_index_usable(tmp_path):
             pytest.skip("the build finished before the kill; nothing to test on this machine")
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
-        assert (tmp_path / "image.index.json").read_text() == before
         index = faiss.read_index(str(tmp_path / "image.index"))
+        if (tmp_path / "image.index.json").read_text() != before:  # it finished just before the kill landed:
+            assert type(index).__name__ == "IndexHNSWFlat" and index.ntotal == 60_000  # whole, never a mix
+            pytest.skip("the build finished before the kill; nothing more to test on this machine")
         assert index.ntotal == 60_000 and type(index).__name__ == "IndexFlatIP"
     assert main(["index", str(tmp_path), "--factory", "IVF256,Flat", "--quiet"]) == 0  # and a new build replaces it
     assert not list(tmp_path.glob(".image.index.*.tmp"))
