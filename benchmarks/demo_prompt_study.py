@@ -37,9 +37,9 @@ TEMPLATE_SETS = {
 }
 
 
-def _render_validation(folder: Path, cache_dir: Path) -> dict[str, str]:
+def _render_validation(folder: Path, records: dict) -> dict[str, str]:
     """Write the validation images as a class-folder tree; returns each class's emoji group."""
-    records = validation_records(read_records(cache_dir, DemoDataConfig()), DemoDataConfig())
+    records = validation_records(records, DemoDataConfig())
     for record in records:
         (folder / record.label).mkdir(parents=True, exist_ok=True)
         render_square(record.path, DemoDataConfig().image_size).save(folder / record.label / f"{record.key}.png")
@@ -71,8 +71,9 @@ def main() -> None:
     cache_dir = default_cache_dir()
     eval_dir = default_data_dir(cache_dir, DemoDataConfig()) / "eval" / "fluent3d"
     with tempfile.TemporaryDirectory() as tmp:
-        groups = _render_validation(Path(tmp), cache_dir)
-        eval_groups = {r.label: r.category for r in read_records(cache_dir, DemoDataConfig())["fluent3d"]}
+        records = read_records(cache_dir, DemoDataConfig())
+        groups = _render_validation(Path(tmp), records)
+        eval_groups = {r.label: r.category for r in records["fluent3d"]}
         splits = {"validation": (load_image_folder(tmp), groups), "eval": (load_image_folder(eval_dir), eval_groups)}
         rows = {name: {split: [] for split in splits} for name in TEMPLATE_SETS}
         for folder in args.models:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from ..files import atomic_path
 
+NOISE_ERRORS = 2.0  # the ensemble is "ahead beyond the noise" by more than this many paired standard errors
+
 GRID_IMAGES = 24  # eval images shown in predictions.png
 
 
@@ -72,7 +74,7 @@ def format_results(results: dict) -> str:
         f"{zeroshot['ensemble']['top1']:6.1%}   {zeroshot['ensemble']['top5']:6.1%}",
         f"  ensemble minus class name only: {margin['top1'] * 100:+.1f} points (paired standard error "
         f"{margin['paired_standard_error'] * 100:.1f}; {'ahead beyond' if margin['beyond_noise'] else 'within'} "
-        "the noise of 2 errors)",
+        f"the noise of {NOISE_ERRORS:g} errors)",
         f"  ensemble {'beats' if results['floor']['ensemble_beats_bare'] else 'does not beat'} bare names; "
         + (f"quality floor (20x chance = {20 * chance:.0%} top-1) {'met' if results['floor']['met'] else 'NOT met'}"
            if 20 * chance < 1 else "too few classes for the 20x-chance floor"),

@@ -38,7 +38,7 @@ import torch
 from ..runtime import log_progress as _log
 from .dataset import DemoDataConfig, DemoDataset, default_data_dir, prepare_demo_data
 from .records import with_article
-from .report import draw_prediction_grid
+from .report import NOISE_ERRORS, draw_prediction_grid
 from .search import index_demo_collections
 from .sources import default_cache_dir
 
@@ -58,7 +58,6 @@ ENSEMBLE_TEMPLATES = (
     "{}", "{}.", "an emoji of {}", "a picture of {}", "a clip art of {}",
     "an icon of {}", "a drawing of {}", "a 3D render of {}",
 )
-NOISE_ERRORS = 2.0  # the ensemble is "ahead beyond the noise" by more than this many paired standard errors
 # ``--quick``: a slice of every source and a short fixed run, to check a set-up in about a minute.
 QUICK_DATA = DemoDataConfig(max_per_source=60, openclipart_max=60, eval_classes=20, heldout_fraction=0.2)
 QUICK_STEPS, QUICK_BATCH = 40, 32

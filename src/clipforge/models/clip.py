@@ -84,9 +84,12 @@ class CLIP(nn.Module):
             text = self.config.text
             token_flops = 24 * text.width ** 2 * text.layers  # forward, per token: 12 width^2 weights a layer
             groups = length_groups(eot_positions + 1, self.text_length_groups, MIN_GROUP_SAVING_FLOPS / token_flops)
-            parts = [self._encode_tokens(tokens[rows, : int(eot_positions[rows].max()) + 1], eot_positions[rows])
-                     for rows in groups]  # each (n_g, embed_dim), trimmed to its own longest caption
-            features = parts[0] if len(parts) == 1 else torch.cat(parts)[torch.cat(groups).argsort()]  # (N, embed_dim)
+            if len(groups) == 1:
+                features = self._encode_tokens(tokens[:, : int(eot_positions.max()) + 1], eot_positions)  # (N, L')
+            else:
+                parts = [self._encode_tokens(tokens[rows, : int(eot_positions[rows].max()) + 1], eot_positions[rows])
+                         for rows in groups]  # each (n_g, embed_dim), trimmed to its own longest caption
+                features = torch.cat(parts)[torch.cat(groups).argsort()]  # (N, embed_dim), input order
         return F.normalize(features, dim=-1) if normalize else features
 
     def _encode_tokens(self, tokens: torch.Tensor, eot_positions: torch.Tensor) -> torch.Tensor:
