@@ -114,6 +114,10 @@ def _build(impl: str, args, device):
         from clipforge.train.main import _compile
 
         _compile(model)  # as run.compile=true does; the warm-up step below pays the compilation
+    else:
+        from clipforge.train.optim import sparse_token_gradients
+
+        sparse_token_gradients(model)  # as the training loop does when not compiling
     objective = Objective("clip").to(device)
     optimizer = build_optimizer([model, objective], OptimSection(lr=1e-5))
     return _step_clipforge, (model, optimizer, objective)

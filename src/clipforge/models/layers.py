@@ -38,6 +38,61 @@ class _QuickGELUFunction(torch.autograd.Function):
         return torch.ops.aten.silu_backward(grad, z)
 
 
+_QUICK_GELU_SCALE = 1.702
+
+
+class _QuickGELUMLPFunction(torch.autograd.Function):
+    """``c_proj(quick_gelu(c_fc(x)))`` for ``x`` (N, C) with one elementwise pass over the hidden
+    activations each way. With z = 1.702 (x W1^T + b1), quick_gelu = silu(z) / 1.702: the 1.702s ride
+    on the matrix multiplies' alpha and beta (free in the BLAS call), so the forward runs one SiLU
+    where the module runs a multiply, a sigmoid and a multiply, and backward one ``silu_backward``.
+    Saves x, z and silu(z), as the module path saves x, z and its output."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):
+        c = _QUICK_GELU_SCALE
+        z = torch.addmm(b1, x, w1.t(), beta=c, alpha=c)  # (N, H): c (x W1^T + b1)
+        s = F.silu(z)  # (N, H): c quick_gelu(x W1^T + b1)
+        ctx.save_for_backward(x, w1, w2, z, s)
+        return torch.addmm(b2, s, w2.t(), alpha=1.0 / c)  # (N, C)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # grad (N, C)
+        x, w1, w2, z, s = ctx.saved_tensors
+        c, nothing = _QUICK_GELU_SCALE, grad.new_zeros(())
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+        grad_w2 = torch.addmm(nothing, grad.t(), s, beta=0, alpha=1.0 / c) if need_w2 else None  # (C, H)
+        grad_b2 = grad.sum(0) if need_b2 else None
+        grad_z = torch.ops.aten.silu_backward(torch.addmm(nothing, grad, w2, beta=0, alpha=1.0 / c), z)  # (N, H)
+        grad_x = torch.addmm(nothing, grad_z, w1, beta=0, alpha=c) if need_x else None  # (N, C)
+        grad_w1 = torch.addmm(nothing, grad_z.t(), x, beta=0, alpha=c) if need_w1 else None  # (H, C)
+        grad_b1 = grad_z.sum(0).mul_(c) if need_b1 else None
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
+
+
+def _fused_mlp_applies(x: torch.Tensor, mlp: nn.Module) -> bool:
+    """Whether ``_QuickGELUMLPFunction`` may stand in for ``mlp``: a QuickGELU MLP in a step that
+    builds a graph, weights of ``x``'s dtype, no autocast (its casts are the module's business) and
+    no compiler (inductor fuses the module path itself)."""
+    if not isinstance(mlp.gelu, QuickGELU) or not torch.is_grad_enabled():
+        return False
+    if not (x.requires_grad or mlp.c_fc.weight.requires_grad or mlp.c_proj.weight.requires_grad):
+        return False
+    if x.dtype != mlp.c_fc.weight.dtype or torch.is_autocast_enabled(x.device.type):
+        return False
+    return not torch.compiler.is_compiling()
+
+
+def run_mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``mlp(x)`` for ``x`` (..., C): the fused QuickGELU MLP when it applies, the module otherwise."""
+    if not _fused_mlp_applies(x, mlp):
+        return mlp(x)
+    flat = x.reshape(-1, x.shape[-1])  # (N, C)
+    out = _QuickGELUMLPFunction.apply(flat, mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias)
+    return out.view(*x.shape[:-1], out.shape[-1])  # (..., C)
+
+
 class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x): the GELU approximation OpenAI's weights were trained with."""
 
@@ -97,12 +152,21 @@ class Attention(nn.Module):
         batch, seq, width = x.shape
         head_dim = width // self.heads
         rows = torch.arange(batch, device=x.device)
-        # One projection with the whole fused weight (not slices of it: exported graphs keep one
-        # quantisable MatMul per block), queries then read at the pooled positions only.
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, T, 3C)
-        qkv = qkv.view(batch, seq, 3, self.heads, head_dim)  # (B, T, 3, heads, head_dim)
-        q = qkv[rows, positions, 0].unsqueeze(2)  # (B, heads, 1, head_dim)
-        k, v = qkv[:, :, 1:].permute(2, 0, 3, 1, 4).unbind(0)  # views, each (B, heads, T, head_dim)
+        if torch.is_grad_enabled() and (x.requires_grad or self.in_proj_weight.requires_grad):
+            # Training: queries projected at the pooled positions only (no zero-filled gradient of
+            # the other tokens' queries either); split, not sliced, so backward concatenates.
+            w_q, w_kv = self.in_proj_weight.split([width, 2 * width])
+            b_q, b_kv = self.in_proj_bias.split([width, 2 * width])
+            q = F.linear(x[rows, positions], w_q, b_q).view(batch, self.heads, 1, head_dim)  # (B, heads, 1, head_dim)
+            kv = F.linear(x, w_kv, b_kv).view(batch, seq, 2, self.heads, head_dim)  # (B, T, 2, heads, head_dim)
+            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # views, each (B, heads, T, head_dim)
+        else:
+            # Inference and export: one projection with the whole fused weight (exported graphs keep
+            # one quantisable MatMul per block), queries then read at the pooled positions only.
+            qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, T, 3C)
+            qkv = qkv.view(batch, seq, 3, self.heads, head_dim)  # (B, T, 3, heads, head_dim)
+            q = qkv[rows, positions, 0].unsqueeze(2)  # (B, heads, 1, head_dim)
+            k, v = qkv[:, :, 1:].permute(2, 0, 3, 1, 4).unbind(0)  # views, each (B, heads, T, head_dim)
         mask = None
         if causal:  # the query at position p sees keys 0..p, as row p of the causal mask
             mask = (torch.arange(seq, device=x.device) <= positions[:, None]).view(batch, 1, 1, seq)  # (B, 1, 1, T)
@@ -130,10 +194,10 @@ class ResidualAttentionBlock(nn.Module):
         ``(B, 1, C)``, computed without the other tokens' attention and MLP (exact: nothing else reads them)."""
         if pool_at is None:
             x = x + self.attn(self.ln_1(x), causal=causal)
-            return x + self.mlp(self.ln_2(x))
+            return x + run_mlp(self.mlp, self.ln_2(x))
         pooled = x[torch.arange(x.shape[0], device=x.device), pool_at].unsqueeze(1)  # (B, 1, C)
         pooled = pooled + self.attn.forward_at(self.ln_1(x), pool_at, causal=causal)
-        return pooled + self.mlp(self.ln_2(pooled))
+        return pooled + run_mlp(self.mlp, self.ln_2(pooled))
 
 
 class Transformer(nn.Module):

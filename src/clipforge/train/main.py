@@ -59,7 +59,7 @@ from .config import TrainConfig, validate
 from .distributed_setup import DistributedContext, cleanup_distributed, init_distributed, read_environment
 from .evaluation import PeriodicEvaluation
 from .loop import Run, TrainingStopped, TrainResult, data_lanes, epoch_loader, run_loop
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, sparse_token_gradients
 
 CONFIG_FILE = "train_config.json"  # the resolved config, saved in the run folder
 
@@ -208,6 +208,8 @@ def _build_run(config: TrainConfig, context: DistributedContext, dataset, resume
         model.visual.to(memory_format=torch.channels_last)  # same values; convolutions run faster
     if config.model.compile:
         _compile(model)
+    else:  # compiled graphs keep the dense embedding backward
+        sparse_token_gradients(model)
     objective = Objective(config.loss.kind, config.loss.tile_size).to(context.device)
     optimizer = build_optimizer([model, objective], config.optim)
     context_length = model.config.text.context_length

@@ -49,6 +49,33 @@ def build_optimizer(modules: Iterable[nn.Module], config: OptimSection) -> torch
         return torch.optim.AdamW(groups, **settings)
 
 
+def sparse_token_gradients(model: nn.Module) -> None:
+    """Let the token embedding's backward touch only the rows a batch uses, with the same dense
+    ``.grad`` for the optimizer afterwards.
+
+    The dense embedding backward allocates and zero-fills the whole table's gradient every step
+    (ViT-B/32: 49,408 x 512 floats, 101 MB; 70-145 ms of a 6.5 s CPU step, mostly page faults
+    on the fresh allocation). Here the backward yields a sparse gradient, and a hook adds it into
+    one dense buffer that lives as long as the model: zeroed in place each step, never
+    reallocated. The values equal the dense backward's (the same sums per row); further
+    backwards of the same step (gradient caching's chunks) add into that dense ``.grad``.
+    """
+    embedding = getattr(model, "token_embedding", None)
+    if not isinstance(embedding, nn.Embedding) or not embedding.weight.requires_grad:
+        return
+    dense = torch.zeros_like(embedding.weight)  # (vocab, width), reused every step
+
+    def densify(weight: torch.Tensor) -> None:
+        grad = weight.grad
+        if grad is not None and grad.is_sparse:
+            dense.zero_()
+            dense.index_add_(0, grad._indices()[0], grad._values())  # (vocab, width): summed per row
+            weight.grad = dense
+
+    embedding.sparse = True
+    embedding.weight.register_post_accumulate_grad_hook(densify)
+
+
 def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:
     """Learning-rate multiplier at optimizer step ``step`` (0-based).
 
