@@ -48,7 +48,8 @@ BATCH_SIZE = 64  # contrastive batch; 64 beat 128 in the same minutes (twice the
 LEARNING_RATE = 1e-3  # peak; small towers trained from scratch take a higher rate than the paper's 5e-4
 WEIGHT_DECAY = 0.1
 WARMUP_FRACTION = 0.05  # of all steps
-CALIBRATION_STEPS = 8  # trainer steps timed to size the run (the first half is warm-up, not timed)
+CALIBRATION_STEPS = 24  # trainer steps timed to size the run (the first half is warm-up, not timed; 4 timed
+# steps of demo-rn, about 0.6 s, misjudged the speed by up to a fifth)
 CHECKPOINT_SECONDS = 60  # aim for a checkpoint about this often, so an interruption costs little
 EVALUATIONS = 8  # zero-shot and held-out evaluations while training (curves.png), besides the final one
 # Prompt ensemble: the caption styles of the training data ("a bagel", "an emoji of a bagel",
