@@ -50,7 +50,7 @@ from ..files import write_text_atomic
 from ..loss import SIGLIP_INIT_LOGIT_SCALE, Objective
 from ..models import CLIP, available_models, get_config
 from ..models.config import check_patch_dropout
-from ..runtime import autocast_dtype
+from ..runtime import autocast_dtype, retain_freed_memory
 from ..tokenizer import tokenize
 from ..transforms import image_transform
 from .resume import read_training_state, resolve_resume, set_rng_state
@@ -76,6 +76,8 @@ def train(config: TrainConfig, overwrite: bool = False) -> TrainResult:
     """
     context = read_environment(config.device)
     validate(config, context.world_size, context.device.type)
+    if context.device.type == "cpu":
+        retain_freed_memory()  # no page faults re-mapping each step's activations
     if config.model.init_checkpoint is None:  # unknown model, or patch dropout on a ResNet: fail now
         check_patch_dropout(config.model.patch_dropout, get_config(config.model.name).vision.is_resnet)
     if config.run.tensorboard and importlib.util.find_spec("tensorboard") is None:
