@@ -98,7 +98,7 @@ def retain_freed_memory() -> bool:
 
     glibc's malloc returns large freed blocks to the kernel, so every CPU training step
     page-faults its activations in again (ViT-B/32 at batch 32: 23,000-67,000 faults a step, the
-    step 3-7% slower than without them). After this call blocks up to 32 MiB come from the heap
+    step 3-8% slower than without them). After this call blocks up to 32 MiB come from the heap
     and its free top is kept: the process holds its peak memory until it exits. Returns whether
     it applied (glibc on Linux); elsewhere it does nothing.
     """

@@ -20,6 +20,15 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
 
+_QUICK_GELU_SCALE = 1.702  # QuickGELU(x) = x sigmoid(1.702 x)
+
+
+def builds_graph(*tensors: torch.Tensor) -> bool:
+    """Whether an op on ``tensors`` records autograd history: the test every training-only fast path
+    (fused MLP, pooled queries, patch matmul, QuickGELU's backward) takes before standing in."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 class _QuickGELUFunction(torch.autograd.Function):
     """x * sigmoid(1.702 x) with a one-kernel backward: with z = 1.702 x, d/dx = sigmoid(z) (1 + z (1 -
     sigmoid(z))), which is exactly SiLU's derivative at z. Saves z alone (autograd would save x and
@@ -27,7 +36,7 @@ class _QuickGELUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        z = 1.702 * x
+        z = _QUICK_GELU_SCALE * x
         ctx.save_for_backward(z)
         return x * torch.sigmoid(z)
 
@@ -36,9 +45,6 @@ class _QuickGELUFunction(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (z,) = ctx.saved_tensors
         return torch.ops.aten.silu_backward(grad, z)
-
-
-_QUICK_GELU_SCALE = 1.702
 
 
 class _QuickGELUMLPFunction(torch.autograd.Function):
@@ -75,9 +81,7 @@ def _fused_mlp_applies(x: torch.Tensor, mlp: nn.Module) -> bool:
     """Whether ``_QuickGELUMLPFunction`` may stand in for ``mlp``: a QuickGELU MLP in a step that
     builds a graph, weights of ``x``'s dtype, no autocast (its casts are the module's business) and
     no compiler (inductor fuses the module path itself)."""
-    if not isinstance(mlp.gelu, QuickGELU) or not torch.is_grad_enabled():
-        return False
-    if not (x.requires_grad or mlp.c_fc.weight.requires_grad or mlp.c_proj.weight.requires_grad):
+    if not isinstance(mlp.gelu, QuickGELU) or not builds_graph(x, mlp.c_fc.weight, mlp.c_proj.weight):
         return False
     if x.dtype != mlp.c_fc.weight.dtype or torch.is_autocast_enabled(x.device.type):
         return False
@@ -97,9 +101,9 @@ class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x): the GELU approximation OpenAI's weights were trained with."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.requires_grad and torch.is_grad_enabled():
+        if builds_graph(x):
             return _QuickGELUFunction.apply(x)
-        return x * torch.sigmoid(1.702 * x)
+        return x * torch.sigmoid(_QUICK_GELU_SCALE * x)
 
 
 # On CPU, sequences up to this length attend faster through two plain matmuls and a softmax than
@@ -152,7 +156,7 @@ class Attention(nn.Module):
         batch, seq, width = x.shape
         head_dim = width // self.heads
         rows = torch.arange(batch, device=x.device)
-        if torch.is_grad_enabled() and (x.requires_grad or self.in_proj_weight.requires_grad):
+        if builds_graph(x, self.in_proj_weight):
             # Training: queries projected at the pooled positions only (no zero-filled gradient of
             # the other tokens' queries either); split, not sliced, so backward concatenates.
             w_q, w_kv = self.in_proj_weight.split([width, 2 * width])

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .config import VisionConfig, check_patch_dropout
-from .layers import LayerNorm, Transformer
+from .layers import LayerNorm, Transformer, builds_graph
 
 
 class VisionTransformer(nn.Module):
@@ -58,7 +58,7 @@ class VisionTransformer(nn.Module):
         weight = self.conv1.weight  # (width, 3, patch, patch)
         patch = weight.shape[-1]
         n, channels, height, width = x.shape
-        if not (torch.is_grad_enabled() and weight.requires_grad) or height % patch or width % patch:
+        if not builds_graph(weight) or height % patch or width % patch:
             return self.conv1(x).flatten(2).transpose(1, 2)  # (N, width, grid, grid) -> (N, grid*grid, width)
         rows, cols = height // patch, width // patch
         patches = x.reshape(n, channels, rows, patch, cols, patch)  # (N, 3, rows, patch, cols, patch)
