@@ -59,10 +59,11 @@ CAPTIONS = [
 def _step_clipforge(model, optimizer, objective, images, tokens, autocast_dtype):
     from clipforge.loss import clamp_logit_scale_
     from clipforge.train.grad_cache import contrastive_step
+    from clipforge.train.optim import gradient_norm_
 
     loss, _ = contrastive_step(model, images, tokens, lambda i, t: objective(i, t, model.logit_scale),
                                autocast_dtype=autocast_dtype)
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], math.inf)  # the loop logs it
+    gradient_norm_([p for p in model.parameters() if p.requires_grad], None)  # the loop logs it
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     clamp_logit_scale_(model.logit_scale)

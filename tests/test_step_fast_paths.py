@@ -1,12 +1,13 @@
 """The training step's exact shortcuts around the matrix multiplies: the fused QuickGELU MLP, the
-patch embedding as one matrix multiply, and sparse token-embedding gradients added into a dense
-buffer. Each against the formulation it replaces, values and gradients in float64."""
+patch embedding as one matrix multiply, sparse token-embedding gradients added into a dense
+buffer, and the gradient norm measured without a pass that multiplies by 1. Each against the
+formulation it replaces, values and gradients in float64."""
 import pytest
 import torch
 
 import clipforge
 from clipforge.models.layers import ResidualAttentionBlock, _fused_mlp_applies, run_mlp
-from clipforge.train.optim import sparse_token_gradients
+from clipforge.train.optim import gradient_norm_, sparse_token_gradients
 
 
 def _grads(tensors):
@@ -115,3 +116,29 @@ def test_sparse_token_gradients_leave_a_frozen_text_tower_alone():
     model.lock_text_tower()
     sparse_token_gradients(model)
     assert not model.token_embedding.sparse
+
+
+@pytest.mark.parametrize("max_norm", [None, 0.0, 1e9, 0.5])
+def test_gradient_norm_equals_clip_grad_norm_and_only_scales_when_clipping(max_norm):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape in [(7, 3), (5,), (2, 2, 2)]]
+    params.append(torch.nn.Parameter(torch.randn(4)))  # no gradient: left out of the norm, as torch does
+    for p in params[:3]:
+        p.grad = torch.randn_like(p) * 3
+    before = [p.grad.clone() for p in params[:3]]
+    reference = [p.detach().clone().requires_grad_() for p in params]
+    for ours, theirs in zip(params[:3], reference):
+        theirs.grad = ours.grad.clone()
+    expected = torch.nn.utils.clip_grad_norm_(reference, max_norm or float("inf"))
+
+    norm = gradient_norm_(params, max_norm)
+    assert float(norm) == float(expected) > 0.5
+    for ours, theirs, old in zip(params, reference, before):
+        assert torch.equal(ours.grad, theirs.grad)
+        if max_norm == 0.5:
+            assert not torch.equal(ours.grad, old)  # clipped: the norm is above 0.5
+        else:
+            assert torch.equal(ours.grad, old)
+    assert params[3].grad is None
+    if max_norm == 0.5:
+        assert float(torch.nn.utils.get_total_norm([p.grad for p in params[:3]])) == pytest.approx(0.5, rel=1e-5)

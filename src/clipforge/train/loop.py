@@ -27,6 +27,7 @@ from .resume import list_checkpoints, rng_state, save_checkpoint
 from .config import TrainConfig
 from .distributed_setup import DistributedContext
 from .grad_cache import contrastive_step
+from .optim import gradient_norm_
 from .log import MetricsLog, plot_curves
 
 STATE_FORMAT = 2  # version of the state.pt layout written by this loop (2: global batches, epoch_stages)
@@ -179,8 +180,7 @@ def _optimizer_step(run: Run, images: torch.Tensor, tokens: torch.Tensor) -> tup
         average_gradients(run.params)
     if scaler.is_enabled():
         scaler.unscale_(optimizer)
-    clip = run.config.optim.grad_clip_norm
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.params, clip if clip else math.inf))
+    grad_norm = float(gradient_norm_(run.params, run.config.optim.grad_clip_norm))
     loss_value = float(loss)
     if scaler.is_enabled():
         # The scaler skips steps with overflowing gradients and lowers the scale: that is how it
