@@ -110,7 +110,9 @@ def _build(impl: str, args, device):
     if impl.endswith("+channels_last"):
         model.visual.to(memory_format=torch.channels_last)
     if impl.endswith("+one_text_group"):
-        model.text_length_groups = 1  # the whole batch trimmed to its longest caption, as before groups
+        model.pack_text, model.text_length_groups = False, 1  # the batch trimmed to its longest caption, padded
+    if impl.endswith("+padded_text"):
+        model.pack_text = False  # text padded in length groups, as before packing
     if impl.endswith("+compile"):
         from clipforge.train.main import _compile
 
@@ -221,7 +223,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--channels-last", action="store_true", help="an extra clipforge row, image tower channels-last")
     parser.add_argument("--compile", action="store_true", help="an extra clipforge row, towers torch.compile'd")
     parser.add_argument("--one-text-group", action="store_true",
-                        help="an extra clipforge row, text in one trimmed batch instead of length groups")
+                        help="an extra clipforge row, text in one trimmed padded batch (neither groups nor packing)")
+    parser.add_argument("--padded-text", action="store_true",
+                        help="an extra clipforge row, training text padded in length groups instead of packed")
     parser.add_argument("--captions", default="coco", choices=["coco", "web"],
                         help="coco: one sentence each (13-17 tokens); web: 1-5 sentences (long-tailed lengths)")
     parser.add_argument("--no-open-clip", action="store_true")
@@ -241,6 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     impls += ["clipforge+channels_last"] if args.channels_last else []
     impls += ["clipforge+compile"] if args.compile else []
     impls += ["clipforge+one_text_group"] if args.one_text_group else []
+    impls += ["clipforge+padded_text"] if args.padded_text else []
     impls += [] if args.no_open_clip else ["open_clip"]
     built = {impl: _build(impl, args, device) for impl in impls}
     model = built["clipforge"][1][0]

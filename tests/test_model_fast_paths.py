@@ -180,6 +180,8 @@ def test_text_in_length_groups_equals_one_trimmed_batch_values_and_gradients(mon
     assert not torch.equal(order, order.argsort())  # several groups, in an order that is not its own inverse
     grad_out = torch.randn(len(captions), model.config.embed_dim, dtype=torch.float64)
 
+    model.pack_text = False  # training would pack instead of grouping
+
     def run(groups):
         model.text_length_groups = groups
         model.zero_grad()
@@ -196,6 +198,56 @@ def test_text_in_length_groups_equals_one_trimmed_batch_values_and_gradients(mon
     assert grouped[1].keys() == whole[1].keys()
     for name in whole[1]:
         _assert_grad_close(grouped[1][name], whole[1][name], name)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_packed_text_equals_one_trimmed_batch_values_and_gradients(monkeypatch, checkpointing):
+    import clipforge.models.clip as clip_module
+
+    monkeypatch.setattr(clip_module, "MIN_GROUP_SAVING_FLOPS", 0.0)  # pack even this tiny tower
+    torch.manual_seed(0)
+    model = clipforge.create_model("tiny-vit").double().train()
+    model.set_grad_checkpointing(checkpointing)
+    captions = ["a very long caption about a bicycle leaning on a wall beside a red door in the rain", "x",
+                "two cats on a mat", "a dog", "a small boat on a lake at dawn", "an apple", "a", "a frog"]
+    tokens = clipforge.tokenize(captions, context_length=model.context_length)
+    grad_out = torch.randn(len(captions), model.config.embed_dim, dtype=torch.float64)
+    packed_calls = []
+    encode_packed = model._encode_packed
+    monkeypatch.setattr(model, "_encode_packed", lambda *a: packed_calls.append(a[0].shape) or encode_packed(*a))
+
+    def run(pack):
+        model.pack_text = pack
+        model.text_length_groups = 1
+        model.zero_grad()
+        out = model.encode_text(tokens)
+        out.backward(grad_out)
+        return out.detach(), {n: p.grad.to_dense().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    packed, padded = run(True), run(False)
+    assert packed_calls == [(len(captions), int(tokens.argmax(-1).max()) + 1)]  # packed once, trimmed first
+    torch.testing.assert_close(packed[0], padded[0], rtol=0, atol=1e-12)
+    assert packed[1].keys() == padded[1].keys() and "token_embedding.weight" in padded[1]
+    for name in padded[1]:
+        _assert_grad_close(packed[1][name], padded[1][name], name)
+
+
+def test_text_packs_only_when_training_a_tower_worth_it(monkeypatch):
+    import clipforge.models.clip as clip_module
+
+    model = clipforge.create_model("tiny-vit").train()
+    tokens = clipforge.tokenize(["a long caption with many words in it to pad the others", "a", "b"],
+                                context_length=model.context_length)
+    lengths = tokens.argmax(-1) + 1
+    flops = 24 * model.config.text.width ** 2 * model.config.text.layers
+    assert not model._packs_text(lengths, flops)  # the padding saves less than MIN_GROUP_SAVING_FLOPS
+    monkeypatch.setattr(clip_module, "MIN_GROUP_SAVING_FLOPS", 0.0)
+    assert model._packs_text(lengths, flops)
+    with torch.no_grad():
+        assert not model._packs_text(lengths, flops)  # inference runs length groups
+    assert not model._packs_text(torch.tensor([5, 5, 5]), flops)  # nothing to drop
+    model.lock_text_tower()
+    assert not model._packs_text(lengths, flops)  # a frozen text tower builds no graph
 
 
 def _assert_grad_close(ours: torch.Tensor, reference: torch.Tensor, name: str) -> None:

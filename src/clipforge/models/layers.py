@@ -126,6 +126,11 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = Fa
     return torch.matmul(scores.softmax(dim=-1), v)  # (B, heads, Tq, d)
 
 
+def unpack_rows(rows: torch.Tensor, index: torch.Tensor, total: int) -> torch.Tensor:
+    """Packed rows ``(N, D)`` back into ``(total, D)``: row ``index[i]`` holds ``rows[i]``, the others are zero."""
+    return rows.new_zeros(total, rows.shape[-1]).index_copy(0, index, rows)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with nn.MultiheadAttention's fused parameter layout (see ``_attend``)."""
 
@@ -147,6 +152,19 @@ class Attention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, head_dim)
         out = _attend(q, k, v, causal=causal)  # (B, heads, T, head_dim)
         out = out.transpose(1, 2).reshape(batch, seq, width)  # (B, T, C)
+        return self.out_proj(out)
+
+    def forward_packed(self, x: torch.Tensor, index: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+        """Causal attention over sequences packed token by token: ``x`` (N, C) holds the tokens of a
+        ``(batch, seq)`` batch at the flat positions ``index`` (N,), each row's tokens a prefix of it.
+        Returns (N, C), equal to ``forward(causal=True)`` on the padded batch there: a padded slot is
+        zero and comes after every real token of its row, so no real query sees it."""
+        width = x.shape[-1]
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (N, 3C)
+        qkv = unpack_rows(qkv, index, batch * seq).view(batch, seq, 3, self.heads, width // self.heads)  # (B, T, 3, heads, head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, head_dim)
+        out = _attend(q, k, v, causal=True)  # (B, heads, T, head_dim)
+        out = out.transpose(1, 2).reshape(batch * seq, width)[index]  # (N, C): the real tokens
         return self.out_proj(out)
 
     def forward_at(self, x: torch.Tensor, positions: torch.Tensor, causal: bool = False) -> torch.Tensor:
@@ -193,9 +211,20 @@ class ResidualAttentionBlock(nn.Module):
         ]))
         self.ln_2 = LayerNorm(width)
 
-    def forward(self, x: torch.Tensor, causal: bool = False, pool_at: "torch.Tensor | None" = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False, pool_at: "torch.Tensor | None" = None,
+                packing: "tuple[torch.Tensor, int, int] | None" = None) -> torch.Tensor:
         """``(B, T, C)`` -> ``(B, T, C)``; with ``pool_at`` (B,) positions, only those tokens' outputs
-        ``(B, 1, C)``, computed without the other tokens' attention and MLP (exact: nothing else reads them)."""
+        ``(B, 1, C)``, computed without the other tokens' attention and MLP (exact: nothing else reads them).
+
+        ``packing`` = (index, B, T): ``x`` is ``(N, C)``, the tokens at flat positions ``index`` of a
+        causal ``(B, T)`` batch (see ``Attention.forward_packed``), and so is the output; with
+        ``pool_at`` the batch is unpacked (zeros at padding) for the pooled block."""
+        if packing is not None:
+            index, batch, seq = packing
+            if pool_at is None:
+                x = x + self.attn.forward_packed(self.ln_1(x), index, batch, seq)
+                return x + run_mlp(self.mlp, self.ln_2(x))
+            x = unpack_rows(x, index, batch * seq).view(batch, seq, x.shape[-1])  # (B, T, C)
         if pool_at is None:
             x = x + self.attn(self.ln_1(x), causal=causal)
             return x + run_mlp(self.mlp, self.ln_2(x))
@@ -227,14 +256,16 @@ class Transformer(nn.Module):
             nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
 
-    def forward(self, x: torch.Tensor, causal: bool = False, pool_at: "torch.Tensor | None" = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool = False, pool_at: "torch.Tensor | None" = None,
+                packing: "tuple[torch.Tensor, int, int] | None" = None) -> torch.Tensor:
         """``(B, T, C)`` -> ``(B, T, C)``, or with ``pool_at`` (B,) the ``(B, C)`` outputs at those positions
-        only (the towers pool one token: the last block then skips every other token's attention and MLP)."""
+        only (the towers pool one token: the last block then skips every other token's attention and MLP).
+        ``packing``: ``x`` is ``(N, C)``, packed causal tokens (see ``ResidualAttentionBlock.forward``)."""
         last = len(self.resblocks) - 1
         for index, block in enumerate(self.resblocks):
             at = pool_at if index == last else None
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, causal, at, use_reentrant=False)
+                x = checkpoint(block, x, causal, at, packing, use_reentrant=False)
             else:
-                x = block(x, causal=causal, pool_at=at)
+                x = block(x, causal=causal, pool_at=at, packing=packing)
         return x if pool_at is None or last < 0 else x.squeeze(1)  # (B, C) when pooled
