@@ -126,7 +126,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = Fa
     return torch.matmul(scores.softmax(dim=-1), v)  # (B, heads, Tq, d)
 
 
-def unpack_rows(rows: torch.Tensor, index: torch.Tensor, total: int) -> torch.Tensor:
+def _unpack_rows(rows: torch.Tensor, index: torch.Tensor, total: int) -> torch.Tensor:
     """Packed rows ``(N, D)`` back into ``(total, D)``: row ``index[i]`` holds ``rows[i]``, the others are zero."""
     return rows.new_zeros(total, rows.shape[-1]).index_copy(0, index, rows)
 
@@ -161,7 +161,7 @@ class Attention(nn.Module):
         zero and comes after every real token of its row, so no real query sees it."""
         width = x.shape[-1]
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (N, 3C)
-        qkv = unpack_rows(qkv, index, batch * seq).view(batch, seq, 3, self.heads, width // self.heads)  # (B, T, 3, heads, head_dim)
+        qkv = _unpack_rows(qkv, index, batch * seq).view(batch, seq, 3, self.heads, width // self.heads)  # (B, T, 3, heads, head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, head_dim)
         out = _attend(q, k, v, causal=True)  # (B, heads, T, head_dim)
         out = out.transpose(1, 2).reshape(batch * seq, width)[index]  # (N, C): the real tokens
@@ -224,7 +224,7 @@ class ResidualAttentionBlock(nn.Module):
             if pool_at is None:
                 x = x + self.attn.forward_packed(self.ln_1(x), index, batch, seq)
                 return x + run_mlp(self.mlp, self.ln_2(x))
-            x = unpack_rows(x, index, batch * seq).view(batch, seq, x.shape[-1])  # (B, T, C)
+            x = _unpack_rows(x, index, batch * seq).view(batch, seq, x.shape[-1])  # (B, T, C)
         if pool_at is None:
             x = x + self.attn(self.ln_1(x), causal=causal)
             return x + run_mlp(self.mlp, self.ln_2(x))
