@@ -191,7 +191,7 @@ def test_text_in_length_groups_equals_one_trimmed_batch_values_and_gradients(mon
 
     calls = []
     encode = model._encode_tokens
-    monkeypatch.setattr(model, "_encode_tokens", lambda *a: calls.append(a[0].shape) or encode(*a))
+    monkeypatch.setattr(model, "_encode_tokens", lambda *a, **k: calls.append(a[0].shape) or encode(*a, **k))
     grouped, whole = run(4), run(1)
     assert len(calls) == 3 + 1 and len({shape[1] for shape in calls[:3]}) == 3  # three trimmed groups, then one
     torch.testing.assert_close(grouped[0], whole[0], rtol=0, atol=1e-12)
@@ -213,8 +213,14 @@ def test_packed_text_equals_one_trimmed_batch_values_and_gradients(monkeypatch, 
     tokens = clipforge.tokenize(captions, context_length=model.context_length)
     grad_out = torch.randn(len(captions), model.config.embed_dim, dtype=torch.float64)
     packed_calls = []
-    encode_packed = model._encode_packed
-    monkeypatch.setattr(model, "_encode_packed", lambda *a: packed_calls.append(a[0].shape) or encode_packed(*a))
+    encode = model._encode_tokens
+
+    def record(tokens, eot_positions, packed=False):
+        if packed:
+            packed_calls.append(tokens.shape)
+        return encode(tokens, eot_positions, packed=packed)
+
+    monkeypatch.setattr(model, "_encode_tokens", record)
 
     def run(pack):
         model.pack_text = pack
@@ -240,14 +246,14 @@ def test_text_packs_only_when_training_a_tower_worth_it(monkeypatch):
                                 context_length=model.context_length)
     lengths = tokens.argmax(-1) + 1
     flops = 24 * model.config.text.width ** 2 * model.config.text.layers
-    assert not model._packs_text(lengths, flops)  # the padding saves less than MIN_GROUP_SAVING_FLOPS
+    assert not model._packs_text(lengths, int(lengths.max()), flops)  # the padding saves less than MIN_GROUP_SAVING_FLOPS
     monkeypatch.setattr(clip_module, "MIN_GROUP_SAVING_FLOPS", 0.0)
-    assert model._packs_text(lengths, flops)
+    assert model._packs_text(lengths, int(lengths.max()), flops)
     with torch.no_grad():
-        assert not model._packs_text(lengths, flops)  # inference runs length groups
-    assert not model._packs_text(torch.tensor([5, 5, 5]), flops)  # nothing to drop
+        assert not model._packs_text(lengths, int(lengths.max()), flops)  # inference runs length groups
+    assert not model._packs_text(torch.tensor([5, 5, 5]), 5, flops)  # nothing to drop
     model.lock_text_tower()
-    assert not model._packs_text(lengths, flops)  # a frozen text tower builds no graph
+    assert not model._packs_text(lengths, int(lengths.max()), flops)  # a frozen text tower builds no graph
 
 
 def _assert_grad_close(ours: torch.Tensor, reference: torch.Tensor, name: str) -> None:

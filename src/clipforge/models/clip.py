@@ -43,7 +43,7 @@ class CLIP(nn.Module):
         # similar length, each trimmed to its own longest (exact: captions never interact).
         self.text_length_groups = TEXT_LENGTH_GROUPS
         # In training, the text tower's projections and MLPs run on the real tokens only, packed
-        # (exact, see _encode_packed); attention still sees the padded batch.
+        # (exact, see _encode_tokens); attention still sees the padded batch.
         self.pack_text = True
         self.transformer = Transformer(text.width, text.layers, text.heads, text.mlp_ratio, config.quick_gelu)
         self.token_embedding = nn.Embedding(text.vocab_size, text.width)
@@ -86,45 +86,47 @@ class CLIP(nn.Module):
         else:
             text = self.config.text
             token_flops = 24 * text.width ** 2 * text.layers  # forward, per token: 12 width^2 weights a layer
-            if self._packs_text(eot_positions + 1, token_flops):
-                return self._encode_packed(tokens[:, : int(eot_positions.max()) + 1], eot_positions, normalize)
-            groups = length_groups(eot_positions + 1, self.text_length_groups, MIN_GROUP_SAVING_FLOPS / token_flops)
-            if len(groups) == 1:
-                features = self._encode_tokens(tokens[:, : int(eot_positions.max()) + 1], eot_positions)  # (N, L')
+            lengths = eot_positions + 1
+            longest = int(lengths.max())
+            packed = self._packs_text(lengths, longest, token_flops)
+            groups = None if packed else length_groups(lengths, self.text_length_groups,
+                                                       MIN_GROUP_SAVING_FLOPS / token_flops)
+            if groups is None or len(groups) == 1:  # one batch trimmed to its longest caption (N, L')
+                features = self._encode_tokens(tokens[:, :longest], eot_positions, packed=packed)
             else:
                 parts = [self._encode_tokens(tokens[rows, : int(eot_positions[rows].max()) + 1], eot_positions[rows])
                          for rows in groups]  # each (n_g, embed_dim), trimmed to its own longest caption
                 features = torch.cat(parts)[torch.cat(groups).argsort()]  # (N, embed_dim), input order
         return F.normalize(features, dim=-1) if normalize else features
 
-    def _packs_text(self, lengths: torch.Tensor, token_flops: float) -> bool:
-        """Whether training runs this batch's captions packed (see ``_encode_packed``): the text tower
+    def _packs_text(self, lengths: torch.Tensor, longest: int, token_flops: float) -> bool:
+        """Whether training runs this batch's captions packed (see ``_encode_tokens``): the text tower
         builds a graph, no compiler (packing has data-dependent shapes), and the padding it drops is
         worth ``MIN_GROUP_SAVING_FLOPS`` (a small tower runs faster padded)."""
         if not self.pack_text or self.transformer.layers < 1 or not builds_graph(*self.transformer.parameters()):
             return False
-        padding = int(lengths.max()) * len(lengths) - int(lengths.sum())  # tokens after the end-of-text
+        padding = longest * len(lengths) - int(lengths.sum())  # tokens after the end-of-text
         return 0 < padding and padding * token_flops >= MIN_GROUP_SAVING_FLOPS and not torch.compiler.is_compiling()
 
-    def _encode_packed(self, tokens: torch.Tensor, eot_positions: torch.Tensor, normalize: bool) -> torch.Tensor:
-        """Text embeddings ``(N, embed_dim)`` with every layer's projections and MLP run on the real
-        tokens alone (up to each caption's end-of-text), attention on the padded batch; exact, as
-        nothing causally after an end-of-text token reaches it. Training only: length groups do the
-        same job without a graph, and exported graphs keep fixed shapes."""
-        batch, seq = tokens.shape
-        real = torch.arange(seq, device=tokens.device) <= eot_positions[:, None]  # (N, L): up to end-of-text
-        index = real.view(-1).nonzero().squeeze(1)  # (T,): flat positions n * L + t of the real tokens
-        x = self.token_embedding(tokens.reshape(-1)[index]).to(self.dtype)  # (T, width)
-        x = x + self.positional_embedding[index % seq].to(self.dtype)
-        pooled = self.transformer(x, causal=True, pool_at=eot_positions, packing=(index, batch, seq))  # (N, width)
-        features = self.ln_final(pooled) @ self.text_projection  # (N, embed_dim)
-        return F.normalize(features, dim=-1) if normalize else features
+    def _encode_tokens(self, tokens: torch.Tensor, eot_positions: torch.Tensor, packed: bool = False) -> torch.Tensor:
+        """Text embeddings ``(N, embed_dim)`` of ``tokens`` (N, L) as given, pooled at ``eot_positions``.
 
-    def _encode_tokens(self, tokens: torch.Tensor, eot_positions: torch.Tensor) -> torch.Tensor:
-        """Text embeddings ``(N, embed_dim)`` of ``tokens`` (N, L) as given, pooled at ``eot_positions``."""
-        x = self.token_embedding(tokens).to(self.dtype)  # (N, L, width)
-        x = x + self.positional_embedding[: tokens.shape[1]].to(self.dtype)
-        pooled = self.transformer(x, causal=True, pool_at=eot_positions)  # (N, width): end-of-text tokens only
+        ``packed``: every layer's projections and MLP run on the real tokens alone (up to each
+        caption's end-of-text), attention on the padded batch; exact, as nothing causally after an
+        end-of-text token reaches it. Training only: length groups do the same job without a
+        graph, and exported graphs keep fixed shapes."""
+        batch, seq = tokens.shape
+        packing = None
+        if packed:
+            real = torch.arange(seq, device=tokens.device) <= eot_positions[:, None]  # (N, L): up to end-of-text
+            index = real.view(-1).nonzero().squeeze(1)  # (T,): flat positions n * L + t of the real tokens
+            x = self.token_embedding(tokens.reshape(-1)[index]).to(self.dtype)  # (T, width)
+            x = x + self.positional_embedding[index % seq].to(self.dtype)
+            packing = (index, batch, seq)
+        else:
+            x = self.token_embedding(tokens).to(self.dtype)  # (N, L, width)
+            x = x + self.positional_embedding[:seq].to(self.dtype)
+        pooled = self.transformer(x, causal=True, pool_at=eot_positions, packing=packing)  # (N, width): end-of-text tokens only
         return self.ln_final(pooled) @ self.text_projection  # (N, embed_dim)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

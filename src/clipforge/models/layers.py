@@ -146,25 +146,25 @@ class Attention(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        batch, seq, width = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, T, 3C)
+        return self.out_proj(self._attend_projected(qkv, causal))
+
+    def _attend_projected(self, qkv: torch.Tensor, causal: bool) -> torch.Tensor:
+        """Attention of projected ``qkv`` (B, T, 3C), before the output projection: (B, T, C)."""
+        batch, seq, width = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         qkv = qkv.view(batch, seq, 3, self.heads, width // self.heads)  # (B, T, 3, heads, head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, head_dim)
         out = _attend(q, k, v, causal=causal)  # (B, heads, T, head_dim)
-        out = out.transpose(1, 2).reshape(batch, seq, width)  # (B, T, C)
-        return self.out_proj(out)
+        return out.transpose(1, 2).reshape(batch, seq, width)  # (B, T, C)
 
     def forward_packed(self, x: torch.Tensor, index: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
         """Causal attention over sequences packed token by token: ``x`` (N, C) holds the tokens of a
         ``(batch, seq)`` batch at the flat positions ``index`` (N,), each row's tokens a prefix of it.
         Returns (N, C), equal to ``forward(causal=True)`` on the padded batch there: a padded slot is
         zero and comes after every real token of its row, so no real query sees it."""
-        width = x.shape[-1]
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (N, 3C)
-        qkv = _unpack_rows(qkv, index, batch * seq).view(batch, seq, 3, self.heads, width // self.heads)  # (B, T, 3, heads, head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, head_dim)
-        out = _attend(q, k, v, causal=True)  # (B, heads, T, head_dim)
-        out = out.transpose(1, 2).reshape(batch * seq, width)[index]  # (N, C): the real tokens
+        qkv = _unpack_rows(qkv, index, batch * seq).view(batch, seq, qkv.shape[-1])  # (B, T, 3C)
+        out = self._attend_projected(qkv, causal=True).view(batch * seq, x.shape[-1])[index]  # (N, C): real tokens
         return self.out_proj(out)
 
     def forward_at(self, x: torch.Tensor, positions: torch.Tensor, causal: bool = False) -> torch.Tensor:
