@@ -21,7 +21,7 @@ from clipforge.cli import demo as cli_demo
 from clipforge.demo.dataset import DemoDataConfig, prepare_demo_data
 from clipforge.demo.sources import DemoSourceError
 from clipforge.train import loop
-from clipforge.train.resume import list_checkpoints
+from clipforge.train.resume import list_checkpoints, read_training_state
 
 pytestmark = pytest.mark.slow  # trains, spawns processes or serves: left out of -m 'not slow'
 
@@ -148,6 +148,26 @@ def test_interrupted_training_resumes_and_a_finished_run_is_only_evaluated(
     again = _run(run_dir, cache_dir, data_dir)
     assert again.results["resumed_from_step"] == STEPS
     assert again.results["zeroshot"] == resumed.results["zeroshot"]
+
+
+def test_a_timed_run_trains_to_its_budget_and_is_then_only_evaluated(cache_dir: Path, data_dir: Path, tmp_path: Path):
+    """Without ``steps`` the demo measures its speed, plans, and hands the trainer the minutes left,
+    which re-plans from the speed it sees; a second call finds the run finished."""
+    run_dir = tmp_path / "timed"
+    timed = demo.run_demo(run_dir, minutes=0.3, model="tiny-vit", data_dir=data_dir, threads=1, batch_size=BATCH,
+                          cache_dir=cache_dir, data_config=SLICE, install=False, progress=False)
+    results = timed.results
+    saved = json.loads((run_dir / "train_config.json").read_text())
+    assert 0 < saved["minutes"] < 0.3 and saved["steps"] == results["planned_steps"] >= 1
+    final = list_checkpoints(run_dir)[-1]
+    assert final.name == f"step_{results['steps']:08d}"
+    state = read_training_state(final)
+    assert state["step"] == state["total_steps"] == results["steps"]
+    assert results["epochs"] == pytest.approx(results["steps"] * BATCH / results["data"]["train_images"], abs=0.01)
+    again = demo.run_demo(run_dir, minutes=0.3, model="tiny-vit", data_dir=data_dir, threads=1, batch_size=BATCH,
+                          cache_dir=cache_dir, data_config=SLICE, install=False, progress=False)
+    assert again.results["resumed_from_step"] == again.results["steps"] == results["steps"]
+    assert [p.name for p in list_checkpoints(run_dir)] == [final.name]
 
 
 def test_resuming_with_another_model_names_the_run_folder(finished: demo.DemoResult, cache_dir: Path, data_dir: Path):

@@ -7,6 +7,7 @@ way, through :mod:`clipforge.runtime`.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -22,6 +23,17 @@ def positive_int(text: str) -> int:
 def non_negative_int(text: str) -> int:
     """argparse type of a count that may be 0 (worker processes)."""
     return _int_at_least(text, 0)
+
+
+def positive_float(text: str) -> float:
+    """argparse type of a finite amount above 0 (minutes)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
+    return value
 
 
 def _int_at_least(text: str, low: int) -> int:

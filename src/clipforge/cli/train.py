@@ -5,6 +5,7 @@ Examples::
     clipforge train --preset tiny --data pairs.csv --run-dir runs/tiny
     clipforge train --preset paper_vit_b32 --data 'shards/data-{0000..0999}.tar'
     clipforge train --run-dir runs/tiny --resume latest
+    clipforge train --preset tiny --data pairs.csv --steps 2000 --minutes 10   # whatever fits in 10 minutes
     torchrun --nproc_per_node=8 -m clipforge.cli train --preset paper_vit_b32 --data ...
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 from pathlib import Path
 
 from . import CliError
-from ._common import positive_int
+from ._common import positive_float, positive_int
 
 # Direct flags: the settings people change most, as shorthand for --set.
 _SHORTHANDS = {
@@ -25,6 +26,7 @@ _SHORTHANDS = {
     "chunk_size": "chunk_size",
     "steps": "steps",
     "epochs": "epochs",
+    "minutes": "minutes",
     "lr": "optim.lr",
     "precision": "precision",
     "device": "device",
@@ -53,6 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     size.add_argument("--chunk-size", type=positive_int, metavar="N", help="pairs per encoder pass per process (accumulation)")
     size.add_argument("--steps", type=positive_int, metavar="N", help="optimizer steps (overrides --epochs)")
     size.add_argument("--epochs", type=positive_int, metavar="N")
+    size.add_argument("--minutes", type=positive_float, metavar="M",
+                      help="end after about M minutes: the step count (--steps/--epochs: the first plan) is "
+                           "re-planned from the measured speed")
     size.add_argument("--lr", type=float, metavar="LR", help="peak learning rate")
     size.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
     size.add_argument("--device", metavar="auto|cpu|cuda|cuda:N", help="where to train (default: auto, CUDA when available)")

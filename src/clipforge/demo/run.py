@@ -266,30 +266,45 @@ def _train(run_dir: Path, dataset: DemoDataset, model: str, minutes: float, step
             samples_per_s, startup = measure_speed(probe, run_dir / "calibration", progress)
             calibrate_seconds = round(time.perf_counter() - started, 1)
             budget = minutes * 60 - calibrate_seconds - startup
-            # 3 % of the time for checkpoints, 5 % for the evaluations while training
+            # The first plan (3 % of the time for checkpoints, 5 % for the evaluations while training);
+            # the trainer re-plans it from the speed it measures, to end within the budget.
             steps = max(1, math.floor(0.92 * budget * samples_per_s / batch_size))
         config = demo_train_config(model, dataset.train_captions, run_dir, steps, batch_size, device)
         add_demo_evaluation(config, dataset)
         if samples_per_s:
+            config.minutes = max(budget, 1.0) / 60
             config.run.checkpoint_every = max(10, round(CHECKPOINT_SECONDS * samples_per_s / batch_size))
     epochs = config.steps * config.batch_size / dataset.counts["train_images"]
-    if resumed_from is not None and resumed_from >= config.steps:
-        _log(progress, f"demo: training already finished in {run_dir} ({config.steps} steps); evaluating again")
+    if resumed_from is not None and _finished(found[-1]):
+        _log(progress, f"demo: training already finished in {run_dir} ({resumed_from} steps); evaluating again")
     else:
         if resumed_from is not None:
             config.run.resume = "latest"
             _log(progress, f"demo: resuming {run_dir} at step {resumed_from} of {config.steps}")
         else:
-            _log(progress, f"demo: training {model} for {config.steps} steps of {config.batch_size} pairs "
+            planned = f"about {config.minutes:.1f} minutes, planned at " if config.minutes else ""
+            _log(progress, f"demo: training {model} for {planned}{config.steps} steps of {config.batch_size} pairs "
                            f"({epochs:.1f} epochs) in {run_dir}")
         config.run.progress = progress
         train(config)
     final = list_checkpoints(run_dir)[-1]
     save(load_model(final), run_dir / "model")  # weights only: the folder a user loads
     losses = [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r and math.isfinite(r["loss"])]
-    return {"model": model, "steps": config.steps, "batch_size": config.batch_size, "epochs": round(epochs, 2),
+    steps_done = int(final.name.removeprefix("step_"))
+    epochs = steps_done * config.batch_size / dataset.counts["train_images"]
+    return {"model": model, "steps": steps_done, "planned_steps": config.steps, "batch_size": config.batch_size,
+            "epochs": round(epochs, 2),
             "measured_samples_per_s": samples_per_s and round(samples_per_s, 1), "resumed_from_step": resumed_from,
             "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None}, calibrate_seconds
+
+
+def _finished(checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` is its run's last step (a ``minutes`` run's total is re-planned, so the
+    checkpoint's own record of it decides)."""
+    from ..train.resume import read_training_state
+
+    state = read_training_state(checkpoint)
+    return state["step"] >= (state.get("total_steps") or state["config"]["steps"])
 
 
 # ----------------------------------------------------------------------------------- evaluation

@@ -110,6 +110,10 @@ class TrainConfig:
     chunk_size: int | None = None
     epochs: int = 1  # passes over the data (ignored when steps is set)
     steps: int | None = None  # total optimizer steps; overrides epochs
+    # Wall-clock budget of the training loop (evaluations and checkpoints included): the total steps
+    # are re-planned from the measured speed to end after about this long; steps/epochs are the first
+    # plan. None: a fixed step count. See clipforge.train.budget.
+    minutes: float | None = None
     precision: str = "fp32"  # "fp32", "bf16" (autocast, CPU or CUDA) or "fp16" (autocast + loss scaling, CUDA only)
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda"
     seed: int = 0  # seeds model init, data order and augmentation; same seed + config = same run
@@ -258,6 +262,8 @@ def validate(config: TrainConfig, world_size: int = 1, device_type: str = "cpu")
         raise ValueError(f"epochs must be >= 1, got {config.epochs}")
     if config.steps is not None and config.steps < 1:
         raise ValueError(f"steps must be >= 1, got {config.steps}")
+    if config.minutes is not None and not (math.isfinite(config.minutes) and config.minutes > 0):
+        raise ValueError(f"minutes must be a positive number of minutes, got {config.minutes}")
     check_patch_dropout(config.model.patch_dropout)  # the ResNet refusal comes when the model is built
     if config.model.lock_image and config.model.lock_text:
         raise ValueError("model.lock_image and model.lock_text are both set: nothing would train")

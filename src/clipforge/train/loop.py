@@ -23,6 +23,7 @@ from torch import nn
 from ..data import TooManyBadSamples, make_train_loader, plan_lanes, remaining_positions
 from ..distributed import OverlappedGradientAverager, all_reduce_sum, average_gradients
 from ..loss import clamp_logit_scale_
+from .budget import TimeBudget
 from .resume import list_checkpoints, rng_state, save_checkpoint
 from .config import TrainConfig
 from .distributed_setup import DistributedContext
@@ -74,6 +75,8 @@ class Run:
     # Shards only: (world_size, lanes, batches_done) of earlier stretches of this epoch run on another
     # world size or worker count; the rest of the epoch is planned over the samples they left.
     epoch_stages: list[list[int]] = field(default_factory=list)
+    budget_spent: float = 0.0  # ``minutes`` runs: seconds of the budget used before this session (a resume)
+    budget: TimeBudget | None = None  # ``minutes`` runs: re-plans total_steps while the loop runs
     params: list[nn.Parameter] = field(init=False)  # trainable: model's, then the objective's
     norm_buffers: list[torch.Tensor] = field(init=False)  # BatchNorm statistics, put back after a bad step
     grad_sync: OverlappedGradientAverager | None = field(init=False)  # several processes: all-reduce in backward
@@ -233,6 +236,8 @@ def _save(run: Run, last_path: Path | None) -> Path | None:
         "objective": run.objective.state_dict(),
         "rng": rng_states,
         "config": run.config.to_dict(),
+        "total_steps": run.total_steps,  # a ``minutes`` run's plan at this step
+        "budget_spent_s": run.budget.spent() if run.budget else None,
     }
     return save_checkpoint(run.config.run.run_dir, run.model, state, run.step, run.config.run.keep)
 
@@ -248,7 +253,7 @@ class _Progress:
         from tqdm.auto import tqdm
 
         config, self.context = run.config, run.context
-        self.run_dir, self.log_every, self.total_steps = config.run.run_dir, config.run.log_every, run.total_steps
+        self.run_dir, self.log_every = config.run.run_dir, config.run.log_every
         main = self.context.is_main
         self.log = MetricsLog(self.run_dir, config.run.tensorboard, resume_step=run.step) if main else None
         self.bar = tqdm(total=run.total_steps, initial=run.step, disable=not (main and config.run.progress),
@@ -262,6 +267,12 @@ class _Progress:
     def restart_clock(self) -> None:
         """Start timing throughput now (after a checkpoint, so saving does not count as training)."""
         self.interval_start = time.perf_counter()
+
+    def replanned(self, total_steps: int) -> None:
+        """A ``minutes`` run changed its total: the bar shows the new one."""
+        if self.bar.total != total_steps:
+            self.bar.total = total_steps
+            self.bar.refresh()
 
     def nonfinite(self, step: int, loss: float, grad_norm: float) -> None:
         self.skipped_steps += 1
@@ -285,7 +296,7 @@ class _Progress:
             self.interval_losses.append(loss)
         self.interval_samples += rows * self.context.world_size
         scale = float(run.model.logit_scale.detach().exp())
-        if run.step % self.log_every == 0 or run.step == self.total_steps:
+        if run.step % self.log_every == 0 or run.step == run.total_steps:
             self.samples_per_s = self.interval_samples / max(time.perf_counter() - self.interval_start, 1e-9)
             skipped = all_reduce_sum(torch.tensor([self.skipped_samples], device=self.context.device))
             if self.log:
@@ -352,6 +363,8 @@ def run_loop(run: Run) -> TrainResult:
     checkpoint: Path | None = None
     batches = iter(epoch_loader(run, run.epoch, run.epoch_batch))
     failing = True
+    if run.config.minutes is not None:
+        run.budget = TimeBudget(run.config.minutes * 60, run.budget_spent, device)
     try:
         while run.step < run.total_steps:
             batch, rows = _next_batch(run, batches)
@@ -373,6 +386,9 @@ def run_loop(run: Run) -> TrainResult:
                 progress.nonfinite(run.step, loss, grad_norm)
                 _stop_if_too_many_nonfinite(run, loss, grad_norm)
             progress.record(run, loss, lr, grad_norm, rows)
+            if run.budget is not None and run.step % run.config.run.log_every == 0:
+                run.total_steps = run.budget.replan(run.step, run.total_steps)  # the LR schedule reads it
+                progress.replanned(run.total_steps)
             due = run.step % run.config.run.checkpoint_every == 0 or run.step == run.total_steps
             if due and run.nonfinite_in_row == 0:  # never while steps are being skipped as non-finite
                 checkpoint = _save(run, checkpoint)

@@ -135,6 +135,9 @@ def _preset_name_of(model_config) -> str | None:
 
 def _check_steps_left(run: Run, checkpoint: Path) -> None:
     """Resuming at or past the last step would train nothing and write nothing: say so."""
+    if run.step >= run.total_steps and run.config.minutes is not None:
+        raise ValueError(f"cannot resume {checkpoint}: the run ended at step {run.step}, at the end of its "
+                         f"{run.config.minutes:g} minutes; pass a larger --minutes to train further")
     if run.step >= run.total_steps:
         raise ValueError(f"cannot resume {checkpoint}: the run is at step {run.step} and --steps asks for "
                          f"{run.total_steps} in all; pass --steps above {run.step} to train further")
@@ -228,7 +231,7 @@ def _build_run(config: TrainConfig, context: DistributedContext, dataset, resume
         run.evaluation = PeriodicEvaluation(config.eval, config.batch_size, context)
     steps_per_epoch = epoch_loader(run, 0).num_batches  # also fails now if the data cannot fill a batch
     run.total_steps = config.steps if config.steps is not None else config.epochs * steps_per_epoch
-    run.scheduler = build_scheduler(optimizer, config.optim.warmup_steps, run.total_steps)
+    run.scheduler = build_scheduler(optimizer, config.optim.warmup_steps, lambda: run.total_steps)  # re-planned
     return run
 
 
@@ -265,5 +268,10 @@ def _restore(run: Run, checkpoint: Path) -> None:
         run.epoch_stages.append([state["world_size"], saved_lanes, run.epoch_batch])
         run.epoch_batch = 0
     run.nonfinite_in_row = state["nonfinite_in_row"]
+    if now.minutes is not None and state.get("budget_spent_s") is not None:  # the same budget goes on
+        run.budget_spent = state["budget_spent_s"]
+        # a finished run given more minutes plans its next stretch like a new run, then re-plans
+        more_minutes = state["total_steps"] <= run.step and now.minutes > (saved.minutes or 0)
+        run.total_steps = run.step + run.total_steps if more_minutes else state["total_steps"]
     rng = state["rng"]
     set_rng_state(rng[run.context.rank] if len(rng) == run.context.world_size else rng[0])

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -103,8 +103,13 @@ def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step scheduler applying :func:`cosine_with_warmup`; call ``step()`` after every optimizer step."""
+def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int,
+                    total_steps: "int | Callable[[], int]") -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step scheduler applying :func:`cosine_with_warmup`; call ``step()`` after every optimizer step.
+
+    ``total_steps`` may be a function, read at every step: a ``minutes`` run re-plans its length.
+    """
+    total = total_steps if callable(total_steps) else lambda: total_steps
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: cosine_with_warmup(step, warmup_steps, total_steps)
+        optimizer, lambda step: cosine_with_warmup(step, warmup_steps, total())
     )

@@ -1,0 +1,64 @@
+"""A wall-clock budget for a run (``minutes``): the total step count is re-planned from the measured
+step rate, so that the run ends after about that long on whatever machine it lands on.
+
+A step count fixed from a speed measured at the start is off by whatever the machine does later:
+the demo's runs measured 530 samples/s in their first steps and then averaged 420 over the run
+(shared cores, evaluations, checkpoints), ending up to a fifth past their budget. Here every
+``run.log_every`` steps the loop asks :meth:`TimeBudget.replan` for the total: the steps done
+so far plus the seconds left times the steps per second measured since the first re-plan point
+(the first steps, slowed by allocation and worker start, are left out). Evaluations and
+checkpoints during the run are part of the measured time, so they are budgeted too. The cosine
+learning-rate schedule follows the current total, so it still reaches zero at the run's last step.
+
+Every process must stop at the same step: the clocks are averaged over processes (one small
+all-reduce per re-plan) and the step counts are the same everywhere, so each computes the same
+total. A checkpoint stores the seconds spent and the total at that step; a resumed run continues
+the same budget. Budgeted runs are not reproducible step for step (the plan depends on the
+machine's speed); a fixed ``steps`` is.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+
+class TimeBudget:
+    """Plans the total optimizer steps of a run that should last ``seconds`` of training-loop time."""
+
+    def __init__(self, seconds: float, spent: float = 0.0, device: "torch.device | str" = "cpu",
+                 clock: Callable[[], float] = time.perf_counter):
+        if not seconds > 0:
+            raise ValueError(f"minutes must be > 0, got {seconds / 60:g}")
+        self.seconds = seconds  # the whole run's budget
+        self.spent_before = spent  # seconds spent before this process started (a resumed run)
+        self.device = device  # where the all-reduce's tensor lives (CUDA for nccl)
+        self.clock = clock
+        self.started = clock()
+        self.rate_from: tuple[int, float] | None = None  # (step, seconds since start) of the first re-plan
+
+    def spent(self) -> float:
+        """Seconds of the budget used so far, this process's clock (earlier sessions included)."""
+        return self.spent_before + self.clock() - self.started
+
+    def replan(self, step: int, planned: int) -> int:
+        """The run's total steps at optimizer step ``step`` (``planned`` until a rate is measured).
+
+        Never below ``step``: a spent budget ends the run at the step just taken. Collective when
+        several processes run: call it at the same steps on all of them.
+        """
+        elapsed = self.clock() - self.started
+        agreed = torch.tensor([self.spent_before + elapsed, elapsed], dtype=torch.float64, device=self.device)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(agreed)  # gloo and nccl both sum; divided below, the same on every process
+            agreed /= dist.get_world_size()
+        spent, elapsed = agreed.tolist()
+        if self.rate_from is None or step <= self.rate_from[0]:
+            self.rate_from = self.rate_from or (step, elapsed)
+            return step if spent >= self.seconds else planned
+        first_step, first_elapsed = self.rate_from
+        steps_per_second = (step - first_step) / max(elapsed - first_elapsed, 1e-9)
+        return step + max(0, math.floor((self.seconds - spent) * steps_per_second))

@@ -1,0 +1,138 @@
+"""``minutes``: a run re-plans its step count from the speed it measures and ends within its budget,
+with the learning rate decayed at its last step, the same on every process, and a resumed run goes
+on with the budget it had left."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from clipforge.train import TrainConfig, apply_overrides, train
+from clipforge.train.config import validate
+from clipforge.train.budget import TimeBudget
+from clipforge.train.resume import list_checkpoints, read_training_state
+
+from _train_data import make_shapes
+
+FIRST_PLAN = 100_000  # far more steps than fit in the budget: only the budget can end these runs
+LR, WARMUP = 5e-4, 2
+
+
+class _Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_replan_uses_the_speed_measured_after_the_first_point():
+    clock = _Clock()
+    budget = TimeBudget(100.0, clock=clock)
+    clock.now += 5.0  # the first 10 steps took 5 s (start-up included): not used as the speed
+    assert budget.replan(10, planned=500) == 500
+    clock.now += 10.0  # 20 steps in 10 s since: 2 steps/s, 85 s left
+    assert budget.replan(30, planned=500) == 30 + 170
+    clock.now += 50.0  # 80 steps in 60 s: 4/3 steps/s, 35 s left
+    assert budget.replan(90, planned=200) == 90 + 46
+    clock.now += 40.0  # spent: the run ends at the step just taken
+    assert budget.replan(140, planned=136) == 140
+    assert budget.spent() == pytest.approx(105.0)
+
+
+def test_a_resumed_budget_counts_the_seconds_spent_before():
+    clock = _Clock()
+    budget = TimeBudget(60.0, spent=50.0, clock=clock)
+    clock.now += 2.0
+    assert budget.replan(200, planned=400) == 400  # no speed measured in this session yet
+    clock.now += 4.0  # 8 steps in 4 s: 2 steps/s, 4 s left
+    assert budget.replan(208, planned=400) == 208 + 8
+    assert budget.spent() == pytest.approx(56.0)
+    with pytest.raises(ValueError, match="minutes must be > 0"):
+        TimeBudget(0.0)
+
+
+def _settings(run_dir, data, minutes, *extra) -> list[str]:
+    return ["model.name=tiny-vit", "device=cpu", "batch_size=8", f"steps={FIRST_PLAN}", f"minutes={minutes}",
+            "data.workers=1", f"optim.lr={LR}", f"optim.warmup_steps={WARMUP}", "run.progress=false",
+            "run.log_every=2", "run.keep=0", f"run.run_dir={run_dir}", f"data.train={data}", *extra]
+
+
+def _lr_lines(run_dir) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["lr"]) for r in records if "lr" in r]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_shapes(tmp_path_factory.mktemp("budget") / "data", 32)
+
+
+def test_the_budget_ends_the_run_with_the_schedule_run_down(tmp_path, data):
+    result = train(apply_overrides(TrainConfig(), _settings(tmp_path / "run", data, 0.05,
+                                                            "run.checkpoint_every=1000000")))
+    assert 4 <= result.steps < FIRST_PLAN
+    final = list_checkpoints(tmp_path / "run")[-1]  # the last step is always saved
+    assert final.name == f"step_{result.steps:08d}"
+    state = read_training_state(final)
+    assert state["total_steps"] == result.steps
+    # ends when the plan's last step is taken (a step or so either side of 3 s), not earlier
+    assert 0.8 * 3.0 <= state["budget_spent_s"] < 3.0 + 30
+    lrs = _lr_lines(tmp_path / "run")
+    assert lrs[-1][0] == result.steps
+    assert max(lr for _, lr in lrs) > 0.5 * LR  # the schedule peaked...
+    assert lrs[-1][1] < 0.5 * LR  # ...and ran down towards the re-planned end, not the first plan's
+
+
+def test_resume_goes_on_with_the_budget_left_and_refuses_a_spent_one(tmp_path, data):
+    settings = _settings(tmp_path / "run", data, 0.05, "run.checkpoint_every=4")
+    first = train(apply_overrides(TrainConfig(), settings))
+    found = list_checkpoints(tmp_path / "run")
+    assert len(found) >= 2, "the run must have a checkpoint before its end"
+    # resume from the first checkpoint, as after a kill there: later ones gone
+    for later in found[1:]:
+        shutil.rmtree(later)
+    spent_then = read_training_state(found[0])["budget_spent_s"]
+    assert 0 < spent_then < 3.0
+    resumed = train(apply_overrides(TrainConfig(), settings + ["run.resume=latest"]))
+    state = read_training_state(list_checkpoints(tmp_path / "run")[-1])
+    assert state["step"] == state["total_steps"] == resumed.steps > int(found[0].name[5:])
+    assert 0.8 * 3.0 <= state["budget_spent_s"] < 3.0 + 30
+    assert first.steps >= 4
+    with pytest.raises(ValueError, match="minutes"):  # spent: nothing left to train
+        train(apply_overrides(TrainConfig(), settings + ["run.resume=latest"]))
+    more = train(apply_overrides(TrainConfig(), _settings(tmp_path / "run", data, 0.1, "run.checkpoint_every=4",
+                                                          "run.resume=latest")))
+    assert more.steps > resumed.steps
+    assert read_training_state(list_checkpoints(tmp_path / "run")[-1])["budget_spent_s"] >= 0.8 * 6.0
+
+
+def test_minutes_on_the_command_line_is_checked():
+    done = subprocess.run([sys.executable, "-m", "clipforge.cli", "train", "--minutes", "0", "--print-config"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--minutes: must be a number above 0, got 0" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "clipforge.cli", "train", "--minutes", "2.5", "--print-config"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and json.loads(done.stdout)["minutes"] == 2.5
+    for bad in ("-1", "nan", "inf"):
+        with pytest.raises(ValueError, match=f"minutes must be a positive number of minutes, got {bad}"):
+            validate(apply_overrides(TrainConfig(), [f"minutes={bad}"]))
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_processes_end_at_the_same_step(tmp_path, data):
+    run_dir = tmp_path / "pair"
+    args = ["train"] + [arg for item in _settings(run_dir, data, 0.05, "run.checkpoint_every=1000000")
+                        for arg in ("--set", item)]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "clipforge.cli", *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    state = read_training_state(list_checkpoints(run_dir)[-1])
+    assert state["step"] == state["total_steps"] < FIRST_PLAN  # a rank that planned otherwise would hang
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    assert torch.isfinite(torch.tensor(_lr_lines(run_dir)[-1][1]))
