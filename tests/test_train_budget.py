@@ -11,7 +11,7 @@ import torch
 
 from clipforge.train import TrainConfig, apply_overrides, train
 from clipforge.train.config import validate
-from clipforge.train.budget import TimeBudget
+from clipforge.train.budget import WARM_STEPS, TimeBudget
 from clipforge.train.resume import list_checkpoints, read_training_state
 
 from _train_data import make_shapes
@@ -30,28 +30,44 @@ class _Clock:
         return self.now
 
 
-def test_replan_uses_the_speed_measured_after_the_first_point():
+def test_replan_uses_the_speed_measured_after_the_first_steps():
     clock = _Clock()
     budget = TimeBudget(100.0, clock=clock)
-    clock.now += 5.0  # the first 10 steps took 5 s (start-up included): not used as the speed
-    assert budget.replan(10, planned=500) == 500
+    clock.now += 1.0
+    assert budget.replan(1, planned=500) == 500
+    clock.now += 4.0  # the first WARM_STEPS steps (start-up included) are not timed
+    assert budget.replan(1 + WARM_STEPS, planned=500) == 500
     clock.now += 10.0  # 20 steps in 10 s since: 2 steps/s, 85 s left
-    assert budget.replan(30, planned=500) == 30 + 170
-    clock.now += 50.0  # 80 steps in 60 s: 4/3 steps/s, 35 s left
-    assert budget.replan(90, planned=200) == 90 + 46
+    assert budget.replan(26, planned=500) == 26 + 170
+    clock.now += 50.0  # 100 steps in 60 s: 5/3 steps/s, 35 s left
+    assert budget.replan(106, planned=196) == 106 + 58
     clock.now += 40.0  # spent: the run ends at the step just taken
-    assert budget.replan(140, planned=136) == 140
+    assert budget.replan(170, planned=164) == 170
     assert budget.spent() == pytest.approx(105.0)
+
+
+def test_a_short_first_plan_lasts_until_the_speed_is_measured():
+    clock = _Clock()
+    budget = TimeBudget(100.0, clock=clock)
+    for step in range(1, WARM_STEPS + 2):
+        clock.now += 0.5
+        assert budget.replan(step, planned=2) == max(2, step + 1)
+    clock.now += 0.5  # one step in 0.5 s: 2 steps/s, 96.5 s left
+    assert budget.replan(WARM_STEPS + 2, planned=WARM_STEPS + 2) == WARM_STEPS + 2 + 193
 
 
 def test_a_resumed_budget_counts_the_seconds_spent_before():
     clock = _Clock()
     budget = TimeBudget(60.0, spent=50.0, clock=clock)
     clock.now += 2.0
-    assert budget.replan(200, planned=400) == 400  # no speed measured in this session yet
-    clock.now += 4.0  # 8 steps in 4 s: 2 steps/s, 4 s left
-    assert budget.replan(208, planned=400) == 208 + 8
-    assert budget.spent() == pytest.approx(56.0)
+    assert budget.replan(201, planned=400) == 400  # no speed measured in this session yet
+    clock.now += 1.0
+    assert budget.replan(201 + WARM_STEPS, planned=400) == 400
+    clock.now += 4.0  # 8 steps in 4 s: 2 steps/s, 3 s left
+    assert budget.replan(209 + WARM_STEPS, planned=400) == 209 + WARM_STEPS + 6
+    assert budget.spent() == pytest.approx(57.0)
+    clock.now += 3.0
+    assert budget.replan(216, planned=220) == 216
     with pytest.raises(ValueError, match="minutes must be > 0"):
         TimeBudget(0.0)
 
@@ -80,7 +96,7 @@ def test_the_budget_ends_the_run_with_the_schedule_run_down(tmp_path, data):
     assert final.name == f"step_{result.steps:08d}"
     state = read_training_state(final)
     assert state["total_steps"] == result.steps
-    # ends when the plan's last step is taken (a step or so either side of 3 s), not earlier
+    # ends when the plan's last step is taken (within a step of 3 s), not earlier
     assert 0.8 * 3.0 <= state["budget_spent_s"] < 3.0 + 30
     lrs = _lr_lines(tmp_path / "run")
     assert lrs[-1][0] == result.steps

@@ -268,12 +268,6 @@ class _Progress:
         """Start timing throughput now (after a checkpoint, so saving does not count as training)."""
         self.interval_start = time.perf_counter()
 
-    def replanned(self, total_steps: int) -> None:
-        """A ``minutes`` run changed its total: the bar shows the new one."""
-        if self.bar.total != total_steps:
-            self.bar.total = total_steps
-            self.bar.refresh()
-
     def nonfinite(self, step: int, loss: float, grad_norm: float) -> None:
         self.skipped_steps += 1
         if self.log:
@@ -385,10 +379,10 @@ def run_loop(run: Run) -> TrainResult:
             if nonfinite:
                 progress.nonfinite(run.step, loss, grad_norm)
                 _stop_if_too_many_nonfinite(run, loss, grad_norm)
+            if run.budget is not None:  # before the end-of-run checks below, which read the total
+                run.total_steps = run.budget.replan(run.step, run.total_steps)  # so does the LR schedule
+                progress.bar.total = run.total_steps  # shown at the bar's next refresh
             progress.record(run, loss, lr, grad_norm, rows)
-            if run.budget is not None and run.step % run.config.run.log_every == 0:
-                run.total_steps = run.budget.replan(run.step, run.total_steps)  # the LR schedule reads it
-                progress.replanned(run.total_steps)
             due = run.step % run.config.run.checkpoint_every == 0 or run.step == run.total_steps
             if due and run.nonfinite_in_row == 0:  # never while steps are being skipped as non-finite
                 checkpoint = _save(run, checkpoint)
