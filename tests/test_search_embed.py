@@ -23,6 +23,8 @@ import clipforge
 from clipforge.cli import main
 from clipforge.runtime import cache_root
 
+from _torchrun import torchrun
+
 pytestmark = pytest.mark.slow  # trains, spawns processes or serves: left out of -m 'not slow'
 
 pa = pytest.importorskip("pyarrow")
@@ -264,9 +266,8 @@ def test_two_ranks_write_the_rows_of_one_process(tmp_path, demo_images, checkpoi
     single = subprocess.run([sys.executable, "-m", "clipforge.cli", *args[:2], str(tmp_path / "one"), *args[2:]],
                             env=env, capture_output=True, text=True, timeout=240)
     assert single.returncode == 0, single.stderr
-    ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            "-m", "clipforge.cli", *args[:2], str(tmp_path / "two"), *args[2:]],
-                           env=env, capture_output=True, text=True, timeout=240)
+    ranks = torchrun(["-m", "clipforge.cli", *args[:2], str(tmp_path / "two"), *args[2:]], tmp_path / "scratch",
+                     timeout=240, env=env)
     assert ranks.returncode == 0, ranks.stderr
     one, two = _collection(tmp_path / "one"), _collection(tmp_path / "two")
     assert two["manifest"]["complete"] and two["manifest"]["count"] == 30

@@ -14,6 +14,7 @@ from clipforge.train.config import validate
 from clipforge.train.budget import WARM_STEPS, TimeBudget
 from clipforge.train.resume import list_checkpoints, read_training_state
 
+from _torchrun import failure, torchrun
 from _train_data import make_shapes
 
 FIRST_PLAN = 100_000  # far more steps than fit in the budget: only the budget can end these runs
@@ -145,9 +146,8 @@ def test_two_processes_end_at_the_same_step(tmp_path, data):
     run_dir = tmp_path / "pair"
     args = ["train"] + [arg for item in _settings(run_dir, data, 0.05, "run.checkpoint_every=1000000")
                         for arg in ("--set", item)]
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "clipforge.cli", *args], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = torchrun(["-m", "clipforge.cli", *args], tmp_path / "scratch")
+    assert done.returncode == 0, failure(done)
     state = read_training_state(list_checkpoints(run_dir)[-1])
     assert state["step"] == state["total_steps"] < FIRST_PLAN  # a rank that planned otherwise would hang
     assert state["world_size"] == 2 and len(state["rng"]) == 2

@@ -3,14 +3,13 @@ random-resized-crop augmentation on, and a run checkpointed on one world size re
 the other (2 -> 1 and 1 -> 2). torchrun with gloo on CPU."""
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 from safetensors.torch import load_file
 
 from clipforge.train import TrainConfig, apply_overrides, train
 
+from _torchrun import failure, torchrun
 from _train_data import make_shapes
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -27,14 +26,10 @@ def _settings(run_dir, data, *extra) -> list[str]:
             f"data.train={data}", *extra]
 
 
-def _torchrun(settings: list[str]) -> None:
+def _train_pair(settings: list[str], scratch) -> None:
     args = ["train"] + [arg for item in settings for arg in ("--set", item)]
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "clipforge.cli", *args],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = torchrun(["-m", "clipforge.cli", *args], scratch)
+    assert done.returncode == 0, failure(done)
 
 
 def _losses(run_dir) -> list[tuple[int, float, float]]:
@@ -64,7 +59,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("elastic")
     data = make_shapes(root / "data", 48)
     train(apply_overrides(TrainConfig(), _settings(root / "single", data)))
-    _torchrun(_settings(root / "pair", data))
+    _train_pair(_settings(root / "pair", data), root / "scratch")
     return root, data
 
 
@@ -92,7 +87,7 @@ def test_checkpoint_on_two_processes_resumes_exactly_on_one(runs):
 def test_checkpoint_on_one_process_resumes_exactly_on_two(runs):
     root, data = runs
     resumed = _halfway_copy(root / "single", root / "single_then_pair")
-    _torchrun(_settings(resumed, data, "run.resume=latest"))
+    _train_pair(_settings(resumed, data, "run.resume=latest"), resumed.parent / "scratch")
     assert _worst(_weights(root / "single"), _weights(resumed)) <= 1e-5
     assert [loss for _, loss, _ in _losses(resumed)] == pytest.approx(
         [loss for _, loss, _ in _losses(root / "single")], abs=1e-5, rel=1e-5)
