@@ -211,6 +211,21 @@ def test_pick_threads_takes_one_thread_when_other_programs_keep_the_cpu_busy(mon
     assert demo.pick_threads("tiny-vit", 8) == 1
 
 
+def test_pick_threads_leaves_a_core_to_each_loader_worker(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(demo, "_load_average", lambda: 0.0)
+    measured = []
+    monkeypatch.setattr(demo.time, "perf_counter", lambda: measured.append(1) or float(len(measured)))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert demo.pick_threads("tiny-vit", 8, workers=1) == 1 and not measured  # nothing left to compare
+        torch.set_num_threads(4)
+        assert demo.pick_threads("tiny-vit", 8, workers=1) in (3, 1) and measured  # 3 against 1, measured
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("faster", [1, 2])
 def test_pick_threads_picks_the_measured_faster_count_and_restores_the_setting(monkeypatch: pytest.MonkeyPatch,
                                                                                faster: int):

@@ -34,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--run-dir", metavar="DIR", default="runs/demo", help="run folder (default runs/demo)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=_threads, default="auto", metavar="N|auto",
-                        help="torch CPU threads (default auto: all cores, or one when that trains faster on a busy machine)")
+                        help="torch CPU threads (default auto: the cores the loader worker leaves free, or one when "
+                             "that trains faster or the machine is busy)")
     parser.add_argument("--steps", type=int, metavar="N", help="train exactly N steps instead of a time budget")
     parser.add_argument("--quick", action="store_true", help="a small data slice and 40 short steps")
     parser.add_argument("--serve", action="store_true",

@@ -6,11 +6,12 @@ budget with the real training loop, and measure zero-shot transfer to a style it
     print(format_results(result.results))
 
 Steps: (1) ``prepare_demo_data`` installs the registry packages if needed and renders the dataset
-(cached; an interrupted build resumes). (2) The thread count is chosen (one thread when other
-programs keep the CPU busy, see :func:`pick_threads`) and a short calibration run of the real trainer measures
-samples/s on this machine; the step count that fills the budget is fixed up front and saved with
-the run's config, so the schedule is a normal cosine schedule and a resumed run ends where the
-uninterrupted one would. (3) ``clipforge.train.train`` trains, checkpointing about once a minute;
+(cached; an interrupted build resumes). (2) The thread count is chosen (a core left to the loader
+worker, one thread when other programs keep the CPU busy, see :func:`pick_threads`) and a short
+calibration run of the real trainer measures samples/s on this machine: the first plan of the step
+count. The trainer then re-plans it from the speed it measures (``minutes``, see
+:mod:`clipforge.train.budget`), so the run ends within its budget however the machine's speed
+drifts; the budget spent is saved with each checkpoint, so a resumed run goes on with what is left. (3) ``clipforge.train.train`` trains, checkpointing about once a minute;
 running the demo again on the same run folder resumes from the newest checkpoint. (4) The
 evaluation code scores zero-shot top-1/top-5 on Fluent 3D emoji (a new style) with the bare class
 name and with a prompt ensemble, and image-text recall@k on held-out pairs.
@@ -63,6 +64,7 @@ ENSEMBLE_TEMPLATES = (
 QUICK_DATA = DemoDataConfig(max_per_source=60, openclipart_max=60, eval_classes=20, heldout_fraction=0.2)
 QUICK_STEPS, QUICK_BATCH = 40, 32
 BUSY_LOAD = 1.0  # 1-minute load average from which other programs count as busy (see pick_threads)
+CPU_LOADER_WORKERS = 1  # loader processes on the CPU; pick_threads leaves them a core each
 
 
 @dataclass
@@ -80,8 +82,8 @@ def run_demo(run_dir: str | os.PathLike = "runs/demo", minutes: float = DEFAULT_
              install: bool = True, progress: bool = True) -> DemoResult:
     """Prepare the demo data, train ``model`` for about ``minutes`` (or ``steps``), evaluate, write reports.
 
-    ``threads``: torch CPU threads while the demo runs; "auto" times a step with every core and
-    with one and keeps the faster (see :func:`pick_threads`); None leaves torch's setting. ``quick``: a data slice
+    ``threads``: torch CPU threads while the demo runs; "auto" times a step with the cores the
+    loader worker leaves free and with one and keeps the faster (see :func:`pick_threads`); None leaves torch's setting. ``quick``: a data slice
     and a short fixed run. ``steps`` fixes the step count instead of measuring speed, which makes
     a run deterministic. Running again on a run folder resumes unfinished training, or only
     re-evaluates a finished one. Raises ``DemoSourceError`` when the sources cannot be installed.
@@ -106,7 +108,7 @@ def run_demo(run_dir: str | os.PathLike = "runs/demo", minutes: float = DEFAULT_
         dataset = prepare_demo_data(cache_dir, data_config, data_dir=data_dir, install=install, progress=progress)
         prepared = time.perf_counter()
         if threads == "auto":  # counted as part of the training budget, like the speed check
-            threads = pick_threads(model, batch_size or BATCH_SIZE) if device == "cpu" else None
+            threads = pick_threads(model, batch_size or BATCH_SIZE, workers=CPU_LOADER_WORKERS) if device == "cpu" else None
             _log(progress and threads is not None, f"demo: training with {threads} torch thread(s) "
                                                    f"(load average {_load_average()}, {os.cpu_count()} cores)")
         if threads is not None:
@@ -145,7 +147,7 @@ def demo_train_config(model: str, train_file: str | os.PathLike, run_dir: str | 
     config = TrainConfig(batch_size=batch_size, steps=steps, device=device, seed=0)
     config.model.name = model
     config.data.train = str(train_file)
-    config.data.workers = 1 if device == "cpu" else 4  # 64 px PNGs decode fast; leave the cores to the model
+    config.data.workers = CPU_LOADER_WORKERS if device == "cpu" else 4  # 64 px PNGs decode fast
     config.data.crop_scale = (0.8, 1.0)
     config.optim.lr = LEARNING_RATE
     config.optim.weight_decay = WEIGHT_DECAY
@@ -171,9 +173,14 @@ def add_demo_evaluation(config, dataset: DemoDataset, evaluations: int = EVALUAT
     config.eval.batch_size = 256
 
 
-def pick_threads(model: str, batch_size: int, candidates: tuple[int, ...] | None = None) -> int:
-    """The torch thread count, of ``candidates`` (default: all cores, and one), that runs a forward
-    and backward pass of ``model`` fastest; the current setting is restored.
+def pick_threads(model: str, batch_size: int, candidates: tuple[int, ...] | None = None, workers: int = 0) -> int:
+    """The torch thread count, of ``candidates`` (default: the cores that ``workers`` loader processes
+    leave free, and one), that runs a forward and backward pass of ``model`` fastest; the current
+    setting is restored.
+
+    A loader worker needs a core of its own: OpenMP threads that share cores with it wait for each
+    other. On 2 cores with one worker the demo trained 505 samples/s with 2 threads and 600-645
+    with 1, although its step alone is faster on 2 (952 against 656 samples/s).
 
     On a machine that other programs keep busy, OpenMP threads that wait for each other can make
     two threads several times slower than one, and the load can rise after any measurement (seen
@@ -187,7 +194,9 @@ def pick_threads(model: str, batch_size: int, candidates: tuple[int, ...] | None
     load = _load_average()
     if candidates is None and load is not None and load >= BUSY_LOAD:
         return 1
-    candidates = candidates or tuple(sorted({saved, 1}, reverse=True))
+    candidates = candidates or tuple(sorted({max(1, saved - workers), 1}, reverse=True))
+    if len(candidates) == 1:
+        return candidates[0]
     config = get_config(model)
     generator = torch.Generator().manual_seed(0)  # the global RNG is left alone
     size, rows = config.vision.image_size, min(batch_size, 64)
