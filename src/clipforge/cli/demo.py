@@ -28,7 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "again resumes an interrupted run.",
     )
     parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES,
-                        help=f"training time budget (default {DEFAULT_MINUTES:g}); the step count is set from a speed check")
+                        help=f"training time budget (default {DEFAULT_MINUTES:g}); the step count is planned from a speed "
+                             "check and re-planned while training")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model preset (default {DEFAULT_MODEL})")
     parser.add_argument("--data-dir", metavar="DIR", help="where to build the dataset (default: the demo cache)")
     parser.add_argument("--run-dir", metavar="DIR", default="runs/demo", help="run folder (default runs/demo)")
