@@ -284,12 +284,15 @@ def _train(run_dir: Path, dataset: DemoDataset, model: str, minutes: float, step
             config.minutes = max(budget, 1.0) / 60
             config.run.checkpoint_every = max(10, round(CHECKPOINT_SECONDS * samples_per_s / batch_size))
     epochs = config.steps * config.batch_size / dataset.counts["train_images"]
-    if resumed_from is not None and _finished(found[-1]):
+    saved_state = _saved_progress(found[-1]) if resumed_from is not None else None
+    if saved_state is not None and saved_state["step"] >= saved_state["total_steps"]:
         _log(progress, f"demo: training already finished in {run_dir} ({resumed_from} steps); evaluating again")
     else:
-        if resumed_from is not None:
+        if saved_state is not None:
             config.run.resume = "latest"
-            _log(progress, f"demo: resuming {run_dir} at step {resumed_from} of {config.steps}")
+            left = (f" ({max(0.0, config.minutes - saved_state['spent_s'] / 60):.1f} of its {config.minutes:.1f} "
+                    "minutes left)" if config.minutes and saved_state["spent_s"] is not None else "")
+            _log(progress, f"demo: resuming {run_dir} at step {resumed_from} of {saved_state['total_steps']}{left}")
         else:
             planned = f"about {config.minutes:.1f} minutes, planned at " if config.minutes else ""
             _log(progress, f"demo: training {model} for {planned}{config.steps} steps of {config.batch_size} pairs "
@@ -307,13 +310,14 @@ def _train(run_dir: Path, dataset: DemoDataset, model: str, minutes: float, step
             "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None}, calibrate_seconds
 
 
-def _finished(checkpoint: Path) -> bool:
-    """Whether ``checkpoint`` is its run's last step (a ``minutes`` run's total is re-planned, so the
-    checkpoint's own record of it decides)."""
+def _saved_progress(checkpoint: Path) -> dict:
+    """``step``, ``total_steps`` and budget ``spent_s`` as ``checkpoint`` recorded them (a ``minutes``
+    run re-plans its total, so the checkpoint's own record decides whether the run is finished)."""
     from ..train.resume import read_training_state
 
     state = read_training_state(checkpoint)
-    return state["step"] >= (state.get("total_steps") or state["config"]["steps"])
+    return {"step": state["step"], "total_steps": state.get("total_steps") or state["config"]["steps"],
+            "spent_s": state.get("budget_spent_s")}
 
 
 # ----------------------------------------------------------------------------------- evaluation
