@@ -260,13 +260,14 @@ def _train(run_dir: Path, dataset: DemoDataset, model: str, minutes: float, step
 
     saved_path = run_dir / CONFIG_FILE
     found = list_checkpoints(run_dir)
-    calibrate_seconds, samples_per_s, resumed_from = 0.0, None, None
+    calibrate_seconds, samples_per_s, resumed_from, saved_state = 0.0, None, None, None
     if found and saved_path.is_file():
         config = TrainConfig.from_dict(json.loads(saved_path.read_text(encoding="utf-8")))
         if config.model.name != model:
             raise ValueError(f"{run_dir} holds a run of model {config.model.name!r}, not {model!r}; "
                              "choose another --run-dir or the same --model")
-        resumed_from = int(found[-1].name.removeprefix("step_"))
+        saved_state = _saved_progress(found[-1])
+        resumed_from = saved_state["step"]
     else:
         if steps is None:
             started = time.perf_counter()
@@ -283,8 +284,7 @@ def _train(run_dir: Path, dataset: DemoDataset, model: str, minutes: float, step
         if samples_per_s:
             config.minutes = max(budget, 1.0) / 60
             config.run.checkpoint_every = max(10, round(CHECKPOINT_SECONDS * samples_per_s / batch_size))
-    epochs = config.steps * config.batch_size / dataset.counts["train_images"]
-    saved_state = _saved_progress(found[-1]) if resumed_from is not None else None
+    planned_epochs = config.steps * config.batch_size / dataset.counts["train_images"]
     if saved_state is not None and saved_state["step"] >= saved_state["total_steps"]:
         _log(progress, f"demo: training already finished in {run_dir} ({resumed_from} steps); evaluating again")
     else:
@@ -296,7 +296,7 @@ def _train(run_dir: Path, dataset: DemoDataset, model: str, minutes: float, step
         else:
             planned = f"about {config.minutes:.1f} minutes, planned at " if config.minutes else ""
             _log(progress, f"demo: training {model} for {planned}{config.steps} steps of {config.batch_size} pairs "
-                           f"({epochs:.1f} epochs) in {run_dir}")
+                           f"({planned_epochs:.1f} epochs) in {run_dir}")
         config.run.progress = progress
         train(config)
     final = list_checkpoints(run_dir)[-1]

@@ -12,7 +12,7 @@ current total, so it still reaches zero at the run's last step.
 
 Every process must stop at the same step: the clocks are averaged over processes and the step
 counts are the same everywhere, so each computes the same total. Per step that costs a clock read,
-and with several processes a 16-byte all-reduce beside the step's gradient all-reduce. A
+and with several processes an 8-byte all-reduce beside the step's gradient all-reduce. A
 checkpoint stores the seconds spent and the total at that step; a resumed run goes on with the
 same budget. Budgeted runs are not reproducible step for step (the plan depends on the
 machine's speed); a fixed ``steps`` is.
@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 WARM_STEPS = 5  # steps of each session before the speed is measured
+
 
 class TimeBudget:
     """Plans the total optimizer steps of a run that should last ``seconds`` of training-loop time."""
@@ -55,11 +56,11 @@ class TimeBudget:
         several processes run: call it after every step on all of them.
         """
         elapsed = self.clock() - self.started
-        agreed = torch.tensor([self.spent_before + elapsed, elapsed], dtype=torch.float64, device=self.device)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            agreed = torch.tensor([elapsed], dtype=torch.float64, device=self.device)
             dist.all_reduce(agreed)  # gloo and nccl both sum; divided below, the same on every process
-            agreed /= dist.get_world_size()
-        spent, elapsed = agreed.tolist()
+            elapsed = agreed.item() / dist.get_world_size()
+        spent = self.spent_before + elapsed  # spent_before comes from the same checkpoint everywhere
         if spent >= self.seconds:
             return step
         if self.first_step is None:
