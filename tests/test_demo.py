@@ -182,7 +182,8 @@ def test_format_results_prints_the_table(finished: demo.DemoResult):
     assert "prompt ensemble" in table and "text -> image" in table
 
 
-def test_cli_turns_a_missing_source_into_a_one_line_error_with_exit_2(monkeypatch: pytest.MonkeyPatch, capsys):
+def test_cli_turns_a_missing_source_into_a_one_line_error_with_exit_2(monkeypatch: pytest.MonkeyPatch, capsys,
+                                                                    tmp_path):
     import clipforge.cli as cli
 
     def missing(*args, **kwargs):
@@ -191,7 +192,7 @@ def test_cli_turns_a_missing_source_into_a_one_line_error_with_exit_2(monkeypatc
 
     monkeypatch.setattr(demo_package, "run_demo", missing)
     monkeypatch.setattr(cli, "COMMANDS", ["demo"])  # this command alone, whatever else is registered
-    assert cli.main(["demo", "--quick", "--run-dir", "unused"]) == 2
+    assert cli.main(["demo", "--quick", "--run-dir", str(tmp_path / "run")]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and error.startswith("clipforge demo: error: ") and "npm install" in error
 

@@ -157,3 +157,20 @@ def test_files_stay_short(limit):
     long = [f"{p.relative_to(SRC)}: {n}" for p in PACKAGE.rglob("*.py")
             if p.name != "_ftfy_anchors.py" and (n := len(p.read_text().splitlines())) > limit]
     assert not long
+
+
+def test_the_repository_tracks_no_run_outputs():
+    """Run folders (checkpoints, curves, results) belong in runs/ or a temporary folder, never in git;
+    weights are tracked only as test fixtures, each under 4 MB."""
+    listed = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=SRC.parent)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    tracked = [SRC.parent / line for line in listed.stdout.splitlines()]
+    top_level = {p.relative_to(SRC.parent).parts[0] for p in tracked}
+    assert top_level <= {".ci", ".gitignore", "LICENSE", "README.md", "benchmarks", "pyproject.toml",
+                         "src", "tests", "tools"}, sorted(top_level)
+    stray = [str(p) for p in tracked if p.name in ("results.json", "metrics.jsonl", "state.pt")
+             or (p.suffix in (".safetensors", ".pt", ".onnx") and "fixtures" not in p.parts)]
+    assert not stray
+    large = [str(p) for p in tracked if p.exists() and p.stat().st_size > 4 * 2**20]
+    assert not large
