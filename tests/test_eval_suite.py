@@ -185,3 +185,111 @@ def test_suite_arguments_are_checked_before_any_model_runs(tmp_path, capsys):
     (tmp_path / "bad.toml").write_text("[zeroshot.x]\npath = 'y'\n")
     assert main(["eval", "suite", "--model", "tiny-vit", "--out", str(tmp_path), "--config", str(tmp_path / "bad.toml")]) == 2
     assert "[zeroshot.x] needs data = PATH" in capsys.readouterr().err
+
+
+def _json(out: Path, dataset: str, task: str = "zeroshot_classification") -> dict:
+    return json.loads((out / f"{dataset}_random_tiny-vit_en_{task}.json").read_text())
+
+
+def _datasets(out: Path, datasets: str, *extra: str) -> int:
+    return main(["eval", "suite", "--model", "tiny-vit", "--out", str(out), "--workers", "0", "--no-cache",
+                 "--datasets", datasets, *extra])
+
+
+def test_skip_existing_recomputes_results_of_other_settings(suite_data, tmp_path, capsys):
+    out = tmp_path / "settings"
+    assert _datasets(out, f"imagenet-r={suite_data / 'imagenet-r'}") == 0
+    assert _json(out, "imagenet-r")["scoring"] == "subset"
+    assert _datasets(out, f"imagenet-r={suite_data / 'imagenet-r'}", "--protocol", "1000way", "--skip-existing") == 0
+    assert "computed with other settings" in capsys.readouterr().err
+    assert _json(out, "imagenet-r")["scoring"] == "1000way"
+    assert "imagenet-r (1000way)" in (out / "results.md").read_text()
+    # Another data path is another result: refused as missing, never answered from the old file.
+    assert _datasets(out, f"imagenet-r={tmp_path / 'nowhere'}", "--protocol", "1000way", "--skip-existing") == 1
+    assert "## Not evaluated" in (out / "results.md").read_text()
+    (out / "imagenet-r_random_tiny-vit_en_zeroshot_classification.json").write_text("{}")  # not a result
+    assert _datasets(out, f"imagenet-r={suite_data / 'imagenet-r'}", "--skip-existing") == 0
+    assert _json(out, "imagenet-r")["scoring"] == "subset"
+
+
+def test_a_resumed_suite_keeps_the_imagenet_o_aupr(suite_run, tmp_path):
+    root, first = suite_run
+    out = tmp_path / "resumed-o"
+    shutil.copytree(first, out)
+    (out / "imagenet-o_random_tiny-vit_en_zeroshot_classification.json").unlink()  # stopped after ImageNet
+    assert _run(root, out, "--skip-existing") == 0
+    aupr = _json(first, "imagenet-o")["metrics"]["aupr"]
+    assert _json(out, "imagenet-o")["metrics"]["aupr"] == pytest.approx(aupr)
+    assert f"| imagenet-o | {100 * aupr:.2f} |" in (out / "results.md").read_text()
+
+
+def test_an_unexpected_failure_of_one_set_leaves_the_others(suite_data, tmp_path, monkeypatch, capsys):
+    from clipforge.evaluate import _suite_tasks
+
+    real_load = _suite_tasks._load
+
+    def load(entry, *args, **kwargs):
+        if entry.name == "broken":
+            raise RuntimeError("the reader broke")
+        return real_load(entry, *args, **kwargs)
+
+    monkeypatch.setattr(_suite_tasks, "_load", load)
+    out = tmp_path / "unexpected"
+    code = _datasets(out, f"broken={suite_data / 'colors_test'},colors={suite_data / 'colors_test'}")
+    assert code == 1
+    assert "error: broken: RuntimeError: the reader broke" in capsys.readouterr().err
+    assert _json(out, "colors")["metrics"]["acc1"] is not None
+    assert "- broken: RuntimeError: the reader broke" in (out / "results.md").read_text()
+
+
+def test_a_failing_probe_shot_keeps_the_other_shots_and_the_zero_shot_row(suite_data, tmp_path, capsys):
+    out = tmp_path / "probes"
+    code = _datasets(out, f"colors={suite_data / 'colors_test'}", "--probe-train",
+                     f"colors={suite_data / 'colors_train'}", "--shots", "1,20")
+    assert code == 1
+    assert "error: colors: class 'blue' has 12 training images, fewer than the 20 per class" in capsys.readouterr().err
+    assert _json(out, "colors", "linear_probe_1shot")["fewshot_k"] == 1
+    table = (out / "results.md").read_text()
+    assert "1-shot probe" in table and "- colors (20-shot probe): class" in table
+    assert table.count("| colors |") == 1  # the zero-shot row, with its 1-shot probe
+
+
+def test_plots_of_an_earlier_run_do_not_outlive_it(suite_data, tmp_path):
+    out = tmp_path / "stale"
+    out.mkdir()
+    (out / "effective_robustness.png").write_bytes(b"an earlier run's plot")
+    assert _datasets(out, f"colors={suite_data / 'colors_test'}") == 0
+    assert not (out / "effective_robustness.png").exists()
+
+
+def test_a_folder_of_wnids_under_a_plain_name_is_refused(suite_data, tmp_path, capsys):
+    assert _datasets(tmp_path / "typo", f"imagenetr={suite_data / 'imagenet-r'}") == 1
+    assert "class folders are ImageNet wnids (n01443537, ...) but 'imagenetr' names no protocol" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("line, message", [
+    ("data = 5", "data must be a non-empty string, got 5"),
+    ("data = 'x'\ntemplates = 5", "templates must be a string or a list of strings, got 5"),
+    ("data = 'x'\nprobe_train = 5", "probe_train must be a non-empty string, got 5"),
+])
+def test_suite_file_values_of_the_wrong_type_are_one_line_errors(tmp_path, capsys, line, message):
+    (tmp_path / "suite.toml").write_text(f"[zeroshot.x]\n{line}\n")
+    assert main(["eval", "suite", "--model", "tiny-vit", "--out", str(tmp_path / "o"), "--config",
+                 str(tmp_path / "suite.toml")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "suite.toml: zeroshot.x: " + message in err
+
+
+def test_shots_are_whole_numbers_and_out_and_names_are_checked_first(tmp_path, capsys):
+    from clipforge.evaluate.suite import parse_shots
+
+    assert parse_shots(4) == [4] and parse_shots("1,2") == [1, 2]
+    for bad in ([1.5], [True], "x", 2.0):
+        with pytest.raises(ValueError, match="shots must be"):
+            parse_shots(bad)
+    (tmp_path / "afile").write_text("")
+    assert _datasets(tmp_path / "afile", "a=x") == 2
+    assert "--out " + str(tmp_path / "afile") + ": is a file" in capsys.readouterr().err
+    assert _datasets(tmp_path / "o", "a=x,a=y") == 2
+    assert "'a' is given twice" in capsys.readouterr().err

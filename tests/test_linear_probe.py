@@ -46,7 +46,7 @@ def test_stratified_and_few_shot_splits_hold_out_per_class():
     shots, held = few_shot_split(labels, 2, seed=0)
     assert np.bincount(labels[shots]).tolist() == [2, 2, 2]
     assert np.bincount(labels[held], minlength=3).tolist() == [2, 2, 0]
-    with pytest.raises(ValueError, match="fewer than --few-shot 3"):
+    with pytest.raises(ValueError, match="fewer than the 3 per class of a 3-shot probe"):
         few_shot_split(labels, 3)
 
 

@@ -221,7 +221,7 @@ def test_linear_probe_with_one_image_per_class_explains_c_and_names_the_classes(
             "held out to choose C on; used C=1.0") in captured.err
     assert main(["eval", "linear-probe", "--model", str(model_dir), "--train", str(data), "--test", str(data),
                  "--workers", "0", "--no-cache", "--few-shot", "2"]) == 2
-    assert "class 'cat' has 1 training images, fewer than --few-shot 2" in _error(capsys, "eval")
+    assert "class 'cat' has 1 training images, fewer than the 2 per class of a 2-shot probe" in _error(capsys, "eval")
 
 
 @pytest.mark.slow

@@ -87,6 +87,28 @@ def _architecture_name(model) -> str:
     return "clipforge"
 
 
+def _fingerprint(spec: str) -> str | None:
+    """Size and modification time of a checkpoint file, or of every file of a checkpoint folder:
+    a resumed suite reuses results only of the same weights."""
+    path = Path(spec).expanduser()
+    if not path.exists():
+        return None  # a preset's random weights: the name and the seed say it
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+
+
+def _check_out(out: str) -> None:
+    """The results folder can be made and written, checked before any model runs."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise CliError(f"--out {out}: is a file, expected a folder for the results")
+    parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise CliError(f"--out {out}: {parent} is a file, expected a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CliError(f"--out {out}: cannot write in {parent}")
+
+
 def run_suite_command(args: argparse.Namespace) -> int:
     """``clipforge eval suite``."""
     from ..evaluate.suite import run_suite
@@ -94,12 +116,14 @@ def run_suite_command(args: argparse.Namespace) -> int:
 
     started = time.time()
     config = _config(args)
+    _check_out(args.out)
     device = eval_cli.resolve_device_arg(args.device)
     model, preprocess = eval_cli.load_model_arg(args.model, device, args.seed)
     pretrained = args.pretrained or (Path(args.model).name if Path(args.model).expanduser().exists() else "random")
     model_name = args.model if pretrained == "random" else _architecture_name(model)
     summary = run_suite(model, preprocess, config, args.out, model_name=str(model_name), pretrained=pretrained,
-                        skip_existing=args.skip_existing, batch_size=args.batch_size, seed=args.seed, device=device,
+                        skip_existing=args.skip_existing, batch_size=args.batch_size, seed=args.seed,
+                        model_id=_fingerprint(args.model) or f"{args.model} seed {args.seed}", device=device,
                         precision=args.precision, num_workers=args.workers, cache_dir=eval_cli.feature_cache_dir(args),
                         progress=True)
     print((Path(args.out) / "results.md").read_text(encoding="utf-8"))

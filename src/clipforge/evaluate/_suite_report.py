@@ -62,10 +62,12 @@ def table_markdown(records: list[dict], errors: list[dict]) -> str:
                      _pct(metrics.get("acc1")), _pct(metrics.get("acc5")), _pct(metrics.get("mean_per_class_recall"))]
             cells += [_pct(row["probes"].get(k)) for k in shots]
             lines.append("| " + " | ".join(cells) + " |")
-            if "aupr" in metrics:
-                lines.append(f"| {record['dataset']} detection AUPR | | | | {_pct(metrics['aupr'])} | | |"
-                             + " |" * len(shots))
         lines.append("")
+    detection = [row["record"] for row in rows if row["record"]["metrics"].get("aupr") is not None]
+    if detection:
+        lines += ["## Out-of-distribution detection (%)", "", "| dataset | AUPR (positives: its images; "
+                  "negatives: ImageNet's of the same classes) |", "| --- | --- |"]
+        lines += [f"| {record['dataset']} | {_pct(record['metrics']['aupr'])} |" for record in detection] + [""]
     retrieval = [r for r in records if r["task"] == "zeroshot_retrieval"]
     if retrieval:
         lines += ["## Retrieval recall (%)", "", "| dataset | image->text R@1 | R@5 | R@10 | text->image R@1 | R@5 | R@10 |",
@@ -77,7 +79,8 @@ def table_markdown(records: list[dict], errors: list[dict]) -> str:
             lines.append(f"| {record['dataset']} | " + " | ".join(cells) + " |")
         lines.append("")
     if errors:
-        lines += ["## Not evaluated", ""] + [f"- {e['dataset']}: {e['error']}" for e in errors] + [""]
+        lines += ["## Not evaluated", ""] + [f"- {e['dataset']}{' (' + e['task'] + ')' if e.get('task') else ''}: "
+                                             f"{e['error']}" for e in errors] + [""]
     return "\n".join(lines)
 
 
@@ -170,4 +173,6 @@ def write_reports(records: list[dict], errors: list[dict], out_dir: Path) -> lis
         result = plot(records, out_dir / name)
         if result is not None:
             written.append(result)
+        else:
+            (out_dir / name).unlink(missing_ok=True)  # an earlier run's plot would not match this table
     return written

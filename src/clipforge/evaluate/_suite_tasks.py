@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import torch
@@ -25,15 +26,29 @@ def _load(entry, path: str | None = None, split: str = "test"):
     return load_classification_data(path, entry.images, dataset=entry.dataset)
 
 
-def zeroshot(run, entry) -> tuple[dict, object | None]:
+_WNID = re.compile(r"n\d{8}")
+
+
+def _refuse_wnid_names(entry, data) -> None:
+    """A plain folder whose classes are all wnids would be prompted as "a photo of a n01443537"."""
+    if entry.dataset is None and not entry.classnames and data.classes and all(
+            _WNID.fullmatch(name) for name in data.classes):
+        raise ValueError(f"{entry.data}: its {len(data.classes)} class folders are ImageNet wnids "
+                         f"({data.classes[0]}, ...) but {entry.name!r} names no protocol; name the set after its "
+                         "protocol (imagenet, imagenet-r, imagenet-sketch, ...), set dataset = NAME, or give classnames")
+
+
+def zeroshot(run, entry, reuse: bool = True) -> tuple[dict, object | None]:
     """``(record, result)``; ``result`` is None when an existing record was reused."""
     from . import evaluate_zeroshot
 
     task = "zeroshot_classification"
-    cached = run.existing(entry.name, task)
+    settings = run.settings(entry)
+    cached = run.existing(entry.name, task, settings) if reuse else None
     if cached is not None:
         return cached, None
     data = _load(entry)
+    _refuse_wnid_names(entry, data)
     if entry.dataset:
         from .protocols import evaluate_protocol
 
@@ -44,7 +59,7 @@ def zeroshot(run, entry) -> tuple[dict, object | None]:
                                    run.preprocess, run.batch_size, **run.common)
     metrics = {"acc1": _metric(result.metrics["top1"]), "acc5": _metric(result.metrics.get("top5")),
                "mean_per_class_recall": _metric(result.metrics["mean_per_class_recall"])}
-    record = run.record(entry.name, task, metrics, protocol=entry.dataset,
+    record = run.record(entry.name, task, metrics, settings, protocol=entry.dataset,
                         scoring=entry.scoring if entry.dataset else None, num_images=len(result.targets),
                         num_classes=len(data.classes), num_skipped=len(result.skipped),
                         notes=list(getattr(data, "notes", [])))
@@ -62,32 +77,45 @@ def _features(run, data, desc: str) -> tuple[np.ndarray, np.ndarray]:
     return features.features.numpy(), np.asarray(data.labels)[features.indices.numpy()]
 
 
-def few_shot_probes(run, entry, shots: list[int]) -> list[dict]:
-    """A linear probe per ``k`` in ``shots`` (k training images per class), scored on the eval set."""
+def few_shot_probes(run, entry, shots: list[int]) -> tuple[list[dict], list[tuple[str, Exception]]]:
+    """``(records, errors)``: a linear probe per ``k`` in ``shots`` (k training images per class),
+    scored on the eval set; a ``k`` that fails (a class with fewer than k images) is an error of
+    its own, the other shots still count."""
     from .linear_probe import linear_probe
 
-    pending = [k for k in shots if run.existing(entry.name, f"linear_probe_{k}shot") is None]
-    records = [run.existing(entry.name, f"linear_probe_{k}shot") for k in shots if k not in pending]
+    settings = run.settings(entry, probe=True)
+    done = {k: run.existing(entry.name, f"linear_probe_{k}shot", settings) for k in shots}
+    records = [record for record in done.values() if record is not None]
+    pending = [k for k, record in done.items() if record is None]
     if not pending:
-        return records
-    test = _load(entry)
-    train = _load(entry, entry.probe_train, split="train")
-    index = {name: i for i, name in enumerate(test.classes)}
-    unknown = sorted(set(train.classes) - set(index))
-    if unknown and train.classes != test.classes:
-        raise ValueError(f"{entry.probe_train}: classes not in {entry.data}: {unknown[:5]}")
-    to_test = np.arange(len(train.classes)) if train.classes == test.classes else \
-        np.array([index[name] for name in train.classes])
-    train_x, train_y = _features(run, train, f"{entry.name} probe train")
-    test_x, test_y = _features(run, test, f"{entry.name} probe test")
+        return records, []
+    try:
+        test = _load(entry)
+        train = _load(entry, entry.probe_train, split="train")
+        index = {name: i for i, name in enumerate(test.classes)}
+        unknown = sorted(set(train.classes) - set(index))
+        if unknown and train.classes != test.classes:
+            raise ValueError(f"{entry.probe_train}: classes not in {entry.data}: {unknown[:5]}")
+        to_test = np.arange(len(train.classes)) if train.classes == test.classes else \
+            np.array([index[name] for name in train.classes])
+        train_x, train_y = _features(run, train, f"{entry.name} probe train")
+        test_x, test_y = _features(run, test, f"{entry.name} probe test")
+    except Exception as error:  # noqa: BLE001 - reported with the zero-shot row kept
+        return records, [("linear probe", error)]
+    errors = []
     for k in pending:
-        report = linear_probe(train_x, to_test[train_y], test_x, test_y, few_shot=k, seed=run.seed)
-        record = run.record(entry.name, "linear_probe", {"lp_acc1": report["accuracy"]}, fewshot_k=k,
+        try:
+            report = linear_probe(train_x, to_test[train_y], test_x, test_y, few_shot=k, seed=run.seed,
+                                  class_names=test.classes)
+        except Exception as error:  # noqa: BLE001 - the other shots still count
+            errors.append((f"{k}-shot probe", error))
+            continue
+        record = run.record(entry.name, "linear_probe", {"lp_acc1": report["accuracy"]}, settings, fewshot_k=k,
                             C=report["C"], num_train=report["num_train"], num_val=report["num_val"],
                             num_test=report["num_test"])
         write_json_atomic(record, run.path(entry.name, f"linear_probe_{k}shot"))
         records.append(record)
-    return sorted(records, key=lambda r: r["fewshot_k"])
+    return sorted(records, key=lambda r: r["fewshot_k"]), errors
 
 
 def imagenet_o_aupr(imagenet, imagenet_o, subset: list[int]) -> float:
@@ -101,6 +129,22 @@ def imagenet_o_aupr(imagenet, imagenet_o, subset: list[int]) -> float:
     out_scores = -imagenet_o.logits.softmax(-1).max(-1).values  # (N_out,) label logits: the 200 classes
     labels = np.r_[np.zeros(len(in_scores)), np.ones(len(out_scores))]
     return float(average_precision_score(labels, torch.cat([in_scores, out_scores]).numpy()))
+
+
+def aupr_pair_to_recompute(run, entries) -> set[str]:
+    """Names of the ImageNet and ImageNet-O entries to score again although resuming: the AUPR
+    needs both sets' logits in memory, so unless ImageNet-O's finished record already holds an
+    AUPR and ImageNet's is reusable too, both are scored (their features come from the cache)."""
+    by_protocol = {entry.dataset: entry for entry in entries if entry.dataset in ("imagenet", "imagenet-o")}
+    if len(by_protocol) < 2 or not run.skip_existing or any(e.scoring != "subset" for e in by_protocol.values()):
+        return set()
+    imagenet, imagenet_o = by_protocol["imagenet"], by_protocol["imagenet-o"]
+    task = "zeroshot_classification"
+    done_o = run.existing(imagenet_o.name, task, run.settings(imagenet_o), quiet=True)
+    done_in = run.existing(imagenet.name, task, run.settings(imagenet), quiet=True)
+    if done_o is not None and "aupr" in done_o["metrics"] and done_in is not None:
+        return set()
+    return {imagenet.name, imagenet_o.name}
 
 
 def add_imagenet_o_aupr(run, records: list[dict], in_memory: dict) -> list[dict]:
@@ -126,7 +170,8 @@ def retrieval(run, entry) -> dict:
     from .retrieval import evaluate_retrieval
 
     task = "zeroshot_retrieval"
-    cached = run.existing(entry.name, task)
+    settings = run.settings(entry)
+    cached = run.existing(entry.name, task, settings)
     if cached is not None:
         return cached
     data = load_retrieval_data(entry.data, entry.images, entry.split)
@@ -135,6 +180,7 @@ def retrieval(run, entry) -> dict:
     for k in (1, 5, 10):
         metrics[f"image_retrieval_recall@{k}"] = result["metrics"][f"text_to_image_recall@{k}"]
         metrics[f"text_retrieval_recall@{k}"] = result["metrics"][f"image_to_text_recall@{k}"]
-    record = run.record(entry.name, task, metrics, num_images=result["num_images"], num_texts=result["num_texts"])
+    record = run.record(entry.name, task, metrics, settings, num_images=result["num_images"],
+                        num_texts=result["num_texts"])
     write_json_atomic(record, run.path(entry.name, task))
     return record

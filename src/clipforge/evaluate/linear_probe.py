@@ -98,7 +98,7 @@ def few_shot_split(labels: np.ndarray, shots: int, seed: int = 0,
         members = rng.permutation(np.flatnonzero(labels == label))
         if len(members) < shots:
             name = repr(class_names[label]) if class_names else str(label)
-            raise ValueError(f"class {name} has {len(members)} training images, fewer than --few-shot {shots}")
+            raise ValueError(f"class {name} has {len(members)} training images, fewer than the {shots} per class of a {shots}-shot probe")
         train += members[:shots].tolist()
         val += members[shots: 2 * shots].tolist()
     return np.array(sorted(train), dtype=int), np.array(sorted(val), dtype=int)

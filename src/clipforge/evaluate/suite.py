@@ -24,12 +24,17 @@ A suite file (TOML; relative paths are under the file's folder)::
 Each result is written as it finishes, one JSON per dataset and task in CLIP_benchmark's schema
 (``{"dataset", "model", "pretrained", "task", "metrics", "language"}``, its file-name pattern
 ``{dataset}_{pretrained}_{model}_{language}_{task}.json``), so ``skip_existing`` resumes a suite
-that was stopped, and CLIP_benchmark's aggregation (``clip_benchmark build``) reads the folder.
+that was stopped, and CLIP_benchmark's aggregation (``clip_benchmark build``) reads the folder. Each
+JSON also records the ``settings`` it was computed with (data path, protocol, scoring, templates,
+class names, probe split and seed, the checkpoint's fingerprint); a result is reused only when they
+match the suite being run, else it is recomputed.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,11 +90,23 @@ def _protocol_of(name: str, data: str, dataset: str | None) -> str | None:
         return "wds" if looks_like_wds(data) else None
 
 
+def _check_types(section: str, values: dict) -> None:
+    """Paths and names are non-empty strings; templates and class names a string or a list of them."""
+    for key, value in values.items():
+        listed = key in ("templates", "classnames") and isinstance(value, list)
+        if listed and all(isinstance(item, str) for item in value):
+            continue
+        if not isinstance(value, str) or (not value.strip() and key != "templates"):
+            expected = "a string or a list of strings" if key in ("templates", "classnames") else "a non-empty string"
+            raise ValueError(f"{section}: {key} must be {expected}, got {value!r}")
+
+
 def zeroshot_entry(name: str, data: str, **options) -> ZeroShotEntry:
     """A :class:`ZeroShotEntry`, its protocol taken from ``dataset`` or the name (or a wds folder)."""
     unknown = set(options) - (_ZEROSHOT_KEYS - {"data"})
     if unknown:
         raise ValueError(f"zeroshot.{name}: unknown key(s) {sorted(unknown)}; expected {sorted(_ZEROSHOT_KEYS)}")
+    _check_types(f"zeroshot.{name}", {"data": data, **{k: v for k, v in options.items() if v is not None}})
     dataset = _protocol_of(name, data, options.pop("dataset", None))
     scoring = options.pop("scoring", "subset")
     if scoring not in ("subset", "1000way"):
@@ -126,10 +143,14 @@ def read_suite_config(path: str | os.PathLike) -> SuiteConfig:
         if not isinstance(table, dict) or "data" not in table:
             raise ValueError(f"{path}: [zeroshot.{name}] needs data = PATH")
         options = {key: _resolve(base, key, value) for key, value in table.items()}
-        config.zeroshot.append(zeroshot_entry(name, **options))
+        try:
+            config.zeroshot.append(zeroshot_entry(name, **options))
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
     for name, table in raw.get("retrieval", {}).items():
         if not isinstance(table, dict) or "data" not in table or set(table) - _RETRIEVAL_KEYS:
             raise ValueError(f"{path}: [retrieval.{name}] takes data = PATH and optional images, split")
+        _check_types(f"{path}: retrieval.{name}", table)
         config.retrieval.append(RetrievalEntry(name, **{k: _resolve(base, k, v) for k, v in table.items()}))
     if not config.zeroshot and not config.retrieval:
         raise ValueError(f"{path}: no [zeroshot.NAME] or [retrieval.NAME] tables")
@@ -137,15 +158,26 @@ def read_suite_config(path: str | os.PathLike) -> SuiteConfig:
 
 
 def parse_shots(value, source: str = "shots") -> list[int]:
-    """Shots per class from a list or ``"1,2,4"``; each must be a positive integer."""
+    """Shots per class from a list, one integer or ``"1,2,4"``; each must be a positive integer."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (str, list, tuple)):
+        raise ValueError(f"{source}: shots must be a list of integers such as [1, 2, 4], got {value!r}")
     items = value.split(",") if isinstance(value, str) else list(value)
     try:
-        shots = [int(item) for item in items if str(item).strip()]
+        shots = [_whole(item) for item in items if str(item).strip()]
     except ValueError:
         raise ValueError(f"{source}: shots must be integers, got {value!r}") from None
     if any(k < 1 for k in shots):
         raise ValueError(f"{source}: shots must be at least 1, got {shots}")
     return sorted(set(shots))
+
+
+def _whole(item) -> int:
+    """``item`` as an int: an int, or a string of digits; 1.5, True or "x" are refused."""
+    if isinstance(item, bool) or isinstance(item, float) or not isinstance(item, (int, str)):
+        raise ValueError(item)
+    return int(item)
 
 
 def parse_pairs(text: str, option: str) -> list[tuple[str, str]]:
@@ -157,6 +189,8 @@ def parse_pairs(text: str, option: str) -> list[tuple[str, str]]:
         name, sep, value = item.partition("=")
         if not sep or not name.strip() or not value.strip():
             raise ValueError(f"{option}: expected NAME=PATH[,NAME=PATH...], got {item!r}")
+        if name.strip() in dict(pairs):
+            raise ValueError(f"{option}: {name.strip()!r} is given twice")
         pairs.append((name.strip(), value.strip()))
     if not pairs:
         raise ValueError(f"{option}: no NAME=PATH given")
@@ -181,54 +215,100 @@ class SuiteRun:
     batch_size: int = 64
     common: dict = field(default_factory=dict)  # device, precision, num_workers, cache_dir, progress
     seed: int = 0
+    model_id: str | None = None  # the checkpoint's fingerprint: results of other weights are not reused
 
     def path(self, dataset: str, task: str) -> Path:
+        """Where the result of ``task`` on ``dataset`` is written."""
         return self.out_dir / result_filename(dataset, self.pretrained, self.model_name, task)
 
-    def record(self, dataset: str, task: str, metrics: dict, **extra) -> dict:
+    def record(self, dataset: str, task: str, metrics: dict, settings: dict, **extra) -> dict:
+        """A result in CLIP_benchmark's schema, with the ``settings`` it was computed with."""
         return {"dataset": dataset, "model": self.model_name, "pretrained": self.pretrained, "task": task,
-                "metrics": metrics, "language": LANGUAGE, **extra}
+                "metrics": metrics, "language": LANGUAGE, **extra, "settings": settings}
 
-    def existing(self, dataset: str, task: str) -> dict | None:
+    def settings(self, entry, probe: bool = False) -> dict:
+        """What a result of ``entry`` depends on besides the model's name: reuse needs all of it equal."""
+        fields = vars(entry).copy()
+        for key in ("data", "images") + (("probe_train",) if probe else ()):
+            value = fields.get(key)
+            fields[key] = os.path.abspath(value) if isinstance(value, str) and value != "train" else value
+        for key in ("templates", "classnames"):  # a file's words count, not only its name
+            value = fields.get(key)
+            if isinstance(value, str) and os.path.isfile(value):
+                fields[key] = {"file": os.path.abspath(value),
+                               "sha256": hashlib.sha256(Path(value).read_bytes()).hexdigest()}
+        if not probe:
+            fields.pop("probe_train", None)
+        return {**fields, "model_id": self.model_id, **({"seed": self.seed} if probe else {})}
+
+    def existing(self, dataset: str, task: str, settings: dict, quiet: bool = False) -> dict | None:
+        """The finished result of ``task`` when resuming and it was computed with ``settings``."""
         path = self.path(dataset, task)
-        if self.skip_existing and path.is_file():
-            try:
-                return json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError:
-                return None  # a damaged result is recomputed
-        return None
+        if not self.skip_existing or not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            record = None  # a damaged result is recomputed
+        if not isinstance(record, dict) or not isinstance(record.get("metrics"), dict) or record.get("task") is None:
+            quiet or self.say(f"{path.name}: not a result; recomputing it")
+            return None
+        if record.get("settings") != settings:
+            quiet or self.say(f"{path.name}: computed with other settings (data, protocol, scoring, templates or "
+                     "weights); recomputing it")
+            return None
+        return record
+
+    def say(self, message: str) -> None:
+        """A progress line on stderr (when progress is on)."""
+        if self.common.get("progress", True):
+            print(f"suite: {message}", file=sys.stderr, flush=True)
 
 
 def run_suite(model, preprocess: Callable, config: SuiteConfig, out_dir: str | os.PathLike,
               model_name: str, pretrained: str, skip_existing: bool = False, batch_size: int = 64,
-              seed: int = 0, **common) -> dict:
+              seed: int = 0, model_id: str | None = None, **common) -> dict:
     """Run every task of ``config``; write the JSONs, ``results.md``, ``results.csv`` and the plots.
 
-    ``common``: ``device``, ``precision``, ``num_workers``, ``cache_dir``, ``progress``. Returns
-    ``{"records": [...], "written": [paths], "errors": [...]}``; a dataset that fails is reported
-    in ``errors`` (and the table) and the others still run.
+    ``common``: ``device``, ``precision``, ``num_workers``, ``cache_dir``, ``progress``;
+    ``model_id``: a fingerprint of the weights, so that ``skip_existing`` never reuses results of
+    other weights saved under the same name. Returns ``{"records": [...], "written": [paths],
+    "errors": [...]}``; a dataset or probe that fails is reported in ``errors`` (and the table) and
+    the others still run.
     """
     from . import _suite_report, _suite_tasks
 
     run = SuiteRun(model, preprocess, Path(out_dir), model_name, pretrained, skip_existing, batch_size,
-                   dict(common), seed)
+                   dict(common), seed, model_id)
     run.out_dir.mkdir(parents=True, exist_ok=True)
     records, errors, in_memory = [], [], {}
+    recompute = _suite_tasks.aupr_pair_to_recompute(run, config.zeroshot)
     for entry in config.zeroshot:
         try:
-            record, result = _suite_tasks.zeroshot(run, entry)
-            records.append(record)
-            if result is not None:
-                in_memory[entry.dataset or entry.name] = (entry, result)
-            if entry.probe_train and config.shots:
-                records += _suite_tasks.few_shot_probes(run, entry, config.shots)
-        except (ValueError, FileNotFoundError) as error:
-            errors.append({"dataset": entry.name, "error": str(error)})
+            record, result = _suite_tasks.zeroshot(run, entry, reuse=entry.name not in recompute)
+        except Exception as error:  # noqa: BLE001 - one set's failure must not cost the others
+            errors.append(_error(run, entry.name, error))
+            continue
+        records.append(record)
+        if result is not None:
+            in_memory[entry.dataset or entry.name] = (entry, result)
+        if entry.probe_train and config.shots:
+            probes, probe_errors = _suite_tasks.few_shot_probes(run, entry, config.shots)
+            records += probes
+            errors += [_error(run, entry.name, error, task) for task, error in probe_errors]
     records = _suite_tasks.add_imagenet_o_aupr(run, records, in_memory)
     for entry in config.retrieval:
         try:
             records.append(_suite_tasks.retrieval(run, entry))
-        except (ValueError, FileNotFoundError) as error:
-            errors.append({"dataset": entry.name, "error": str(error)})
+        except Exception as error:  # noqa: BLE001
+            errors.append(_error(run, entry.name, error))
     written = _suite_report.write_reports(records, errors, run.out_dir)
     return {"records": records, "written": written, "errors": errors}
+
+
+def _error(run: SuiteRun, dataset: str, error: Exception, task: str | None = None) -> dict:
+    """An ``errors`` entry: the message of a user error, the exception's type too for anything else."""
+    expected = isinstance(error, (ValueError, OSError))
+    message = str(error) if expected else f"{type(error).__name__}: {error}"
+    run.say(f"{dataset}{' ' + task if task else ''} failed: {message}")
+    return {"dataset": dataset, "error": message, **({"task": task} if task else {})}
