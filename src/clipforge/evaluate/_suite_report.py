@@ -12,8 +12,8 @@ from ..files import atomic_path, write_text_atomic
 # The supervised ImageNet model the CLIP paper sets beside zero-shot CLIP (Radford et al. 2021,
 # Figure 13, right: ResNet-101, top-1 %), on ImageNet and each natural shift it reports.
 SUPERVISED_REFERENCE = {
-    "ResNet-101 (CLIP paper, Fig. 13)": {"imagenet": 76.2, "imagenet-v2": 64.3, "imagenet-r": 37.7,
-                                         "imagenet-sketch": 25.2, "objectnet": 32.6, "imagenet-a": 2.7},
+    "supervised ResNet-101 (CLIP paper, Fig. 13)": {"imagenet": 76.2, "imagenet-v2": 64.3, "imagenet-r": 37.7,
+                                                    "imagenet-sketch": 25.2, "objectnet": 32.6, "imagenet-a": 2.7},
 }
 MASKED_SETS = ("imagenet-r", "imagenet-a", "imagenet-o", "objectnet")  # where subset vs 1000way matters
 SHIFT_COLORS = {"imagenet-v2": "tab:blue", "imagenet-r": "tab:orange", "imagenet-sketch": "tab:green",
@@ -129,7 +129,7 @@ def plot_effective_robustness(records: list[dict], path: Path) -> Path | None:
             reference = SUPERVISED_REFERENCE[model]
             if protocol in reference:
                 axes.scatter([reference["imagenet"]], [reference[protocol]], facecolors="none", edgecolors=color,
-                             marker=marker, s=70, label=f"{model} (supervised): {protocol}")
+                             marker=marker, s=70, label=f"{model}: {protocol}")
     axes.set_xlim(0, 100)
     axes.set_ylim(0, 100)
     axes.set_xlabel("ImageNet top-1 (%)")
