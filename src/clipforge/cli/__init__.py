@@ -6,6 +6,7 @@ and sets ``func`` to a function taking the parsed namespace and returning an exi
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -39,6 +40,29 @@ def _subcommand_parser(parser: argparse.ArgumentParser, command: str | None) -> 
     return None
 
 
+# Errors about a path the user gave or the space to write it: one line, not a traceback.
+_PATH_ERRORS = (PermissionError, FileExistsError, NotADirectoryError, IsADirectoryError, FileNotFoundError)
+_USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.ELOOP}
+
+
+def is_user_os_error(err: OSError) -> bool:
+    """Whether ``err`` is about the user's files (named, or a permission, space, read-only problem).
+
+    Others (an ``OSError`` naming no file, e.g. out of memory or an I/O error inside a library)
+    stay crashes with a traceback: they point at a bug or a broken machine, not at an argument.
+    """
+    return (isinstance(err, (_PATH_ERRORS, DiskFullError)) or err.filename is not None
+            or err.errno in _USER_ERRNOS)
+
+
+def os_error_line(err: OSError) -> str:
+    """``err`` as one line: ``Permission denied: /data/val`` (``a -> b`` for a rename)."""
+    if err.filename is None or not err.strerror:
+        return " ".join(str(err).split()) or type(err).__name__
+    target = f" -> {err.filename2}" if err.filename2 is not None else ""
+    return f"{err.strerror}: {err.filename}{target}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status."""
     parser = build_parser()
@@ -54,8 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `clipforge ... | head -1`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (CliError, FileNotFoundError, ValueError, DiskFullError) as err:
+    except (CliError, ValueError) as err:
         print(f"clipforge {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if not is_user_os_error(err):
+            raise  # no file named, not a permission or space problem: a bug worth its traceback
+        print(f"clipforge {args.command}: error: {os_error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"clipforge {args.command}: interrupted", file=sys.stderr)

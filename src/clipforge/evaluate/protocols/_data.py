@@ -4,8 +4,10 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Callable
 
+from ...files import why_missing
 from ..datasets import ClassificationData
 
 SCORINGS = ("subset", "1000way")
@@ -51,3 +53,27 @@ def describe(names, limit: int = 5) -> str:
     names = sorted(names)
     shown = ", ".join(repr(name) for name in names[:limit])
     return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def require_folder(root: Path, expected: str) -> None:
+    """Return when ``root`` is a folder; else a one-line error saying it is absent or a file.
+
+    ``expected`` says what should be there, e.g. ``"the ImageNet validation images"``.
+    """
+    if root.is_dir():
+        return
+    if root.is_file():
+        raise ValueError(f"{root}: is a file, not a folder (expected {expected})")
+    if root.exists():
+        raise ValueError(f"{root}: is not a folder (expected {expected})")
+    reason = why_missing(root)
+    reason = "no such folder" if reason in ("no such file or folder", "exists") else reason
+    raise FileNotFoundError(f"{root}: {reason} (expected {expected})")
+
+
+def read_text(path: Path) -> str:
+    """The UTF-8 text of ``path``; a one-line error naming the file when it is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8") from None

@@ -15,7 +15,7 @@ import tarfile
 from pathlib import Path
 from typing import Callable
 
-from ._data import ProtocolData
+from ._data import ProtocolData, read_text, require_folder
 
 IMAGE_SUFFIXES = ("webp", "png", "jpg", "jpeg")
 CLASSNAMES = "classnames.txt"
@@ -54,39 +54,58 @@ class TarMemberImages:
         return f"TarMemberImages({self.preprocess!r}, shards={self.shards})"
 
 
+# Leading bytes of the compressions tarfile would undo on the fly; offsets into such a file are wrong.
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
 def _index_shard(shard: Path) -> list[tuple[str, tuple[int, int], int]]:
     """``[(path, (offset, size), label)]`` for the samples of one shard, in member order."""
+    with open(shard, "rb") as file:
+        head = file.read(6)
+    compression = next((name for magic, name in _COMPRESSED.items() if head.startswith(magic)), None)
+    if compression:
+        raise ValueError(f"{shard}: a {compression}-compressed tar; images are read by offset from plain tar "
+                         f"shards, so decompress it first (e.g. {compression} -d < {shard.name} > plain.tar)")
     images, labels = {}, {}
     try:
-        with tarfile.open(shard) as archive:
+        with tarfile.open(shard, "r:") as archive:
             for member in archive:
                 if not member.isfile() or "." not in Path(member.name).name:
                     continue
                 key, suffix = member.name.rsplit(".", 1)
                 if suffix.lower() in IMAGE_SUFFIXES:
                     images[key] = (f"{shard}#{member.name}", (member.offset_data, member.size))
-                elif suffix == "cls":
-                    text = archive.extractfile(member).read().decode().strip()
-                    if not text.lstrip("-").isdigit():
-                        raise ValueError(f"{shard}#{member.name}: expected an integer class, got {text!r}")
-                    labels[key] = int(text)
+                elif suffix.lower() == "cls":
+                    labels[key] = _read_label(archive, member, shard)
     except tarfile.TarError as error:
-        raise ValueError(f"{shard}: not a readable tar file ({error})") from None
+        raise ValueError(f"{shard}: not a readable tar file ({' '.join(str(error).split())})") from None
     unlabelled = sorted(set(images) - set(labels))
     if unlabelled:
         raise ValueError(f"{shard}: {len(unlabelled)} images have no .cls label, e.g. {unlabelled[0]!r}")
     return [(images[key][0], images[key][1], labels[key]) for key in images]
 
 
+def _read_label(archive: tarfile.TarFile, member: tarfile.TarInfo, shard: Path) -> int:
+    """The integer class in the ``.cls`` member ``member``."""
+    data = archive.extractfile(member).read()
+    try:
+        text = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        text = None
+    if text is None or not text.lstrip("-").isdigit():
+        raise ValueError(f"{shard}#{member.name}: expected an integer class, got "
+                         f"{data[:40] if text is None else text[:40]!r}")
+    return int(text)
+
+
 def _read_lines(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line.strip() for line in read_text(path).splitlines() if line.strip()]
 
 
 def load_wds_classification(path: str | os.PathLike, split: str = "test") -> ProtocolData:
     """A CLIP_benchmark webdataset classification folder (module docstring), read in place."""
     root = Path(path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such folder")
+    require_folder(root, f"a CLIP_benchmark webdataset folder ({CLASSNAMES}, {split}/*.tar)")
     if not (root / CLASSNAMES).is_file():
         raise ValueError(f"{root}: a CLIP_benchmark webdataset folder needs {CLASSNAMES}")
     shards = sorted((root / split).glob("*.tar"), key=lambda p: (len(p.stem), p.stem)) if (root / split).is_dir() else []

@@ -13,12 +13,13 @@ for in the folder, its parent, and an ``ILSVRC2012_devkit_t12/data`` folder besi
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 from pathlib import Path
 
 from ...data.captions import is_image_name
-from ._data import ProtocolData, describe, imagenet_names, wnid_table
+from ._data import ProtocolData, describe, imagenet_names, read_text, require_folder, wnid_table
 
 GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
 KAGGLE_SOLUTION = "LOC_val_solution.csv"
@@ -27,16 +28,23 @@ _VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})")
 _WNID = re.compile(r"n\d{8}")
 
 
+def _raise(error: OSError) -> None:  # os.walk's onerror: an unlistable folder is an error, not empty
+    raise error
+
+
 def list_images(folder: Path) -> list[str]:
-    """Image files under ``folder`` (recursively), sorted, hidden files left out."""
-    return sorted(str(Path(dirpath) / name) for dirpath, _, names in os.walk(folder)
+    """Image files under ``folder`` (recursively), sorted, hidden files left out.
+
+    A folder that cannot be listed (no permission) raises its ``OSError``, naming it, rather than
+    passing for an empty one.
+    """
+    return sorted(str(Path(dirpath) / name) for dirpath, _, names in os.walk(folder, onerror=_raise)
                   for name in names if is_image_name(name) and not name.startswith("."))
 
 
 def read_wnid_folders(root: Path, wnids: tuple[str, ...], dataset: str) -> tuple[list[str], list[int]]:
     """``(paths, labels)`` of a folder holding exactly the class folders ``wnids`` (label = position)."""
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such folder (expected the {dataset} images)")
+    require_folder(root, f"the {dataset} images")
     found = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
     missing, unknown = set(wnids) - found, found - set(wnids)
     if missing or unknown:
@@ -78,29 +86,64 @@ def _find(root: Path, name: str) -> Path | None:
 
 
 def _ids_to_wnids(meta: Path) -> dict[int, str]:
+    """ILSVRC2012 id -> wnid of the 1,000 leaf synsets in the devkit's ``meta.mat``."""
     try:
         from scipy.io import loadmat
     except ImportError:
         raise ValueError(f"{meta}: reading the devkit's meta.mat needs scipy (pip install 'clipforge[eval]'); "
                          f"or give {GROUND_TRUTH} with one wnid per line, or Kaggle's {KAGGLE_SOLUTION}") from None
-    synsets = loadmat(str(meta), squeeze_me=True)["synsets"]
-    return {int(row["ILSVRC2012_ID"]): str(row["WNID"]) for row in synsets if int(row["num_children"]) == 0}
+    try:
+        synsets = loadmat(str(meta), squeeze_me=True).get("synsets")
+    except Exception as error:  # scipy raises MatReadError, ValueError, TypeError... on a damaged file
+        if isinstance(error, OSError) and error.errno is not None:
+            raise  # unreadable (permission, a folder): the command names the file
+        raise ValueError(f"{meta}: not a readable MATLAB file ({type(error).__name__}: "
+                         f"{' '.join(str(error).split())})") from None
+    needed = ("ILSVRC2012_ID", "WNID", "num_children")
+    if not set(needed) <= set(getattr(getattr(synsets, "dtype", None), "names", None) or ()):
+        raise ValueError(f"{meta}: expected the devkit's meta.mat: a 'synsets' struct array with the fields "
+                         f"{', '.join(needed)}")
+    try:
+        table = {int(row["ILSVRC2012_ID"]): str(row["WNID"]) for row in synsets.reshape(-1)
+                 if int(row["num_children"]) == 0}
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{meta}: a synset is not (ILSVRC2012_ID number, WNID, num_children number): "
+                         f"{error}") from None
+    if not table:
+        raise ValueError(f"{meta}: 'synsets' holds no leaf classes (num_children 0); expected the devkit's 1,000")
+    return table
+
+
+def _read_kaggle(path: Path) -> dict[int, str]:
+    """Image number -> wnid from Kaggle's ``LOC_val_solution.csv`` (the first word of each prediction)."""
+    reader = csv.DictReader(io.StringIO(read_text(path).lstrip("\ufeff")))
+    if not {"ImageId", "PredictionString"} <= set(reader.fieldnames or ()):
+        raise ValueError(f"{path}: expected Kaggle's header ImageId,PredictionString, found "
+                         f"{','.join(reader.fieldnames or ()) or 'no header'}")
+    truth = {}
+    for row in reader:
+        match = _VAL_NAME.search(row["ImageId"] or "")
+        if match is None:
+            continue
+        words = (row["PredictionString"] or "").split()
+        if not words:
+            raise ValueError(f"{path}: line {reader.line_num}: {row['ImageId']} has no label; expected a "
+                             "PredictionString starting with its wnid (n01440764 x y w h ...)")
+        truth[int(match.group(1))] = words[0]
+    return truth
 
 
 def _ground_truth(root: Path) -> tuple[dict[int, str], str]:
     """Image number (the 8 digits of the file name) -> wnid, and the file(s) it came from."""
     kaggle = _find(root, KAGGLE_SOLUTION)
     if kaggle:
-        with open(kaggle, newline="", encoding="utf-8") as file:
-            rows = list(csv.DictReader(file))
-        return {int(_VAL_NAME.search(row["ImageId"]).group(1)): row["PredictionString"].split()[0]
-                for row in rows if _VAL_NAME.search(row.get("ImageId", ""))}, str(kaggle)
+        return _read_kaggle(kaggle), str(kaggle)
     truth = _find(root, GROUND_TRUTH)
     if truth is None:
         searched = ", ".join(str(place) for place in _search_dirs(root))
         raise ValueError(f"{root}: flat ImageNet validation folder without ground truth; expected {GROUND_TRUTH} "
                          f"(+ {META}) or {KAGGLE_SOLUTION} in {searched}; or pass 1,000 wnid folders")
-    lines = [line.strip() for line in truth.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line.strip() for line in read_text(truth).splitlines() if line.strip()]
     if all(_WNID.fullmatch(line) for line in lines):
         return {number: wnid for number, wnid in enumerate(lines, 1)}, str(truth)
     meta = _find(root, META)
@@ -108,10 +151,11 @@ def _ground_truth(root: Path) -> tuple[dict[int, str], str]:
         raise ValueError(f"{truth}: holds ILSVRC2012 ids, which need the devkit's {META} beside it "
                          "(or write one wnid per line instead)")
     id_to_wnid = _ids_to_wnids(meta)
-    try:
-        return {number: id_to_wnid[int(line)] for number, line in enumerate(lines, 1)}, f"{truth} + {meta}"
-    except (KeyError, ValueError) as error:
-        raise ValueError(f"{truth}: line holds {error}, not an ILSVRC2012 id (1..1000) of {meta}") from None
+    for number, line in enumerate(lines, 1):
+        if not (line.isdigit() and int(line) in id_to_wnid):
+            raise ValueError(f"{truth}: entry {number} is {line!r}, neither a wnid nor an ILSVRC2012 id of {meta} "
+                             f"({min(id_to_wnid)}..{max(id_to_wnid)})")
+    return {number: id_to_wnid[int(line)] for number, line in enumerate(lines, 1)}, f"{truth} + {meta}"
 
 
 def _load_flat(root: Path, files: list[str]) -> ProtocolData:
@@ -137,8 +181,7 @@ def _load_flat(root: Path, files: list[str]) -> ProtocolData:
 def load_imagenet(path: str | os.PathLike) -> ProtocolData:
     """ImageNet-1k validation: 1,000 wnid folders or the flat folder with ground truth (module doc)."""
     root = Path(path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such folder (expected the ImageNet validation images)")
+    require_folder(root, "the ImageNet validation images")
     loose = [str(p) for p in sorted(root.iterdir()) if p.is_file() and is_image_name(p.name)]
     if loose and not any(p.is_dir() and _WNID.fullmatch(p.name) for p in root.iterdir()):
         return _load_flat(root, loose)

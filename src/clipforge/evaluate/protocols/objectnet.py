@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from ...transforms import load_image
-from ._data import ProtocolData, describe, imagenet_names
+from ._data import ProtocolData, describe, imagenet_names, read_text, require_folder
 from .imagenet import list_images
 
 NUM_FOLDERS = 313
@@ -56,28 +56,74 @@ def _layout(root: Path) -> tuple[Path, Path]:
     raise ValueError(f"{root}: expected the ObjectNet release (images/ and mappings/, or objectnet-1.0/ holding them)")
 
 
-def _read_json(path: Path) -> dict:
+def _read_object(path: Path, expected: str) -> dict:
+    """The JSON object in ``path``; a one-line error naming the file and ``expected`` otherwise."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(read_text(path))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not JSON ({error.msg} at line {error.lineno})") from None
+    if not isinstance(value, dict):
+        found = {list: "an array", str: "a string", bool: "true/false", type(None): "null"}.get(type(value), "a number")
+        raise ValueError(f"{path}: expected a JSON object of {expected}, found {found}")
+    return value
+
+
+def _strings(path: Path, expected: str) -> dict[str, str]:
+    """``path``'s JSON object, every value a string (``expected`` names what keys and values hold)."""
+    mapping = _read_object(path, expected)
+    bad = next((key for key, value in mapping.items() if not isinstance(value, str)), None)
+    if bad is not None:
+        raise ValueError(f"{path}: {bad!r} maps to {mapping[bad]!r}; expected a JSON object of {expected}")
+    return mapping
+
+
+def _as_int(value) -> int | None:
+    """``value`` as an integer when it is a JSON integer or a string of digits, else None."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return int(value) if isinstance(value, str) and value.strip().isdigit() else None
+
+
+def _class_of_id(path: Path) -> dict[int, int]:
+    """2012 id -> ImageNet class index, from ``pytorch_to_imagenet_2012_id.json``."""
+    expected = "class index (0..999) -> ImageNet 2012 id (an integer)"
+    class_of_id = {}
+    for key, value in _read_object(path, expected).items():
+        index, number = _as_int(key), _as_int(value)
+        if index is None or not 0 <= index < 1000 or number is None:
+            raise ValueError(f"{path}: {key!r} maps to {value!r}; expected a JSON object of {expected}")
+        if number in class_of_id:
+            raise ValueError(f"{path}: classes {class_of_id[number]} and {index} both map to 2012 id {number}")
+        class_of_id[number] = index
+    return class_of_id
 
 
 def folder_to_imagenet(mappings: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
-    """``({folder: [ImageNet class index, ...]}, {folder: ObjectNet label})`` for the mapped folders."""
-    folder_of = {label: folder for folder, label in _read_json(mappings / MAPPING_FILES[0]).items()}
-    to_imagenet = _read_json(mappings / MAPPING_FILES[1])
-    class_of_id = {int(v): int(k) for k, v in _read_json(mappings / MAPPING_FILES[2]).items()}
-    lines = (mappings / MAPPING_FILES[3]).read_text(encoding="utf-8").splitlines()
-    class_of_label = {line.strip(): class_of_id[number] for number, line in enumerate(lines) if line.strip()}
+    """``({folder: [ImageNet class index, ...]}, {folder: ObjectNet label})`` for the mapped folders.
+
+    Each mapping file's structure is checked: a wrong one raises ``ValueError`` naming the file.
+    """
+    paths = [mappings / name for name in MAPPING_FILES]
+    folder_of = {label: folder for folder, label in
+                 _strings(paths[0], "folder name -> ObjectNet label (a string)").items()}
+    to_imagenet = _strings(paths[1], 'ObjectNet label -> ImageNet labels (a string joined by "; ")')
+    class_of_id = _class_of_id(paths[2])
+    class_of_label = {}
+    for number, line in enumerate(read_text(paths[3]).splitlines()):
+        if not line.strip():
+            continue
+        if number not in class_of_id:
+            raise ValueError(f"{paths[3]}: line {number + 1} ({line.strip()!r}) is 2012 id {number}, which "
+                             f"{MAPPING_FILES[2]} gives no class; expected one ImageNet label per id it maps "
+                             f"({len(class_of_id)} ids)")
+        class_of_label[line.strip()] = class_of_id[number]
     hits, labels = {}, {}
     for objectnet_label, imagenet_labels in to_imagenet.items():
         if objectnet_label not in folder_of:
-            raise ValueError(f"{mappings / MAPPING_FILES[1]}: label {objectnet_label!r} has no folder in "
-                             f"{MAPPING_FILES[0]}")
+            raise ValueError(f"{paths[1]}: label {objectnet_label!r} has no folder in {MAPPING_FILES[0]}")
         unknown = [name for name in imagenet_labels.split("; ") if name not in class_of_label]
         if unknown:
-            raise ValueError(f"{mappings / MAPPING_FILES[1]}: ImageNet label(s) {unknown} of {objectnet_label!r} "
+            raise ValueError(f"{paths[1]}: ImageNet label(s) {unknown} of {objectnet_label!r} "
                              f"are not in {MAPPING_FILES[3]}")
         folder = folder_of[objectnet_label]
         hits[folder] = sorted(class_of_label[name] for name in imagenet_labels.split("; "))
@@ -88,8 +134,7 @@ def folder_to_imagenet(mappings: Path) -> tuple[dict[str, list[int]], dict[str, 
 def load_objectnet(path: str | os.PathLike) -> ProtocolData:
     """ObjectNet's 113 ImageNet-mapped classes from the release at ``path`` (module docstring)."""
     root = Path(path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such folder (expected the ObjectNet release)")
+    require_folder(root, "the ObjectNet release")
     images, mappings = _layout(root)
     folders = sorted(p.name for p in images.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(folders) != NUM_FOLDERS:

@@ -17,15 +17,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ._data import ProtocolData, describe, wnid_table
+from ._data import ProtocolData, describe, require_folder, wnid_table
 from .imagenet import imagenet_data, list_images, read_wnid_folders
 
 
 def load_imagenet_v2(path: str | os.PathLike) -> ProtocolData:
     """ImageNet-V2 (any of its three variants): folders ``0`` ... ``999``, the folder's integer the label."""
     root = Path(path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such folder (expected the ImageNet-V2 images)")
+    require_folder(root, "the ImageNet-V2 images")
     found = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
     expected = {str(i) for i in range(1000)}
     if found != expected:
