@@ -111,6 +111,6 @@ def test_exclude_list_keeps_a_protocols_label_mapping(tmp_path):
     data = load_classification_data(tmp_path / "imagenet-a", dataset="imagenet-a")
     listed = [str(made[wnid][0]) for wnid in wnid_table("imagenet_a")[:3]]
     (tmp_path / "overlap.txt").write_text("# from clipforge overlap\n" + "\n".join(listed) + "\n")
-    kept, dropped = drop_listed(data, tmp_path / "overlap.txt")
-    assert sorted(dropped) == sorted(listed) and len(kept.paths) == 397 and type(kept) is type(data)
+    kept, dropped, unmatched = drop_listed(data, tmp_path / "overlap.txt")
+    assert sorted(dropped) == sorted(listed) and unmatched == [] and len(kept.paths) == 397 and type(kept) is type(data)
     assert kept.label_hits == data.label_hits and kept.labels[:5] == [0, 1, 2, 3, 3]

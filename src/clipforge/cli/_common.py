@@ -10,8 +10,10 @@ import argparse
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 
+from ..files import why_missing
 from . import CliError
 
 
@@ -44,6 +46,48 @@ def _int_at_least(text: str, low: int) -> int:
     if value < low:
         raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
     return value
+
+
+def check_out_folder(path: str | os.PathLike, flag: str = "--out", what: str = "the outputs") -> None:
+    """Stop with one line, before any compute, when ``path`` cannot be an output folder: it is a
+    file, a file lies on the way to it, or the folder (or, when missing, the nearest existing folder
+    above it, where it would be made) cannot be written to. Nothing is created."""
+    folder = Path(path)
+    if folder.is_symlink() and not folder.exists():
+        raise CliError(f"{flag} {path}: {why_missing(folder)}; expected a folder for {what}")
+    if folder.exists() and not folder.is_dir():
+        raise CliError(f"{flag} {path}: is a file; expected a folder for {what}")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CliError(f"{flag} {path}: {existing} is a file, so the folder cannot be made; expected a folder "
+                       f"for {what}")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise CliError(f"{flag} {path}: cannot write in {existing} ({err.strerror or err}); "
+                       f"expected a writable folder for {what}") from None
+
+
+def check_protocol_arg(protocol: str | None, dataset: str | None) -> None:
+    """``--protocol 1000way`` needs an ImageNet-family ``--dataset``: refused without one, and for
+    CLIP_benchmark's ``wds`` sets, whose own classes are all that compete."""
+    if protocol != "1000way":
+        return
+    if not dataset:
+        raise CliError("--protocol 1000way applies only with --dataset (an ImageNet-family set such as "
+                       "imagenet-r); a folder or CSV is scored over its own classes")
+    from ..evaluate.protocols import canonical_name
+
+    try:
+        name = canonical_name(dataset)
+    except ValueError as err:
+        raise CliError(f"--dataset: {err}") from None
+    if name == "wds":
+        raise CliError("--protocol 1000way does not apply to --dataset wds: a CLIP_benchmark set is scored "
+                       "over its own classes (leave out --protocol)")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 from . import CliError
-from ._common import (add_cache_arguments, add_model_arguments, feature_cache_dir, load_model_arg, non_negative_int,
-                      positive_int, resolve_device_arg, warn_skipped)
+from ._common import (add_cache_arguments, add_model_arguments, check_out_folder, check_protocol_arg, feature_cache_dir,
+                      load_model_arg, non_negative_int, positive_int, resolve_device_arg, warn_skipped)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,10 +46,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           "imagenet-v2, imagenet-sketch, imagenet-r, imagenet-a, imagenet-o, objectnet, or wds "
                           "(CLIP_benchmark's webdataset folder)")
     zeroshot.add_argument("--protocol", default="subset", choices=["subset", "1000way"],
-                          help="with --dataset: score over the set's own classes (subset, the default) or let all "
-                          "1,000 ImageNet classes compete (1000way)")
+                          help="with an ImageNet-family --dataset: score over the set's own classes (subset, the "
+                          "default) or let all 1,000 ImageNet classes compete (1000way)")
     zeroshot.add_argument("--exclude", metavar="LIST",
-                          help="file of image paths (one per line, e.g. from clipforge overlap) to leave out")
+                          help="file of image paths to leave out (one per line, e.g. clipforge overlap's "
+                          "overlap.txt); relative paths are read against the list's folder, then --data's")
     zeroshot.set_defaults(func=run_zeroshot)
 
     retrieval = tasks.add_parser("retrieval", help="image-text retrieval recall@1/5/10 both ways",
@@ -87,8 +88,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _common(args: argparse.Namespace) -> dict:
-    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise CliError(f"--out {args.out}: is a file; expected a folder for report.json (and plots)")
+    """Checks every command makes before reading data: ``--out``, ``--device``, the feature cache."""
+    if args.out:
+        check_out_folder(args.out, what="report.json (and plots)")
     device = resolve_device_arg(args.device)
     return dict(device=device, precision=args.precision, num_workers=args.workers,
                 cache_dir=feature_cache_dir(args), progress=not args.json)
@@ -120,13 +122,17 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     started = time.time()
     if args.dataset and args.classnames:
         raise CliError("--classnames does not apply with --dataset: the protocol names its classes")
+    check_protocol_arg(args.protocol, args.dataset)
+    common = _common(args)
     data = load_classification_data(args.data, args.images, dataset=args.dataset)
-    excluded = []
+    excluded, unmatched = [], []
     if args.exclude:
         from ..evaluate.overlap import drop_listed
 
-        data, excluded = drop_listed(data, args.exclude)
-    common = _common(args)
+        data, excluded, unmatched = drop_listed(data, args.exclude)
+        if unmatched:
+            print(f"warning: {len(unmatched)} path(s) in {args.exclude} name no image of {args.data} (e.g. "
+                  f"{unmatched[0]}); left out the {len(excluded)} images the others name", file=sys.stderr)
     model, preprocess = load_model_arg(args.model, common["device"], args.seed)
     if args.dataset:
         from ..evaluate.protocols import evaluate_protocol
@@ -138,7 +144,7 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     report = {**_header(args, "zeroshot", started), "data": args.data, "templates": _templates_used(args, data),
               **result.to_report()}
     if args.exclude:
-        report["excluded"] = {"list": args.exclude, "num_images": len(excluded)}
+        report["excluded"] = {"list": args.exclude, "num_images": len(excluded), "num_unmatched": len(unmatched)}
     written = write_zeroshot_report(report, args.out) if args.out else []
     summary = [f"zero-shot on {args.data}: {report['num_images']} images, {report['num_classes']} classes, "
                f"{report['num_templates']} templates"]
@@ -165,8 +171,8 @@ def run_retrieval(args: argparse.Namespace) -> int:
     from ..evaluate.report import write_json
 
     started = time.time()
-    data = load_retrieval_data(args.data, args.images, args.split, args.skip_missing)
     common = _common(args)
+    data = load_retrieval_data(args.data, args.images, args.split, args.skip_missing)
     model, preprocess = load_model_arg(args.model, common["device"], args.seed)
     result = evaluate_retrieval(model, data, preprocess, batch_size=args.batch_size, **common)
     report = {**_header(args, "retrieval", started), "data": args.data, **result}
@@ -189,9 +195,9 @@ def run_linear_probe(args: argparse.Namespace) -> int:
     if not 0 < args.val_fraction < 1:
         raise CliError(f"--val-fraction must lie strictly between 0 and 1, got {args.val_fraction}")
     started = time.time()
+    common = _common(args)
     train = load_classification_data(args.train, args.images)
     test = load_classification_data(args.test, args.images)
-    common = _common(args)
     model, preprocess = load_model_arg(args.model, common["device"], args.seed)
     result = evaluate_linear_probe(model, train, test, preprocess, args.few_shot, args.val_fraction, args.seed,
                                    args.batch_size, **common)

@@ -10,8 +10,10 @@ Examples::
 
 Writes ``overlap.txt`` (the overlapping evaluation images, for ``eval zeroshot --exclude``),
 ``pairs.csv`` (each evaluation image, its nearest training image and their cosine),
-``contact_sheet.png`` and ``report.json``. With ``--model`` the zero-shot accuracy is split into
-the clean and overlapping subsets.
+``contact_sheet.png`` and ``report.json``, as one set. Image paths in them are absolute, symbolic
+links resolved (``<shard>.tar#<member>`` for a webdataset image), so the list works from any
+folder. With ``--model`` (default: ``$CLIPFORGE_MODEL``) the zero-shot accuracy is split into the
+clean and overlapping subsets.
 """
 from __future__ import annotations
 
@@ -23,10 +25,12 @@ from pathlib import Path
 
 from . import CliError
 
+OUTPUTS = ("overlap.txt", "pairs.csv", "contact_sheet.png", "report.json")  # one run's files, in --out
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``overlap``."""
-    from ._common import add_model_arguments
+    from ._common import add_cache_arguments, add_model_arguments, non_negative_int, positive_int
 
     parser = subparsers.add_parser("overlap", help="near-duplicates of training images in an evaluation set",
                                    description="Find evaluation images with a near-duplicate in the training "
@@ -35,7 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="training images: a caption listing (.jsonl/.csv/.tsv) or an image folder")
     parser.add_argument("--data", required=True, metavar="DIR|CSV", help="evaluation images (as eval zeroshot)")
     parser.add_argument("--dataset", metavar="NAME", help="read --data by a standard protocol (imagenet-r, ...)")
-    parser.add_argument("--protocol", default="subset", choices=["subset", "1000way"])
+    parser.add_argument("--protocol", default="subset", choices=["subset", "1000way"],
+                        help="with --model and an ImageNet-family --dataset: as eval zeroshot's --protocol")
     parser.add_argument("--classnames", metavar="FILE|DATASET", help="prompt names of a plain folder (as eval zeroshot)")
     parser.add_argument("--templates", default=None, metavar="NAME|FILE|none")
     parser.add_argument("--features", choices=["pixels", "model"], default="pixels",
@@ -45,12 +50,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="duplicate when the nearest training image has at least this cosine "
                         "(default: 0.98 for pixels, 0.995 for model; calibrated on the demo data)")
     parser.add_argument("--out", required=True, metavar="DIR")
-    add_model_arguments(parser)
-    parser.set_defaults(model=None)
-    parser.add_argument("--batch-size", type=int, default=64, metavar="N")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N")
-    parser.add_argument("--cache-dir", metavar="DIR")
-    parser.add_argument("--no-cache", action="store_true")
+    add_model_arguments(parser)  # optional here: without a model only the overlap is measured
+    parser.add_argument("--batch-size", type=positive_int, default=64, metavar="N")
+    parser.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1), metavar="N",
+                        help="DataLoader processes decoding images")
+    add_cache_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -71,12 +75,15 @@ def _correct_by_path(model, preprocess, data, args, common) -> dict[str, bool]:
 
 
 def _pairs_csv(overlap) -> str:
+    from ..evaluate.overlap import absolute_image_path
+
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["eval_image", "nearest_train_image", "cosine", "duplicate"])
     for i, path in enumerate(overlap.eval_paths):
         cosine = float(overlap.similarity[i])
-        writer.writerow([path, overlap.train_paths[int(overlap.nearest[i])], f"{cosine:.6f}", int(cosine >= overlap.threshold)])
+        writer.writerow([absolute_image_path(path), absolute_image_path(overlap.train_paths[int(overlap.nearest[i])]),
+                         f"{cosine:.6f}", int(cosine >= overlap.threshold)])
     return buffer.getvalue()
 
 
@@ -85,9 +92,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..evaluate import load_classification_data
-    from ..evaluate._suite_report import _write_atomic, write_json_atomic
-    from ..evaluate.overlap import (DEFAULT_THRESHOLDS, PixelThumbnails, find_overlap, split_accuracy,
-                                    training_images, write_contact_sheet)
+    from ..evaluate.overlap import (DEFAULT_THRESHOLDS, PixelThumbnails, absolute_image_path, find_overlap,
+                                    image_opener, split_accuracy, training_images, write_contact_sheet)
+    from ..evaluate.report import output_set, write_json
+    from ..files import write_text_atomic
     from . import _common as eval_cli
 
     if args.features == "model" and not args.model:
@@ -95,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
     threshold = DEFAULT_THRESHOLDS[args.features] if args.threshold is None else args.threshold
     if not -1 <= threshold <= 1:
         raise CliError(f"--threshold is a cosine in [-1, 1], got {threshold}")
+    eval_cli.check_protocol_arg(args.protocol, args.dataset)
+    eval_cli.check_out_folder(args.out, what="overlap.txt, pairs.csv, contact_sheet.png and report.json")
     train = training_images(args.train)
     data = load_classification_data(args.data, None, dataset=args.dataset)
     device = eval_cli.resolve_device_arg(args.device)
@@ -126,16 +136,18 @@ def run(args: argparse.Namespace) -> int:
     report["skipped"] = [{"path": path, "reason": reason} for path, reason in overlap.skipped]
     out = Path(args.out)
     pairs = overlap.pairs()
-    written = [_write_atomic(out / "overlap.txt", "".join(f"{path}\n" for path, _, _ in pairs)),
-               _write_atomic(out / "pairs.csv", _pairs_csv(overlap)),
-               write_contact_sheet(pairs, out / "contact_sheet.png"),
-               write_json_atomic(report, out / "report.json")]
+    with output_set(out, OUTPUTS) as staging:
+        write_text_atomic(staging / "overlap.txt", "".join(f"{absolute_image_path(path)}\n" for path, _, _ in pairs))
+        write_text_atomic(staging / "pairs.csv", _pairs_csv(overlap))
+        write_contact_sheet(pairs, staging / "contact_sheet.png", open_eval_image=image_opener(data))
+        write_json(report, staging / "report.json")
+    written = [out / name for name in OUTPUTS]
     pct = lambda value: "n/a" if value is None else f"{100 * value:.2f}%"
     print(f"overlap of {args.data} with {args.train}: {report['num_overlap']} of {report['num_images']} evaluation "
           f"images ({pct(report['overlap_share'])}) have a training image at cosine >= {threshold} ({args.features})")
     if model is not None:
-        print(f"zero-shot top-1: all {pct(report['accuracy_all'])}, clean {pct(report['accuracy_clean'])}, "
-              f"overlap {pct(report['accuracy_overlap'])}; all - clean {pct(report['all_minus_clean'])}, "
-              f"overlap - clean {pct(report['overlap_minus_clean'])}")
+        print(f"zero-shot top-1 ({args.model}): all {pct(report['accuracy_all'])}, "
+              f"clean {pct(report['accuracy_clean'])}, overlap {pct(report['accuracy_overlap'])}; "
+              f"all - clean {pct(report['all_minus_clean'])}, overlap - clean {pct(report['overlap_minus_clean'])}")
     print("wrote " + ", ".join(str(path) for path in written))
     return 1 if overlap.skipped else 0

@@ -10,7 +10,7 @@ on the demo data: the same image resized or re-encoded is a duplicate, the same 
 another style, Noto vs Twemoji vs Fluent, is not):
 
 - ``pixels`` (the default, model-free, like the paper's use of a separate detector): the
-  preprocessed image averaged down to 16 x 16 x 3, centred and L2-normalised. Threshold 0.97.
+  preprocessed image averaged down to 16 x 16 x 3, centred and L2-normalised. Threshold 0.98.
 - ``model``: the model's image embedding. A CLIP embedding is semantic: at 64 px the demo model
   puts different keycaps ("#" and "3") at cosine 1.000, so it needs 0.995 and still confuses
   images that share a layout. Recalibrate it for another model.
@@ -21,7 +21,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,30 +30,79 @@ from ..files import atomic_path
 from .datasets import ClassificationData
 from .features import encode_images
 
+if TYPE_CHECKING:
+    import PIL.Image
+
 DEFAULT_THRESHOLDS = {"pixels": 0.98, "model": 0.995}  # tools/calibrate_overlap_threshold.py, demo data
 THUMBNAIL_GRID = 16
 _CHUNK = 4096  # training images compared per step: (E, 4096) similarities in memory at a time
+_MEMBER_MARK = ".tar#"  # <shard>.tar#<member>: an image inside a webdataset shard
 
 
 def read_path_list(path: str | os.PathLike) -> list[str]:
     """Image paths, one per line (``#`` comments and blank lines skipped)."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; expected a file listing image paths, one per line")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (expected a list of image paths, one per line)")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a UTF-8 text file; expected a list of image paths, one per line") from None
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
-def drop_listed(data: ClassificationData, list_path: str | os.PathLike) -> tuple[ClassificationData, list[str]]:
-    """``(data without the images named in list_path, the paths dropped)``; paths compare resolved."""
-    listed = {os.path.realpath(p) for p in read_path_list(list_path)}
-    listed_here = [os.path.realpath(p) in listed for p in data.paths]
+def absolute_image_path(path: str | os.PathLike) -> str:
+    """``path`` absolute with symbolic links resolved; a webdataset member ``shard.tar#member`` keeps
+    its member name and has its shard resolved. The form ``overlap.txt`` and ``pairs.csv`` hold."""
+    path = os.fspath(path)
+    cut = path.find(_MEMBER_MARK)
+    if cut >= 0:
+        shard, member = path[:cut + len(_MEMBER_MARK) - 1], path[cut + len(_MEMBER_MARK):]
+        return f"{os.path.realpath(shard)}#{member}"
+    return os.path.realpath(path)
+
+
+def dataset_root(data: ClassificationData) -> Path:
+    """The folder a data set was read from: ``data.source``, or the folder of a CSV listing."""
+    source = Path(data.source)
+    return source if source.is_dir() else source.parent
+
+
+def drop_listed(data: ClassificationData, list_path: str | os.PathLike
+                ) -> tuple[ClassificationData, list[str], list[str]]:
+    """``(data without the images named in list_path, the paths dropped, the entries naming none)``.
+
+    Paths compare absolute with symbolic links resolved (:func:`absolute_image_path`). An absolute
+    entry is taken as it is; a relative one is read against the list file's folder and, when that
+    names no image of ``data``, against the data set's folder (:func:`dataset_root`), never
+    against the working folder. Webdataset members are written ``<shard>.tar#<member>``, e.g.
+    ``test/0.tar#s0000001.png`` relative to the set's folder. An empty list drops nothing; a list
+    none of whose entries names an image of ``data``, or that names every one, raises ValueError.
+    """
+    entries = list(dict.fromkeys(read_path_list(list_path)))
+    present = {absolute_image_path(p): p for p in data.paths}
+    bases = [Path(list_path).parent, dataset_root(data)]
+    listed, unmatched = set(), []
+    for entry in entries:
+        candidates = [entry] if os.path.isabs(entry) else [str(base / entry) for base in bases]
+        key = next((k for k in map(absolute_image_path, candidates) if k in present), None)
+        if key is None:
+            unmatched.append(entry)
+        else:
+            listed.add(key)
+    if entries and not listed:
+        raise ValueError(f"{list_path}: none of its {len(entries)} paths is an image of {data.source} "
+                         f"(first: {entries[0]!r}); expected absolute paths, or paths relative to the list's "
+                         f"folder or to {dataset_root(data)}")
+    listed_here = [absolute_image_path(p) in listed for p in data.paths]
     keep = [i for i, is_listed in enumerate(listed_here) if not is_listed]
     dropped = [p for p, is_listed in zip(data.paths, listed_here) if is_listed]
     if not keep:
         raise ValueError(f"{list_path}: lists every one of the {len(data.paths)} images of {data.source}")
     return dataclasses.replace(data, paths=[data.paths[i] for i in keep],
-                               labels=[data.labels[i] for i in keep]), dropped
+                               labels=[data.labels[i] for i in keep]), dropped, unmatched
 
 
 def training_images(path: str | os.PathLike) -> list[str]:
@@ -147,7 +196,8 @@ def find_overlap(model: torch.nn.Module, train_paths: Sequence[str], eval_paths:
         features = encode_images(model, paths, preprocess, batch_size, num_workers, device, precision,
                                  cache_dir, progress, desc=f"{name} images")
         if len(features.indices) == 0:
-            raise ValueError(f"none of the {len(paths)} {name} images could be read, e.g. {features.skipped[0]}")
+            path, reason = features.skipped[0]
+            raise ValueError(f"none of the {len(paths)} {name} images could be read, e.g. {path}: {reason}")
         found[name] = (features, [paths[i] for i in features.indices.tolist()])
     (train, train_kept), (evaluation, eval_kept) = found["train"], found["eval"]
     similarity, nearest = nearest_neighbours(evaluation.features, train.features)
@@ -168,13 +218,38 @@ def split_accuracy(correct: torch.Tensor, is_overlap: torch.Tensor) -> dict:
     return report
 
 
+def image_opener(data: ClassificationData) -> Callable[[str], "PIL.Image.Image"]:
+    """A function opening an image of ``data`` by its path, as the evaluation reads it: a file, or a
+    CLIP_benchmark webdataset member ``<shard>.tar#<member>`` read in place from its shard (and
+    ObjectNet's border crop), through the protocol's own reader (``data.wrap_preprocess``)."""
+    from ..transforms import load_image
+
+    read = data.wrap_preprocess(_unchanged) if hasattr(data, "wrap_preprocess") else _unchanged
+
+    def open_image(path: str):
+        image = read(path)
+        return load_image(image) if isinstance(image, (str, os.PathLike)) else image
+
+    return open_image
+
+
+def _unchanged(image):
+    return image
+
+
 def write_contact_sheet(pairs: Sequence[tuple[str, str, float]], path: str | os.PathLike,
-                        max_pairs: int = 48, tile: int = 96) -> Path:
-    """A PNG of (evaluation image | nearest training image, cosine) pairs, most similar first."""
+                        max_pairs: int = 48, tile: int = 96,
+                        open_eval_image: Callable[[str], "PIL.Image.Image"] | None = None) -> Path:
+    """A PNG of (evaluation image | nearest training image, cosine) pairs, most similar first.
+
+    ``open_eval_image`` reads an evaluation image by its path (default: an image file); pass
+    :func:`image_opener` of the data set for webdataset members. An image that cannot be read is
+    drawn as an empty red box."""
     from PIL import Image, ImageDraw
 
     from ..transforms import load_image
 
+    open_eval_image = open_eval_image or load_image
     shown = list(pairs)[:max_pairs]
     columns = 4
     rows = max(1, -(-len(shown) // columns))
@@ -185,9 +260,9 @@ def write_contact_sheet(pairs: Sequence[tuple[str, str, float]], path: str | os.
         draw.text((6, 6), "no overlapping images", fill="black")
     for k, (eval_path, train_path, cosine) in enumerate(shown):
         x, y = (k % columns) * cell_w, (k // columns) * cell_h
-        for offset, image_path in ((0, eval_path), (tile + 2, train_path)):
+        for offset, image_path, opener in ((0, eval_path, open_eval_image), (tile + 2, train_path, load_image)):
             try:
-                image = load_image(image_path).convert("RGB")
+                image = opener(image_path).convert("RGB")
                 image.thumbnail((tile, tile))
                 sheet.paste(image, (x + offset, y))
             except (OSError, ValueError):

@@ -1,22 +1,31 @@
 """Evaluation reports on disk: a JSON file and PNG plots (matplotlib, imported only when plotting).
 
 Plots use matplotlib's object API with the Agg canvas, so nothing here touches pyplot's global
-state or needs a display.
+state or needs a display. The files of one run are written as a set (:func:`output_set`): a run
+that fails leaves the previous run's files as they were, and ``report.json`` only ever sits beside
+the plots it was written with.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
-from ..files import atomic_path, write_text_atomic
+from ..files import DiskFullError, atomic_path, is_disk_full, write_text_atomic
 
 # Up to this many classes a confusion matrix stays readable.
 CONFUSION_MAX_CLASSES = 30
 # Up to this many classes the per-class plot names every class; above it, a sorted curve.
 BARS_MAX_CLASSES = 60
+# What write_zeroshot_report may write besides report.json; one it does not make this run is removed.
+ZEROSHOT_PLOTS = ("per_class_accuracy.png", "confusion_matrix.png")
+REPORT_NAME = "report.json"
 
 
 def write_json(report: dict, path: str | os.PathLike) -> Path:
@@ -118,17 +127,56 @@ def _save(figure, path: str | os.PathLike) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def output_set(out_dir: str | os.PathLike, outputs: Sequence[str] = ()) -> Iterator[Path]:
+    """A staging folder for the files of one run, moved into ``out_dir`` together when the block succeeds.
+
+    Write every file of the run into the yielded folder (hidden, inside ``out_dir``, so the moves
+    are renames). On success the old ``report.json`` is removed first, then each staged file
+    replaces its namesake, any of ``outputs`` this run did not make (a plot of an earlier run) is
+    removed, and ``report.json`` moves in last: a ``report.json`` is only ever beside its own
+    files. On any error nothing in ``out_dir`` changes and the staging folder is removed.
+    """
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
+    try:
+        try:
+            yield staging
+        except BaseException as error:
+            if is_disk_full(error):
+                full = DiskFullError(f"no space left on the device writing {out_dir} (the previous files are intact)")
+                full.errno = errno.ENOSPC
+                raise full from None
+            raise
+        made = sorted(path.name for path in staging.iterdir() if not path.name.startswith("."))
+        with contextlib.suppress(FileNotFoundError):
+            (out_dir / REPORT_NAME).unlink()
+        for name in [*(name for name in made if name != REPORT_NAME), *(name for name in made if name == REPORT_NAME)]:
+            os.replace(staging / name, out_dir / name)
+        for name in outputs:
+            if name not in made and name != REPORT_NAME:
+                with contextlib.suppress(FileNotFoundError):
+                    (out_dir / name).unlink()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def write_zeroshot_report(report: dict, out_dir: str | os.PathLike) -> list[Path]:
-    """``per_class_accuracy.png``, ``confusion_matrix.png`` (few classes) and ``report.json``."""
+    """``report.json``, ``per_class_accuracy.png`` and ``confusion_matrix.png`` (few classes), as one
+    set (:func:`output_set`): a failure leaves the previous run's files, a plot this run does not
+    make is removed."""
     out_dir = Path(out_dir)
     per_class = report["per_class"]
     names = [entry["class"] for entry in per_class]
-    written = []
-    try:
-        written.append(plot_per_class_accuracy(names, [entry["recall"] for entry in per_class],
-                                               out_dir / "per_class_accuracy.png"))
-        if len(per_class) <= CONFUSION_MAX_CLASSES:
-            written.append(plot_confusion_matrix(report["confusion_matrix"], names, out_dir / "confusion_matrix.png"))
-    except ImportError as error:
-        report.setdefault("notes", []).append(f"no plots: {error}")
-    return [write_json(report, out_dir / "report.json"), *written]
+    made = []
+    with output_set(out_dir, ZEROSHOT_PLOTS) as staging:
+        try:
+            made.append(plot_per_class_accuracy(names, [entry["recall"] for entry in per_class],
+                                                staging / "per_class_accuracy.png"))
+            if len(per_class) <= CONFUSION_MAX_CLASSES:
+                made.append(plot_confusion_matrix(report["confusion_matrix"], names, staging / "confusion_matrix.png"))
+        except ImportError as error:
+            report.setdefault("notes", []).append(f"no plots: {error}")
+        write_json(report, staging / REPORT_NAME)
+    return [out_dir / REPORT_NAME, *(out_dir / path.name for path in made)]
