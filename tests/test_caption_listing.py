@@ -58,3 +58,27 @@ def test_non_utf8_listing_names_the_file(folder):
     (folder / "latin.csv").write_bytes("image,caption\na.png,caf\xe9\n".encode("latin-1"))
     with pytest.raises(ListingError, match="latin.csv: not UTF-8"):
         read_listing(folder / "latin.csv")
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"image": "a.png", "caption": 123}, "pairs.jsonl:2: a caption must be text or a list of texts, got 123"),
+    ({"image": "a.png", "caption": {"a": 1}}, 'pairs.jsonl:2: a caption must be text .*got {"a": 1}'),
+    ({"image": "a.png", "caption": ["fine", True]}, "pairs.jsonl:2: a caption must be text .*got true"),
+    ({"image": 7, "caption": "x"}, "pairs.jsonl:2: image must be an image path, got 7"),
+])
+def test_a_jsonl_value_of_the_wrong_kind_is_refused_not_trained_on_as_text(folder, row, message):
+    listing = folder / "pairs.jsonl"
+    listing.write_text(json.dumps({"image": "b.png", "caption": "ok"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(ListingError, match=message):
+        read_listing(listing)
+
+
+def test_a_csv_row_with_more_fields_than_columns_is_refused(folder):
+    (folder / "bare.csv").write_text("a.png,a cat, asleep on a mat\n")  # an unquoted comma cut the caption
+    with pytest.raises(ListingError, match="bare.csv:1: 3 fields where the listing has 2 columns; quote a caption"):
+        read_listing(folder / "bare.csv")
+    (folder / "header.csv").write_text('image,caption\na.png,"a cat, asleep",\nb.png,red,extra\n')
+    with pytest.raises(ListingError, match="header.csv:3: 3 fields where the listing has 2 columns"):
+        read_listing(folder / "header.csv")
+    (folder / "quoted.csv").write_text('image,caption\na.png,"a cat, asleep"\n')
+    assert read_listing(folder / "quoted.csv").captions == [["a cat, asleep"]]

@@ -64,7 +64,9 @@ def test_config_round_trips_through_a_dict():
     ({"batch_size": 10}, 4, "cpu", "batch_size 10 is not divisible by the 4 processes"),
     ({"batch_size": 8, "chunk_size": 3}, 1, "cpu", "chunk_size 3 must divide the per-process batch 8"),
     ({"precision": "fp16"}, 1, "cpu", "fp16 needs CUDA.*use precision=bf16"),
-    ({"precision": "fp8"}, 1, "cpu", "precision must be one of"),
+    ({"precision": "fp8"}, 1, "cpu", "precision must be one of fp32, bf16, fp16, got 'fp8'"),
+    ({"seed": -1}, 1, "cpu", r"seed must lie in \[0, 2\*\*32 - 1\], got -1"),
+    ({"seed": 2 ** 32}, 1, "cpu", "seed must lie in"),
 ])
 def test_validate_rejects_bad_settings_in_one_line(fields, world_size, device, message):
     with pytest.raises(ValueError, match=message) as info:
@@ -150,3 +152,29 @@ def test_each_process_of_a_node_needs_its_own_gpu(monkeypatch):
         with pytest.raises(ValueError, match=r"LOCAL_RANK=2 needs a GPU of its own but 2 CUDA device\(s\) are "
                                              r"visible: .*--nproc_per_node=2\), or run on the CPU with device=cpu"):
             resolve_device(requested, 2)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.patch_dropout=1.0", r"model.patch_dropout must lie in \[0, 1\), got 1.0"),
+    ("data.weights=2", "data.weights weighs data.sources"),
+])
+def test_validate_names_the_section_of_the_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        validate(apply_overrides(_valid_config(), [override]))
+
+
+def test_a_broken_preset_file_is_one_line_naming_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="preset .*missing.toml: no such file"):
+        load_preset(str(tmp_path / "missing.toml"))
+    cases = {"syntax.py": ("def config(:\n", r"syntax.py \(line 1\): SyntaxError"),
+             "imports.py": ("import no_such_module_here\n", "imports.py: ModuleNotFoundError: No module named"),
+             "keys.toml": ("[optim]\nmomentum = 1\n", "keys.toml: unknown config key 'optim.momentum'"),
+             "types.toml": ("batch_size = 'lots'\n", "types.toml: batch_size must be int")}
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=message) as info:
+            load_preset(str(tmp_path / name))
+        assert "\n" not in str(info.value)
+    (tmp_path / "latin1.toml").write_bytes(b"# caf\xe9\nbatch_size = 8\n")
+    with pytest.raises(ValueError, match="latin1.toml: not UTF-8 text"):
+        load_preset(str(tmp_path / "latin1.toml"))

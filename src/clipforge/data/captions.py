@@ -82,11 +82,14 @@ def _pick_column(path: Path, columns: list[str], wanted: str | None, candidates:
                        f"name it with data.{what}_key (clipforge train --set data.{what}_key=NAME)")
 
 
-def _as_captions(value) -> list[str]:
-    """A cell or JSON value as a list of captions: a list stays a list, None is no caption."""
-    if isinstance(value, list):
-        return [str(item) for item in value if item is not None]
-    return [] if value is None else [str(value)]
+def _as_captions(value, where: str = "") -> list[str]:
+    """A cell or JSON value as a list of captions: a list stays a list, None is no caption; a
+    number, object or boolean is refused (``where`` names the line), not trained on as text."""
+    items = value if isinstance(value, list) else [] if value is None else [value]
+    wrong = next((item for item in items if item is not None and not isinstance(item, str)), None)
+    if wrong is not None:
+        raise ListingError(f"{where}: a caption must be text or a list of texts, got {json.dumps(wrong)}")
+    return [item for item in items if item is not None]
 
 
 def _open_text(path: Path):
@@ -114,9 +117,13 @@ def _read_delimited(path: Path, image_key: str | None, caption_key: str | None) 
         caption_column = first.index(_pick_column(path, first, caption_key, CAPTION_KEYS, "caption"))
         data = rows[1:]
     images, captions = [], []
+    columns = 2 if data is rows else len(first)
     for number, row in data:
         if len(row) <= image_column:
             raise ListingError(f"{path}:{number}: expected an image path in column {image_column + 1}, got {row}")
+        if len(row) > columns and any(cell.strip() for cell in row[columns:]):
+            raise ListingError(f"{path}:{number}: {len(row)} fields where the listing has {columns} columns; "
+                               "quote a caption that holds the delimiter")
         images.append(row[image_column].strip())
         captions.append(_as_captions(row[caption_column] if len(row) > caption_column else None))
     return Listing(images, captions, str(path))
@@ -140,8 +147,11 @@ def _read_jsonl(path: Path, image_key: str | None, caption_key: str | None) -> L
                 caption_column = "captions"
             else:
                 caption_column = _pick_column(path, list(row), caption_key, CAPTION_KEYS, "caption")
-            images.append(str(row.get(image_column) or "").strip())
-            captions.append(_as_captions(row.get(caption_column)))
+            image = row.get(image_column)
+            if image is not None and not isinstance(image, str):
+                raise ListingError(f"{path}:{number}: {image_column} must be an image path, got {json.dumps(image)}")
+            images.append((image or "").strip())
+            captions.append(_as_captions(row.get(caption_column), f"{path}:{number}"))
     return Listing(images, captions, str(path))
 
 

@@ -255,7 +255,9 @@ def validate(config: TrainConfig, world_size: int = 1, device_type: str = "cpu")
     if config.loss.kind not in LOSSES:
         raise ValueError(f"loss.kind must be one of {LOSSES}, got {config.loss.kind!r}")
     if config.precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {config.precision!r}")
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {config.precision!r}")
+    if not 0 <= config.seed < 2 ** 32:
+        raise ValueError(f"seed must lie in [0, 2**32 - 1], got {config.seed}")
     if config.precision == "fp16" and device_type != "cuda":
         raise ValueError("precision fp16 needs CUDA (loss scaling); on CPU use precision=bf16")
     if config.epochs < 1:
@@ -264,7 +266,10 @@ def validate(config: TrainConfig, world_size: int = 1, device_type: str = "cpu")
         raise ValueError(f"steps must be >= 1, got {config.steps}")
     if config.minutes is not None and not (math.isfinite(config.minutes) and config.minutes > 0):
         raise ValueError(f"minutes must be a positive number of minutes, got {config.minutes}")
-    check_patch_dropout(config.model.patch_dropout)  # the ResNet refusal comes when the model is built
+    try:
+        check_patch_dropout(config.model.patch_dropout)  # the ResNet refusal comes when the model is built
+    except ValueError as error:
+        raise ValueError(f"model.{error}") from None
     if config.model.lock_image and config.model.lock_text:
         raise ValueError("model.lock_image and model.lock_text are both set: nothing would train")
     optim = config.optim
@@ -294,6 +299,9 @@ def validate(config: TrainConfig, world_size: int = 1, device_type: str = "cpu")
     data = config.data
     if data.sources and data.train:
         raise ValueError("set data.train or data.sources, not both (data.sources lists every shard pattern)")
+    if data.weights and not data.sources:
+        raise ValueError("data.weights weighs data.sources (one weight per shard pattern); set data.sources "
+                         "instead of data.train / --data")
     if data.weights and len(data.weights) != len(data.sources):
         raise ValueError(f"data.weights has {len(data.weights)} values for {len(data.sources)} data.sources")
     if data.weights and not data.resampled:

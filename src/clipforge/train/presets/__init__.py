@@ -23,7 +23,10 @@ def available_presets() -> list[str]:
 def load_preset(name_or_path: str) -> TrainConfig:
     """The :class:`TrainConfig` of a bundled preset name or of a ``.py`` / ``.toml`` file."""
     path = Path(name_or_path)
-    if path.suffix not in (".py", ".toml") or not path.is_file():
+    if path.suffix in (".py", ".toml") and not path.is_file():
+        raise FileNotFoundError(f"preset {name_or_path}: no such file" if not path.exists() else
+                                f"preset {name_or_path}: not a file")
+    if path.suffix not in (".py", ".toml"):
         bundled = [_HERE / f"{name_or_path.replace('-', '_')}{suffix}" for suffix in (".py", ".toml")]
         found = [p for p in bundled if p.is_file()]
         if not found:
@@ -35,12 +38,22 @@ def load_preset(name_or_path: str) -> TrainConfig:
     if path.suffix == ".toml":
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as error:
+            raise ValueError(f"preset {path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
         except tomllib.TOMLDecodeError as error:
             raise ValueError(f"preset {path}: invalid TOML ({error})") from None
-        return TrainConfig.from_dict(data)
+        try:
+            return TrainConfig.from_dict(data)
+        except ValueError as error:
+            raise ValueError(f"preset {path}: {error}") from None
     spec = importlib.util.spec_from_file_location(f"clipforge_preset_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except (SyntaxError, ImportError) as error:  # the preset's own mistake, not clipforge's
+        syntax = isinstance(error, SyntaxError)
+        where = f" (line {error.lineno})" if syntax and error.lineno else ""
+        raise ValueError(f"preset {path}{where}: {type(error).__name__}: {error.msg if syntax else error}") from None
     if not callable(getattr(module, "config", None)):
         raise ValueError(f"preset {path} must define config() returning a TrainConfig")
     config = module.config()
