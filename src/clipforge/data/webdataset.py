@@ -14,24 +14,33 @@ the tar headers once at start-up (no image data is read). Samples are read with 
 Shards may be local paths, ``http://`` / ``https://`` URLs (streamed; ``sizes.json`` is fetched
 from beside them) or ``pipe:COMMAND`` (the command's standard output is the tar stream, as in
 webdataset, e.g. ``pipe:aws s3 cp s3://bucket/data-0001.tar -``). Remote shards without a listed
-size are streamed once at start-up to count their samples.
+size are streamed once at start-up to count their samples (with a progress bar on stderr).
+
+A shard that cannot be read at start-up (damaged, a failing command, an unreachable server) stops
+with one line naming it (ShardReadError, a ValueError); later, its samples are skipped and counted.
 
 Several sources (a list of patterns) can be mixed with ``weights``: with ``resampled=True`` each
 epoch draws its shard sequence with replacement (open_clip's ``--dataset-resampled``), a shard of
-source i with probability proportional to ``weights[i] / shards in source i``, so source i gives
-about ``weights[i] / sum(weights)`` of the samples. The draw is a function of (seed, epoch), so
-exact resume holds as for a permuted epoch.
+source i with probability proportional to ``weights[i] / samples in source i``, so that source i
+gives about ``weights[i] / sum(weights)`` of the samples whatever its shard sizes. The draw is a
+function of (seed, epoch) and the shard sizes, so exact resume holds as for a permuted epoch.
 """
 from __future__ import annotations
 
+import http.client
 import json
-import logging
+import math
 import os
 import re
+import signal
 import subprocess
+import sys
 import tarfile
+import tempfile
+import urllib.error
 import urllib.request
-from contextlib import contextmanager
+import zlib
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -39,12 +48,26 @@ import numpy as np
 from .captions import CAPTION_KEYS, IMAGE_EXTENSIONS
 from .samples import RawSample
 
-logger = logging.getLogger("clipforge.data")
-
 # Shard member names of an image: the image file extensions of the caption reader, without the dot.
 IMAGE_MEMBERS = tuple(extension.lstrip(".") for extension in IMAGE_EXTENSIONS)
 SIZES_FILE = "sizes.json"
 _META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset skips members named like __meta__
+_TIMEOUT_S = 60  # an http(s) server that sends nothing for this long fails the shard
+_READ_ERRORS = (OSError, EOFError, tarfile.TarError, http.client.HTTPException, zlib.error)  # I/O, damage, lost link
+_SIGPIPE_STATUSES = (-signal.SIGPIPE, 128 + signal.SIGPIPE)  # we stopped reading first (directly / via sh)
+
+
+class ShardReadError(ValueError):
+    """A shard that cannot be read; one line: ``shard URL: problem``."""
+
+    def __init__(self, url: str, problem: str):
+        self.url = url
+        super().__init__(f"shard {url}: {problem}")
+
+    def at_start(self, when: str) -> ValueError:
+        """This error for start-up, with what was expected and why the shard was read (``when``)."""
+        what = "a command writing a tar file to stdout" if self.url.startswith("pipe:") else "a tar file of samples"
+        return ValueError(f"{self}; expected {what} ({when})")
 
 
 def require_webdataset():
@@ -87,26 +110,79 @@ def expand_shards(urls: str | os.PathLike | list) -> list[str]:
     return paths
 
 
+def _one_line(text: str, limit: int = 200) -> str:
+    """``text`` on one line, its end kept when longer than ``limit`` (a command's last words matter)."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else "..." + text[-limit:]
+
+
+def _problem(err: BaseException, stream=None) -> str:
+    """What went wrong reading a shard, in words, without webdataset's `` @ <stream object>`` tail."""
+    if isinstance(err, urllib.error.HTTPError):
+        return f"HTTP {err.code} {err.reason}"
+    reason = err.reason if isinstance(err, urllib.error.URLError) else err
+    if isinstance(reason, TimeoutError):
+        return f"the server sent nothing for {_TIMEOUT_S} s"
+    if isinstance(err, urllib.error.URLError):
+        return f"cannot reach the server: {getattr(reason, 'strerror', None) or reason}"
+    if isinstance(err, http.client.IncompleteRead):
+        return "the server closed the connection before the end of the file"
+    text = (str(err.args[0]) if err.args else "").replace(f" @ {stream}", "") or type(err).__name__
+    if isinstance(err, (tarfile.TarError, EOFError, zlib.error)):
+        return f"damaged or not a tar file: {_one_line(text)}"
+    return _one_line(getattr(err, "strerror", None) or text)
+
+
 @contextmanager
-def open_shard(url: str):
-    """A readable binary stream of shard ``url``: a local file, an http(s) response or a pipe's output."""
-    if url.startswith("pipe:"):
-        process = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE)
+def _open_pipe(url: str):
+    """The standard output of ``pipe:COMMAND``; raises ShardReadError with the command's exit
+    status and the end of its stderr when it fails (status 0, or SIGPIPE once we stop reading, is fine)."""
+    with tempfile.TemporaryFile() as stderr:  # a file, not a pipe: a chatty command cannot block on it
+        process, failure = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE, stderr=stderr), None
         try:
             yield process.stdout
+        except _READ_ERRORS as err:
+            failure = err
         finally:
-            process.stdout.close()
-            process.wait()
-    elif url.startswith(("http://", "https://")):
-        with urllib.request.urlopen(url, timeout=60) as response:
-            yield response
-    else:
-        with open(url, "rb") as stream:
+            process.stdout.close()  # a command still writing gets SIGPIPE and ends
+            try:
+                status = process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                status = process.wait()
+        if status not in (0, *_SIGPIPE_STATUSES):  # the cause, whatever its output looked like
+            stderr.seek(0)
+            tail = _one_line(stderr.read().decode("utf-8", "replace"))
+            raise ShardReadError(url, f"the command exited with status {status}" + (f" ({tail})" * bool(tail)))
+        if failure is not None:
+            raise ShardReadError(url, f"its output: {_problem(failure, process.stdout)} (exit status {status})")
+
+
+@contextmanager
+def open_shard(url: str):
+    """A readable binary stream of shard ``url``: a local file, an http(s) response or a pipe's output.
+    Errors opening or reading it (in the ``with`` block) become a ShardReadError naming the shard and
+    the problem: the HTTP status, the pipe's exit status and stderr, the tar damage."""
+    if url.startswith("pipe:"):
+        with _open_pipe(url) as stream:
             yield stream
+        return
+    stream, status = None, ""
+    try:
+        if url.startswith(("http://", "https://")):
+            stream = urllib.request.urlopen(url, timeout=_TIMEOUT_S)
+            status = f" (HTTP {stream.status})"
+        else:
+            stream = open(url, "rb")
+        with stream:
+            yield stream
+    except _READ_ERRORS as err:
+        raise ShardReadError(url, _problem(err, stream) + status) from None
 
 
 def count_samples(path: str) -> int:
-    """Samples in a tar shard, counted the way webdataset groups members, from headers only."""
+    """Samples in a tar shard, counted the way webdataset groups members, from headers only
+    (ShardReadError, naming the shard, when it cannot be read to its end)."""
     base_plus_ext = require_webdataset().tariterators.base_plus_ext
     count, last_key = 0, None
     with open_shard(path) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
@@ -135,41 +211,67 @@ def _read_sizes(path: Path) -> dict:
     return sizes
 
 
+def _shard_file(url: str) -> str:
+    """The file ``url`` reads: for ``pipe:`` its command's first ``*.tar`` word (where a sizes.json may sit)."""
+    words = [w.strip("'\"") for w in url[len("pipe:"):].split()] if url.startswith("pipe:") else [url]
+    return next((w for w in words if w.endswith(".tar")), url)
+
+
 def _sizes_beside(url: str) -> dict:
     """The ``sizes.json`` in the folder of ``url`` ({} when there is none or it cannot be read)."""
-    if url.startswith("pipe:"):
+    if (url := _shard_file(url)).startswith("pipe:"):
         return {}
-    if url.startswith(("http://", "https://")):
+    if is_remote(url):
         try:
-            with urllib.request.urlopen(url.rsplit("/", 1)[0] + "/" + SIZES_FILE, timeout=60) as response:
+            with urllib.request.urlopen(url.rsplit("/", 1)[0] + "/" + SIZES_FILE, timeout=_TIMEOUT_S) as response:
                 return json.loads(response.read())
-        except (OSError, ValueError):
+        except (OSError, ValueError, http.client.HTTPException):
             return {}
     sizes_path = Path(url).parent / SIZES_FILE
     return _read_sizes(sizes_path) if sizes_path.is_file() else {}
 
 
 def _folder(url: str) -> str:
-    return url.rsplit("/", 1)[0] if is_remote(url) else str(Path(url).parent)
+    return (url := _shard_file(url)).rsplit("/", 1)[0] if is_remote(url) else str(Path(url).parent)
 
 
 def _name(url: str) -> str:
-    return url.rsplit("/", 1)[-1] if is_remote(url) else Path(url).name
+    return (url := _shard_file(url)).rsplit("/", 1)[-1] if is_remote(url) else Path(url).name
 
 
-def shard_sizes(paths: list[str]) -> list[int]:
-    """Sample count of each shard: from ``sizes.json`` beside it when listed, else counted."""
+def shard_sizes(paths: list[str], progress: bool = True) -> list[int]:
+    """Sample count of each shard: from ``sizes.json`` beside it when listed, else counted.
+
+    Counting reads every unlisted shard (remote and ``pipe:`` ones in full), so a progress bar on
+    stderr shows it (at once for remote shards, after two seconds for local ones) with a line
+    saying that a ``sizes.json`` avoids it. Raises ValueError naming a shard that cannot be counted.
+    """
+    from tqdm import tqdm
+
     listed = {_folder(p): _sizes_beside(p) for p in {_folder(p): p for p in paths}.values()}
     known = [listed[_folder(p)].get(_name(p)) for p in paths]
-    if None in known:
-        logger.info("counting samples of %d shards missing from %s (tar headers only)", known.count(None), SIZES_FILE)
-    return [int(n) if n is not None else count_samples(p) for p, n in zip(paths, known)]
+    unlisted = [p for p, n in zip(paths, known) if n is None]
+    remote = sum(is_remote(p) for p in unlisted)
+    show = progress and bool(unlisted) and os.environ.get("RANK", "0") == "0"  # one process of a job speaks
+    if show and remote:
+        print(f"counting the samples of {len(unlisted)} shards not listed in a {SIZES_FILE} beside them "
+              f"({remote} streamed in full); a {SIZES_FILE} ({{\"shard.tar\": samples, ...}}, as `clipforge shards` "
+              "writes) avoids this", file=sys.stderr, flush=True)
+    counted = {}
+    with tqdm(unlisted, desc=f"counting shard samples (no {SIZES_FILE})", unit="shard", file=sys.stderr,
+              disable=not show, delay=0 if remote else 2, dynamic_ncols=True) as bar:
+        for path in bar:
+            try:
+                counted[path] = count_samples(path)
+            except ShardReadError as err:
+                raise err.at_start(f"read at start-up to count its samples: no {SIZES_FILE} lists it") from None
+    return [int(n) if n is not None else counted[p] for p, n in zip(paths, known)]
 
 
 def _iter_samples(path: str):
     """Yield webdataset sample dicts (``__key__`` plus one entry per extension) from one shard."""
     tariterators = require_webdataset().tariterators
-    with open_shard(path) as stream:
+    with open_shard(path) as stream:  # read errors become a ShardReadError naming the shard
         files = ({**f, "__url__": path} for f in tariterators.tar_file_iterator(stream))
         yield from tariterators.group_by_keys(files)
 
@@ -193,12 +295,49 @@ def to_raw(sample: dict, shard_name: str, caption_keys: tuple[str, ...]) -> RawS
     return RawSample(key=key, image=image, captions=captions, error=error)
 
 
+def _check_weights(weights: list, sources: list[str], several: bool, resampled: bool) -> list[float]:
+    """``weights`` as floats; ValueError naming data.weights unless one finite weight >= 0 per source."""
+    if not several:
+        raise ValueError(f"data.weights mixes several sources, so it needs data.sources (a list of shard "
+                         f"patterns, one weight each); got {len(weights)} weights for the single pattern {sources[0]}")
+    if len(weights) != len(sources):
+        raise ValueError(f"data.weights has {len(weights)} values for {len(sources)} sources; give one per source")
+    try:
+        numbers = [float(w) for w in weights]
+    except (TypeError, ValueError):
+        numbers = [math.nan]
+    if not all(math.isfinite(w) and w >= 0 for w in numbers) or not sum(numbers) > 0:
+        raise ValueError(f"data.weights must be finite numbers >= 0 with a positive sum, got {list(weights)}")
+    if not resampled:
+        raise ValueError("data.weights needs data.resampled=true (weighted mixing draws shards with replacement)")
+    return numbers
+
+
+def _shard_weights(weights: list | None, sources: list[str], per_source: list[list[str]],
+                   sizes: np.ndarray) -> np.ndarray:
+    """(S,) probability of drawing each shard so that source i gives ``weights[i] / sum(weights)``
+    of the samples: ``weights[i] / samples of source i`` for each of its shards. Within a source
+    every shard is alike, so each of its samples is drawn as often, whatever its shard's size.
+    Unweighted: every shard alike (each source in proportion to its samples)."""
+    if not weights:
+        return np.full(len(sizes), 1 / len(sizes))
+    bounds = np.cumsum([0] + [len(paths) for paths in per_source])
+    per_shard = []
+    for weight, source, start, stop in zip(weights, sources, bounds[:-1], bounds[1:]):
+        source_samples = int(sizes[start:stop].sum())
+        if source_samples == 0 and weight > 0:
+            raise ValueError(f"data.weights gives source {source} the weight {weight}, but its shards hold no samples")
+        per_shard.append(np.full(stop - start, weight / source_samples if weight > 0 else 0.0))
+    shard_weights = np.concatenate(per_shard)
+    return shard_weights / shard_weights.sum()
+
+
 class ShardDataset:
     """Image-caption samples in WebDataset tar shards, read sequentially.
 
     Raises, before any training work, FileNotFoundError when shards are missing and ValueError
-    when they hold no samples, or when the first sample has no image or no caption (shards
-    packed for another task). Later samples without a caption are skipped and counted.
+    when one cannot be read, they hold no samples, or the first sample has no image or no caption
+    (shards packed for another task). Later bad samples and shards are skipped and counted.
     """
 
     sequential = True  # read in order: the loader shuffles shard order and within blocks
@@ -211,26 +350,27 @@ class ShardDataset:
         self.paths = [path for paths in per_source for path in paths]
         self.shard_weights = None  # resampled: probability of drawing each shard
         if weights:
-            if len(weights) != len(sources):
-                raise ValueError(f"data.weights has {len(weights)} values for {len(sources)} sources; give one per source")
-            if not all(w >= 0 for w in weights) or not sum(weights) > 0:
-                raise ValueError(f"data.weights must be >= 0 with a positive sum, got {list(weights)}")
-            if not resampled:
-                raise ValueError("data.weights needs data.resampled=true (weighted mixing draws shards with replacement)")
-        if resampled:
-            weights = weights or [len(paths) for paths in per_source]  # unweighted: every shard alike
-            shard_weights = np.concatenate([np.full(len(paths), w / len(paths)) for w, paths in zip(weights, per_source)])
-            self.shard_weights = shard_weights / shard_weights.sum()
+            weights = _check_weights(weights, sources, isinstance(urls, (list, tuple)), resampled)
         self.caption_keys = (caption_key,) if caption_key else CAPTION_KEYS
         self.sizes = np.array(shard_sizes(self.paths), dtype=np.int64)
         if self.sizes.sum() == 0:
             raise ValueError(f"shards {urls} hold no samples")
+        if resampled:
+            self.shard_weights = _shard_weights(weights, sources, per_source, self.sizes)
         self._check_first_sample()
 
     def _check_first_sample(self) -> None:
-        """Shards made for another task (no captions, no images) fail here, not mid-run."""
-        path = self.paths[int(np.flatnonzero(self.sizes)[0])]
-        sample = next(_iter_samples(path))
+        """Shards made for another task (no captions, no images), or a first one unreadable or
+        emptier than ``sizes.json`` says, fail here, not mid-run."""
+        path = self.paths[shard := int(np.flatnonzero(self.sizes)[0])]
+        try:
+            with closing(_iter_samples(path)) as samples:  # closed: a pipe ends, a connection closes
+                sample = next(samples)
+        except ShardReadError as err:
+            raise err.at_start("its first sample is read at start-up to check the shards") from None
+        except StopIteration:
+            raise ValueError(f"shard {path}: holds no samples, but the {SIZES_FILE} beside it lists "
+                             f"{self.sizes[shard]}; expected them (fix or delete the {SIZES_FILE})") from None
         raw = to_raw(sample, Path(path).name, self.caption_keys)
         members = ", ".join(k for k in sample if not k.startswith("__"))
         if raw.image is None:
@@ -299,7 +439,9 @@ class ShardEpoch:
                 raws.append(to_raw(next(samples_iter), name, self.dataset.caption_keys))
                 position += 1
         except (StopIteration, OSError, tarfile.TarError, ValueError) as err:
-            reason = "shard ends early" if isinstance(err, StopIteration) else f"unreadable shard: {err}"
+            reason = (f"shard {path} ends early: it holds fewer samples than {SIZES_FILE} lists"
+                      if isinstance(err, StopIteration) else f"unreadable {err}" if isinstance(err, ShardReadError)
+                      else f"unreadable shard {path}: {_problem(err)}")
             raws += [RawSample(key=f"{name}:#{offset + i}", image=None, captions=[], error=reason)
                      for i in range(len(raws), count)]
             self._reader = None
