@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ..loss import contrastive_loss
+from .resume import rng_state, set_rng_state
 
 
 @dataclass
@@ -71,7 +72,19 @@ class PeriodicEvaluation:
         return step == total_steps or (self.every_steps > 0 and step % self.every_steps == 0)
 
     def __call__(self, model: torch.nn.Module) -> dict[str, Any]:
-        """Every set's metrics as ``{"eval/<name>/<metric>": value}`` on rank 0 (``{}`` elsewhere)."""
+        """Every set's metrics as ``{"eval/<name>/<metric>": value}`` on rank 0 (``{}`` elsewhere).
+
+        The random streams (Python, NumPy, torch CPU and CUDA) are put back as they were: the
+        evaluation's loaders draw from them, and the training must go on with the streams its last
+        checkpoint saved, or a resumed run would draw other patch-dropout masks than an uninterrupted one.
+        """
+        saved = rng_state()
+        try:
+            return self._evaluate_all(model)
+        finally:
+            set_rng_state(saved)
+
+    def _evaluate_all(self, model: torch.nn.Module) -> dict[str, Any]:
         values: dict[str, Any] = {}
         if self.context.is_main:
             started = time.perf_counter()

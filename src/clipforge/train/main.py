@@ -37,6 +37,7 @@ import importlib.util
 import json
 import os
 import random
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -53,8 +54,8 @@ from ..models.config import check_patch_dropout
 from ..runtime import autocast_dtype, retain_freed_memory
 from ..tokenizer import tokenize
 from ..transforms import image_transform
-from .resume import read_training_state, resolve_resume, set_rng_state
-from .run_folder import RunFolderLock, check_fresh_start, remove_leftovers, start_over
+from .resume import rank_stream_seed, read_training_state, resolve_resume, set_rng_state
+from .run_folder import RunFolderLock, check_fresh_start, remove_leftovers, set_aside_later, start_over
 from .config import TrainConfig, validate
 from .distributed_setup import DistributedContext, cleanup_distributed, init_distributed, read_environment
 from .evaluation import PeriodicEvaluation
@@ -106,6 +107,8 @@ def train(config: TrainConfig, overwrite: bool = False) -> TrainResult:
         if resume is not None:
             _restore(run, resume)
             _check_steps_left(run, resume)
+            if context.is_main:
+                _set_aside_abandoned(config.run.run_dir, run.step)
         elif context.is_main:
             Path(config.run.run_dir).mkdir(parents=True, exist_ok=True)
         if context.is_main:
@@ -118,6 +121,17 @@ def train(config: TrainConfig, overwrite: bool = False) -> TrainResult:
             cleanup_distributed()
         if lock is not None:
             lock.release()
+
+
+def _set_aside_abandoned(run_dir: str | os.PathLike, step: int) -> None:
+    """Resuming from an earlier checkpoint abandons the steps after it: move their checkpoints aside
+    (and copy the logs as they were) so the folder holds one history; a one-line notice says where."""
+    moved = set_aside_later(run_dir, step)
+    if moved is not None:
+        aside, later = moved
+        names = ", ".join(path.name for path in later)
+        print(f"note: resuming at step {step}: the later checkpoints of the abandoned run ({names}) were moved, "
+              f"with a copy of its logs, into {aside}", file=sys.stderr)
 
 
 def _as_trained(config: TrainConfig, model: CLIP) -> dict:
@@ -274,4 +288,7 @@ def _restore(run: Run, checkpoint: Path) -> None:
         more_minutes = state["total_steps"] <= run.step and now.minutes > (saved.minutes or 0)
         run.total_steps = run.step + run.total_steps if more_minutes else state["total_steps"]
     rng = state["rng"]
-    set_rng_state(rng[run.context.rank] if len(rng) == run.context.world_size else rng[0])
+    if len(rng) == run.context.world_size:  # the same processes: each continues its own streams exactly
+        set_rng_state(rng[run.context.rank])
+    else:  # one state per process of the run that wrote it: derive a distinct stream for each rank
+        _seed_everything(rank_stream_seed(now.seed, run.context.rank, run.step))

@@ -26,6 +26,7 @@ import torch
 from ..checkpoints import CheckpointError, load_model
 from ..files import DiskFullError, is_disk_full, normal_permissions
 from ..checkpoints import save as save_model_folder
+from .log import METRICS_FILE
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 WEIGHTS_FILE = "model.safetensors"
@@ -51,6 +52,11 @@ def resolve_resume(run_dir: str | Path, resume: str) -> Path:
     if resume == "latest":
         found = list_checkpoints(run_dir)
         if not found:
+            metrics = Path(run_dir) / METRICS_FILE
+            if metrics.is_file() and metrics.stat().st_size:
+                raise FileNotFoundError(f"--resume latest: no checkpoint in {checkpoint_dir(run_dir)}: the run there "
+                                        "stopped before saving its first one; start it again with --overwrite "
+                                        "instead of --resume")
             raise FileNotFoundError(f"--resume latest: no checkpoint in {checkpoint_dir(run_dir)}")
         return found[-1]
     path = Path(resume)
@@ -75,6 +81,17 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def rank_stream_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of process ``rank``'s random streams when a run resumes at ``step`` on another world size.
+
+    The checkpoint holds one state per process of the run that wrote it; on another number of
+    processes they cannot be handed out one each, so each process derives its own from the run's
+    seed, its rank and the step: reproducible, and distinct per rank (patch-dropout masks must
+    differ between the images in the same slot on different processes).
+    """
+    return int(np.random.SeedSequence([seed, rank, step, 1]).generate_state(1)[0])
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     """Inverse of :func:`rng_state`."""
     random.setstate(state["python"])
@@ -89,6 +106,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, state: dict[str, Any], step: int, keep: int) -> Path:
     """Write checkpoint ``step_{step}`` atomically, then delete all but the newest ``keep`` (0: none).
 
+    Only checkpoints up to ``step`` count and go: one past it belongs to another history (a resume
+    from an earlier step sets those aside first), so it never displaces this run's own.
     ``model`` is the plain (not compiled, not wrapped) CLIP model; ``state`` is what
     :func:`load_checkpoint` gives back (see the module docstring).
     """
@@ -122,7 +141,8 @@ def save_checkpoint(run_dir: str | Path, model: torch.nn.Module, state: dict[str
         os.replace(temporary, final)
     _fsync(folder)
     if keep > 0:
-        for old in list_checkpoints(run_dir)[:-keep]:
+        this_history = [path for path in list_checkpoints(run_dir) if int(path.name.rsplit("_", 1)[1]) <= step]
+        for old in this_history[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
