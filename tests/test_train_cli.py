@@ -85,3 +85,12 @@ def test_config_errors_fail_before_any_work_in_one_line(shapes, tmp_path, capsys
     assert err.startswith("clipforge train: error:") and message in err
     assert len(err.splitlines()) == 1
     assert not run_dir.exists(), "nothing may be written before the config is known to be good"
+
+
+def test_a_damaged_saved_config_is_one_line_naming_it(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "train_config.json").write_text("{'not': json}")
+    assert main(["train", "--run-dir", str(run_dir), "--resume", "latest"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train_config.json: not a training config this clipforge reads" in err

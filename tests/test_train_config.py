@@ -178,3 +178,14 @@ def test_a_broken_preset_file_is_one_line_naming_it(tmp_path):
     (tmp_path / "latin1.toml").write_bytes(b"# caf\xe9\nbatch_size = 8\n")
     with pytest.raises(ValueError, match="latin1.toml: not UTF-8 text"):
         load_preset(str(tmp_path / "latin1.toml"))
+
+
+def test_an_unknown_eval_dataset_is_refused_before_training(tmp_path):
+    from clipforge.train.evaluation import parse_eval_sets
+
+    config = _valid_config()
+    config.eval.zeroshot = [{"name": "r", "data": str(tmp_path), "dataset": "imagenet-rr"}]
+    with pytest.raises(ValueError, match=r"eval.zeroshot\[0\]: unknown dataset 'imagenet-rr'; expected one of"):
+        parse_eval_sets(config.eval)
+    config.eval.zeroshot = [{"name": "r", "data": str(tmp_path), "dataset": "ImageNet_R"}]
+    assert parse_eval_sets(config.eval)[0].name == "r"

@@ -95,7 +95,11 @@ def _saved_config(run_dir: Path):
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         return None
-    return TrainConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    try:
+        return TrainConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+        raise CliError(f"{path}: not a training config this clipforge reads ({error}); pass the preset "
+                       "and flags of the run again to resume it") from None
 
 
 def run_train(args: argparse.Namespace) -> int:

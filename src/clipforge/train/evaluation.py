@@ -47,6 +47,13 @@ def parse_eval_sets(section) -> list[EvalSet]:
             unknown = sorted(set(entry) - allowed)
             if unknown:
                 raise ValueError(f"{where}: unknown key {unknown[0]!r}; expected some of {sorted(allowed)}")
+            if kind == "zeroshot" and entry.get("dataset"):
+                from ..evaluate.protocols import canonical_name
+
+                try:
+                    canonical_name(str(entry["dataset"]))
+                except ValueError as error:
+                    raise ValueError(f"{where}: {error}") from None
             if not Path(str(entry["data"])).expanduser().exists():
                 raise FileNotFoundError(f"{where}: data {entry['data']} does not exist")
             name = str(entry.get("name") or Path(str(entry["data"])).name)
