@@ -114,7 +114,10 @@ def train(config: TrainConfig, overwrite: bool = False) -> TrainResult:
         if context.is_main:
             write_text_atomic(Path(config.run.run_dir) / CONFIG_FILE,
                               json.dumps(_as_trained(config, run.model), indent=2) + "\n")
-        return run_loop(run)
+        result = run_loop(run)
+        if joined:
+            dist.barrier()  # every rank is done before any of them tears its connections down
+        return result
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
         if joined:
