@@ -84,4 +84,5 @@ def test_shards_leave_out_and_count_corrupt_images(tmp_path, capsys):
                               max_count=100, max_size=1000.0, prefix="data", no_shuffle=False, seed=0,
                               image_key=None, caption_key=None, overwrite=False)
     assert shards_cli.run(args) == 0
-    assert "left out 4 rows whose image could not be read, 3 of them corrupt images" in capsys.readouterr().out
+    assert ("left out 4 rows (40.0%): 3 corrupt images, 0 without a caption, 1 whose image could not be read"
+            in capsys.readouterr().out)

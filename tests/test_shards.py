@@ -121,3 +121,60 @@ def test_cli_packs_shards_and_prints_the_pattern(pairs, tmp_path, capsys):
     assert f"--data '{out}/data-{{000000..000002}}.tar'" in printed
     with pytest.raises(CliError, match="--overwrite"):
         _run_cli(["shards", str(caption_file.parent), str(caption_file), str(out)])
+
+
+def test_rows_without_a_caption_are_left_out_and_counted(tmp_path):
+    names = make_images(tmp_path / "im", 3)
+    rows = [(f"im/{names[0]}", "a caption"), (f"im/{names[1]}", ""), (f"im/{names[2]}", "   ")]
+    written = write_shards(write_caption_file(tmp_path / "c.csv", rows), tmp_path / "out")
+    assert (written.num_samples, written.num_skipped, written.num_no_caption) == (1, 2, 1 + 1)
+    members = tarfile.open(written.paths[0]).getnames()
+    assert [m for m in members if m.endswith(".txt")] == ["00000000.txt"]
+
+
+def test_a_failed_overwrite_keeps_the_old_set(pairs, tmp_path):
+    caption_file, _ = pairs
+    old = write_shards(caption_file, tmp_path / "out", max_count=4)
+    before = {p: open(p, "rb").read() for p in old.paths}
+    (tmp_path / "im").mkdir()
+    (tmp_path / "im" / "junk.jpg").write_bytes(b"not a jpeg")  # found, but does not decode
+    rows = [("im/junk.jpg", "junk")]
+    with pytest.raises(ValueError, match="no shards written"):
+        write_shards(write_caption_file(tmp_path / "bad.csv", rows), tmp_path / "out", overwrite=True)
+    assert {p: open(p, "rb").read() for p in old.paths} == before
+    assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == {os.path.basename(p): 4 for p in old.paths}
+    assert sorted(os.listdir(tmp_path / "out")) == sorted([*map(os.path.basename, old.paths), "sizes.json"])
+
+
+@pytest.mark.parametrize("size", [float("inf"), float("nan"), 0.0])
+def test_a_shard_size_that_is_not_a_finite_positive_number_is_refused(pairs, tmp_path, size):
+    with pytest.raises(ValueError, match="max_size_mb a finite number > 0"):
+        write_shards(pairs[0], tmp_path / "out", max_size_mb=size)
+
+
+def test_a_terminated_pack_leaves_no_shard_and_a_rerun_works(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    names = make_images(tmp_path / "im", 400)
+    caption_file = write_caption_file(tmp_path / "c.csv", [(f"im/{n}", f"image {n}") for n in names])
+    slow = (f"import time, clipforge.data.shards as s\n"  # a pack slow enough to be stopped half-way
+            f"real = s._encode\n"
+            f"s._encode = lambda *a: (time.sleep(0.01), real(*a))[1]\n"
+            f"from clipforge.cli import main\n"
+            f"raise SystemExit(main(['shards', {str(tmp_path)!r}, {str(caption_file)!r}, {str(tmp_path / 'out')!r},"
+            f" '--max-count', '20']))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen([sys.executable, "-c", slow], env=env, stderr=subprocess.PIPE, text=True)
+    staging = tmp_path / "out"
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(staging.glob(".shards-staging-*/data-000002.tar")):
+        time.sleep(0.05)
+    assert list(staging.glob(".shards-staging-*/data-000002.tar")), "the pack never reached its third shard"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 130, process.stderr.read()
+    assert os.listdir(tmp_path / "out") == []  # no shard, no sizes.json, no staging folder
+    written = write_shards(caption_file, tmp_path / "out", max_count=20)
+    assert written.num_samples == 400 and len(written.paths) == 20

@@ -36,8 +36,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Write the shards and print where they are and how to use them."""
+    import signal
+
     from ..data.shards import write_shards  # imported here so `clipforge --help` stays fast
 
+    def stop(signum, frame):  # SIGTERM as Ctrl-C: the half-written set is removed on the way out
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         written = write_shards(
             args.captions, args.out_dir, image_root=args.src_dir, max_count=args.max_count,
@@ -48,7 +54,10 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"{err} (--overwrite)") from None
     print(f"wrote {written.num_samples} samples in {len(written.paths)} shards ({written.num_bytes / 1e6:.1f} MB)")
     if written.num_skipped:
-        print(f"left out {written.num_skipped} rows whose image could not be read, "
-              f"{written.num_corrupt} of them corrupt images (see the log above)")
+        share = written.num_skipped / (written.num_skipped + written.num_samples)
+        print(f"left out {written.num_skipped} rows ({share:.1%}): {written.num_corrupt} corrupt images, "
+              f"{written.num_no_caption} without a caption, "
+              f"{written.num_skipped - written.num_corrupt - written.num_no_caption} whose image could not be "
+              "read (see the log above)")
     print(f"train with: --data '{written.pattern}'")
     return 0
