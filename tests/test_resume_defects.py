@@ -22,6 +22,7 @@ from clipforge.train.log import read_metrics
 from clipforge.train.resume import list_checkpoints, save_checkpoint
 from clipforge.train.run_folder import RunFolderLock
 
+from _cli_errors import one_error_line
 from _kill_after_checkpoint import _CHILD as KILL_AFTER_CHECKPOINT, train_and_kill
 from _torchrun import failure, torchrun
 
@@ -214,14 +215,6 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def _one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("clipforge train: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
-
-
 def test_a_run_killed_before_its_first_checkpoint_is_told_to_start_over(demo, tmp_path, capsys):
     run_dir = tmp_path / "run"
     args = _args(demo[0], run_dir, 6, every=10)
@@ -231,10 +224,10 @@ def test_a_run_killed_before_its_first_checkpoint_is_told_to_start_over(demo, tm
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2]
 
     assert main(args) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert "stopped before its first checkpoint" in line and "--overwrite" in line and "--resume" not in line
     assert main(args + ["--resume", "latest"]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert "no checkpoint in" in line and "start it again with --overwrite" in line
     assert main(args + ["--overwrite"]) == 0
     aside = [path for path in run_dir.iterdir() if path.name.startswith("replaced-")]

@@ -17,6 +17,7 @@ from clipforge.cli import main
 from clipforge.train.log import read_metrics
 
 from _train_data import make_shapes
+from _cli_errors import one_error_line
 
 pytestmark = pytest.mark.slow  # trains, spawns processes or serves: left out of -m 'not slow'
 
@@ -38,14 +39,6 @@ def _steps(run_dir):
     return sorted(p.name for p in (Path(run_dir) / "checkpoints").iterdir())
 
 
-def _one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("clipforge train: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
-
-
 def test_new_run_into_a_used_folder_is_refused_and_overwrite_starts_over(shapes, tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert _train(shapes, run_dir, steps=4) == 0
@@ -53,7 +46,7 @@ def test_new_run_into_a_used_folder_is_refused_and_overwrite_starts_over(shapes,
     capsys.readouterr()
 
     assert _train(shapes, run_dir, steps=2) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert f"{run_dir} holds a run at step 4: pass --resume latest to continue, or --overwrite" in line
     assert (run_dir / "metrics.jsonl").read_text() == metrics_before  # nothing truncated
     assert _steps(run_dir) == ["step_00000002", "step_00000004"]
@@ -69,7 +62,7 @@ def test_new_run_into_a_used_folder_is_refused_and_overwrite_starts_over(shapes,
 
 def test_overwrite_and_resume_together_are_refused(shapes, tmp_path, capsys):
     assert _train(shapes, tmp_path / "run", "--overwrite", "--resume", "latest") == 2
-    assert "pass one of them" in _one_error_line(capsys)
+    assert "pass one of them" in one_error_line(capsys)
 
 
 def _hold_lock(run_dir: Path) -> subprocess.Popen:
@@ -93,7 +86,7 @@ def test_second_training_into_a_locked_folder_refuses_naming_the_other_and_a_dea
     holder = _hold_lock(run_dir)
     try:
         assert _train(shapes, run_dir) == 2
-        line = _one_error_line(capsys)
+        line = one_error_line(capsys)
         assert f"{run_dir} is in use by another training (pid {holder.pid} on " in line
         assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
     finally:
@@ -156,7 +149,7 @@ def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_previous_checkp
     monkeypatch.setattr(write, "save_file", save_file_then_disk_full)
     run_dir = tmp_path / "run"
     assert _train(shapes, run_dir, steps=4) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert "no space left on the device writing checkpoint" in line and "step_00000004" in line
     assert f"the previous checkpoint {run_dir / 'checkpoints' / 'step_00000002'} is intact" in line
     assert _steps(run_dir) == ["step_00000002"]  # no .tmp_step_* left, no partial step_4
@@ -200,7 +193,7 @@ def test_a_real_full_disk_stops_training_in_one_line_with_the_previous_checkpoin
         shapes, small_disk, capsys):
     run_dir = small_disk / "run"
     assert _train(shapes, run_dir, steps=4) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert "no space left on the device" in line and "step_00000002 is intact" in line
     assert _steps(run_dir) == ["step_00000002"]
     model = clipforge.load_model(run_dir / "checkpoints" / "step_00000002")
@@ -215,7 +208,7 @@ def test_resume_with_steps_below_the_current_step_is_an_error(shapes, tmp_path, 
     assert _train(shapes, run_dir, steps=4) == 0
     capsys.readouterr()
     assert _train(shapes, run_dir, "--resume", "latest", steps=2) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert "the run is at step 4" in line and "pass --steps above 4" in line and "None" not in line
 
 
@@ -239,10 +232,10 @@ def test_a_truncated_checkpoint_on_resume_is_one_line_without_unsafe_advice(shap
         (checkpoint / name).write_bytes(original[: len(original) // 2])
         capsys.readouterr()
         assert _train(shapes, run_dir, "--resume", "latest", steps=4) == 2
-        line = _one_error_line(capsys)
+        line = one_error_line(capsys)
         assert f"{checkpoint / name}" in line and expected in line and "weights_only" not in line
         (checkpoint / name).write_bytes(original)
     (checkpoint / "model.safetensors").unlink()
     assert _train(shapes, run_dir, "--resume", "latest", steps=4) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert "model.safetensors: missing" in line and "truncated or damaged" not in line

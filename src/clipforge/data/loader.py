@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import os
 import random
+import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
@@ -160,6 +162,19 @@ class _BatchStream(IterableDataset):
                 "index": index, "skipped": skipped}
 
 
+def _let_ending_queue_threads_finish(timeout_s: float = 2.0) -> None:
+    """Join the queue feeder threads of the last epoch's loader before forking the next one's workers.
+
+    Forking while another thread is ending can deadlock the child for good (CPython 3.11: the
+    child waits, after the fork, for a lock the ending thread held); the last epoch's feeder threads
+    end as its workers shut down, just as the next epoch forks. Seen as a 2-process run hanging at
+    an epoch boundary, its rank 0 waiting for a worker stuck in ``PyOS_AfterFork_Child``."""
+    deadline = time.monotonic() + timeout_s
+    for thread in threading.enumerate():
+        if thread.name == "QueueFeederThread" and thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
 class TrainLoader:
     """Iterable over one epoch's batches on one rank (from ``start_batch``); see make_train_loader."""
 
@@ -176,6 +191,8 @@ class TrainLoader:
         # A private generator: creating the iterator must not draw from the global torch RNG,
         # or a resumed run's model RNG would drift from the uninterrupted one.
         generator = torch.Generator().manual_seed(self.stream.seed)
+        if self.num_workers:
+            _let_ending_queue_threads_finish()
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
                             pin_memory=self.pin_memory, generator=generator)
         for out in loader:
