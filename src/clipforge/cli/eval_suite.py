@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from . import CliError
-from ._common import add_cache_arguments, non_negative_int, positive_int
+from ._common import add_cache_arguments, check_out_folder, non_negative_int, positive_int
 
 
 def register_suite(tasks: argparse._SubParsersAction, add_model_arguments) -> None:
@@ -97,18 +97,6 @@ def _fingerprint(spec: str) -> str | None:
     return ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
 
 
-def _check_out(out: str) -> None:
-    """The results folder can be made and written, checked before any model runs."""
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise CliError(f"--out {out}: is a file, expected a folder for the results")
-    parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
-    if not parent.is_dir():
-        raise CliError(f"--out {out}: {parent} is a file, expected a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CliError(f"--out {out}: cannot write in {parent}")
-
-
 def run_suite_command(args: argparse.Namespace) -> int:
     """``clipforge eval suite``."""
     from ..evaluate.suite import run_suite
@@ -116,7 +104,7 @@ def run_suite_command(args: argparse.Namespace) -> int:
 
     started = time.time()
     config = _config(args)
-    _check_out(args.out)
+    check_out_folder(args.out, what="the results")
     device = eval_cli.resolve_device_arg(args.device)
     model, preprocess = eval_cli.load_model_arg(args.model, device, args.seed)
     pretrained = args.pretrained or (Path(args.model).name if Path(args.model).expanduser().exists() else "random")

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..files import atomic_path
+from ..files import atomic_path, read_utf8
 from .datasets import ClassificationData
 from .features import encode_images
 
@@ -46,10 +46,7 @@ def read_path_list(path: str | os.PathLike) -> list[str]:
         raise ValueError(f"{path}: is a folder; expected a file listing image paths, one per line")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (expected a list of image paths, one per line)")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not a UTF-8 text file; expected a list of image paths, one per line") from None
+    lines = read_utf8(path).splitlines()
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 

@@ -71,9 +71,3 @@ def require_folder(root: Path, expected: str) -> None:
     raise FileNotFoundError(f"{root}: {reason} (expected {expected})")
 
 
-def read_text(path: Path) -> str:
-    """The UTF-8 text of ``path``; a one-line error naming the file when it is not UTF-8."""
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8") from None

@@ -15,7 +15,8 @@ import tarfile
 from pathlib import Path
 from typing import Callable
 
-from ._data import ProtocolData, read_text, require_folder
+from ...files import read_utf8
+from ._data import ProtocolData, require_folder
 
 IMAGE_SUFFIXES = ("webp", "png", "jpg", "jpeg")
 CLASSNAMES = "classnames.txt"
@@ -99,7 +100,7 @@ def _read_label(archive: tarfile.TarFile, member: tarfile.TarInfo, shard: Path) 
 
 
 def _read_lines(path: Path) -> list[str]:
-    return [line.strip() for line in read_text(path).splitlines() if line.strip()]
+    return [line.strip() for line in read_utf8(path).splitlines() if line.strip()]
 
 
 def load_wds_classification(path: str | os.PathLike, split: str = "test") -> ProtocolData:

@@ -19,7 +19,8 @@ import re
 from pathlib import Path
 
 from ...data.captions import is_image_name
-from ._data import ProtocolData, describe, imagenet_names, read_text, require_folder, wnid_table
+from ...files import read_utf8
+from ._data import ProtocolData, describe, imagenet_names, require_folder, wnid_table
 
 GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
 KAGGLE_SOLUTION = "LOC_val_solution.csv"
@@ -116,7 +117,7 @@ def _ids_to_wnids(meta: Path) -> dict[int, str]:
 
 def _read_kaggle(path: Path) -> dict[int, str]:
     """Image number -> wnid from Kaggle's ``LOC_val_solution.csv`` (the first word of each prediction)."""
-    reader = csv.DictReader(io.StringIO(read_text(path).lstrip("\ufeff")))
+    reader = csv.DictReader(io.StringIO(read_utf8(path).lstrip("\ufeff")))
     if not {"ImageId", "PredictionString"} <= set(reader.fieldnames or ()):
         raise ValueError(f"{path}: expected Kaggle's header ImageId,PredictionString, found "
                          f"{','.join(reader.fieldnames or ()) or 'no header'}")
@@ -143,7 +144,7 @@ def _ground_truth(root: Path) -> tuple[dict[int, str], str]:
         searched = ", ".join(str(place) for place in _search_dirs(root))
         raise ValueError(f"{root}: flat ImageNet validation folder without ground truth; expected {GROUND_TRUTH} "
                          f"(+ {META}) or {KAGGLE_SOLUTION} in {searched}; or pass 1,000 wnid folders")
-    lines = [line.strip() for line in read_text(truth).splitlines() if line.strip()]
+    lines = [line.strip() for line in read_utf8(truth).splitlines() if line.strip()]
     if all(_WNID.fullmatch(line) for line in lines):
         return {number: wnid for number, wnid in enumerate(lines, 1)}, str(truth)
     meta = _find(root, META)

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 from ...transforms import load_image
-from ._data import ProtocolData, describe, imagenet_names, read_text, require_folder
+from ...files import read_utf8
+from ._data import ProtocolData, describe, imagenet_names, require_folder
 from .imagenet import list_images
 
 NUM_FOLDERS = 313
@@ -59,7 +60,7 @@ def _layout(root: Path) -> tuple[Path, Path]:
 def _read_object(path: Path, expected: str) -> dict:
     """The JSON object in ``path``; a one-line error naming the file and ``expected`` otherwise."""
     try:
-        value = json.loads(read_text(path))
+        value = json.loads(read_utf8(path))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not JSON ({error.msg} at line {error.lineno})") from None
     if not isinstance(value, dict):
@@ -109,7 +110,7 @@ def folder_to_imagenet(mappings: Path) -> tuple[dict[str, list[int]], dict[str, 
     to_imagenet = _strings(paths[1], 'ObjectNet label -> ImageNet labels (a string joined by "; ")')
     class_of_id = _class_of_id(paths[2])
     class_of_label = {}
-    for number, line in enumerate(read_text(paths[3]).splitlines()):
+    for number, line in enumerate(read_utf8(paths[3]).splitlines()):
         if not line.strip():
             continue
         if number not in class_of_id:

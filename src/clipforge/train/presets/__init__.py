@@ -10,6 +10,7 @@ import importlib.util
 import tomllib
 from pathlib import Path
 
+from ...files import read_utf8
 from ..config import TrainConfig
 
 _HERE = Path(__file__).parent
@@ -37,9 +38,7 @@ def load_preset(name_or_path: str) -> TrainConfig:
         path = found[0]
     if path.suffix == ".toml":
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as error:
-            raise ValueError(f"preset {path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+            data = tomllib.loads(read_utf8(path))
         except tomllib.TOMLDecodeError as error:
             raise ValueError(f"preset {path}: invalid TOML ({error})") from None
         try:
