@@ -2,6 +2,8 @@
 import io
 import json
 import shutil
+import subprocess
+import tarfile
 
 import pytest
 import webdataset
@@ -58,6 +60,19 @@ def test_counts_without_sizes_json_come_from_tar_headers(shards, tmp_path):
         shutil.copy(path, tmp_path)
     assert [count_samples(p) for p in shards.paths] == [4, 4, 3]
     assert list(ShardDataset(str(tmp_path)).sizes) == [4, 4, 3]  # a folder of shards, no sizes.json
+
+
+def test_shards_packed_by_gnu_tar_and_gzip_are_counted(shards, tmp_path):
+    """Shards from other tools pass the end-of-archive check: GNU tar's own layout (record padding)
+    and a gzip-compressed tar, where the check does not apply (offsets are in the inflated stream)."""
+    members = tmp_path / "members"
+    with tarfile.open(shards.paths[0]) as tar:
+        tar.extractall(members, filter="data")
+    names = sorted(p.name for p in members.iterdir())
+    subprocess.run(["tar", "-cf", str(tmp_path / "gnu.tar"), "-C", str(members), *names], check=True)
+    subprocess.run(["tar", "-czf", str(tmp_path / "gnu.tar.gz"), "-C", str(members), *names], check=True)
+    assert count_samples(str(tmp_path / "gnu.tar")) == 4
+    assert count_samples(str(tmp_path / "gnu.tar.gz")) == 4
 
 
 def test_open_dataset_accepts_pattern_folder_and_list(shards):

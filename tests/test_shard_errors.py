@@ -86,6 +86,8 @@ def _error(data, **kwargs) -> str:
 
 @pytest.mark.parametrize("damage, problem", [
     ("truncated, not listed", "damaged or not a tar file: unexpected end of data"),
+    ("cut between samples, not listed", "no end-of-archive block after its last member"),
+    ("garbage after a sample, not listed", "no end-of-archive block after its last member"),
     ("empty file, not listed", "damaged or not a tar file: empty file"),
     ("empty file, listed", "damaged or not a tar file: empty file"),
     ("no samples, listed", "holds no samples, but the sizes.json beside it lists 4"),
@@ -95,6 +97,13 @@ def test_unreadable_local_shard_fails_in_one_line_naming_it(shards, tmp_path, da
     first = folder / "data-000000.tar"
     if damage.startswith("truncated"):
         _truncate(first)
+    elif damage.startswith(("cut between", "garbage")):  # tarfile alone reads either as a 2-sample tar
+        with tarfile.open(first) as tar:
+            third = [m for m in tar.getmembers() if m.isreg()][4]  # 2 members a sample: the third's header
+        kept = first.read_bytes()[: third.offset]
+        first.write_bytes(kept + (b"x" * 1024 if damage.startswith("garbage") else b""))
+        with tarfile.open(first) as tar:
+            assert len(tar.getmembers()) == 4
     elif damage.startswith("empty file"):
         first.write_bytes(b"")
     else:
