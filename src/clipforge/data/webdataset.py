@@ -16,8 +16,9 @@ from beside them) or ``pipe:COMMAND`` (the command's standard output is the tar 
 webdataset, e.g. ``pipe:aws s3 cp s3://bucket/data-0001.tar -``). Remote shards without a listed
 size are streamed once at start-up to count their samples (with a progress bar on stderr).
 
-A shard that cannot be read at start-up (damaged, cut between two members, a failing command, an unreachable server) stops
-with one line naming it (ShardReadError, a ValueError); later, its samples are skipped and counted.
+A shard that cannot be read at start-up (damaged, cut between two members, a failing command, an
+unreachable server) stops with one line naming it (ShardReadError, a ValueError); later, its
+samples are skipped and counted.
 
 Several sources (a list of patterns) can be mixed with ``weights``: with ``resampled=True`` each
 epoch draws its shard sequence with replacement (open_clip's ``--dataset-resampled``), a shard of
