@@ -106,6 +106,18 @@ def test_retrieval_recall_with_known_answers(images):
     assert metrics["image_to_text_recall@1"] == pytest.approx(2 / 3)
     assert metrics["image_to_text_recall@5"] == 1.0
     assert report["num_images"] == 3 and report["num_texts"] == 4
+    # 3 images and 4 captions to rank: R@5 and R@10 cannot miss, and the report says so.
+    assert report["notes"] == ["text-to-image recall@5, @10 is 100% by construction: only 3 images to rank",
+                               "image-to-text recall@5, @10 is 100% by construction: only 4 captions to rank"]
+
+
+def test_a_one_image_listing_is_noted_as_trivial_in_the_cli(images, capsys):
+    from clipforge.cli import main
+
+    listing = write_csv(images / "one.csv", [("images/r.jpg", "a red photo")])
+    assert main(["eval", "retrieval", "--model", "tiny-vit", "--workers", "0", "--data", str(listing)]) == 0
+    err = capsys.readouterr().err
+    assert "note: text-to-image recall@1, @5, @10 is 100% by construction: only 1 image to rank" in err
 
 
 def test_unreadable_image_is_skipped_with_its_captions(images):

@@ -45,10 +45,23 @@ def evaluate_retrieval(model: torch.nn.Module, data: RetrievalData, preprocess: 
     kept_texts = text_to_image >= 0
     metrics = retrieval_metrics(images.features, texts[kept_texts], text_to_image[kept_texts].tolist(),
                                 ks, memory_budget_bytes)
+    num_images, num_texts = len(images.indices), int(kept_texts.sum())
     return {
         "metrics": metrics,
-        "num_images": len(images.indices),
-        "num_texts": int(kept_texts.sum()),
+        "num_images": num_images,
+        "num_texts": num_texts,
         "skipped": [{"path": path, "reason": reason} for path, reason in images.skipped],
-        "notes": list(data.notes),
+        "notes": list(data.notes) + _trivial_recall_notes(ks, num_images, num_texts),
     }
+
+
+def _trivial_recall_notes(ks: Sequence[int], num_images: int, num_texts: int) -> list[str]:
+    """Notes naming the recalls that are 100% whatever the model, because k reaches the number of
+    candidates to rank (a listing of 5 images has text-to-image R@5 = 100%)."""
+    notes = []
+    for direction, candidates, noun in (("text-to-image", num_images, "images"), ("image-to-text", num_texts, "captions")):
+        trivial = [k for k in ks if k >= candidates]
+        if trivial:
+            notes.append(f"{direction} recall@{', @'.join(map(str, trivial))} is 100% by construction: only "
+                         f"{candidates} {noun if candidates != 1 else noun[:-1]} to rank")
+    return notes
