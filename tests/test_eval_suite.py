@@ -293,3 +293,50 @@ def test_shots_are_whole_numbers_and_out_and_names_are_checked_first(tmp_path, c
     assert "--out " + str(tmp_path / "afile") + ": is a file" in capsys.readouterr().err
     assert _datasets(tmp_path / "o", "a=x,a=y") == 2
     assert "'a' is given twice" in capsys.readouterr().err
+
+
+def test_reference_models_of_the_suite_file_are_the_points_of_the_robustness_plot(suite_data, tmp_path, monkeypatch):
+    from clipforge.evaluate import _suite_report
+
+    plotted = []
+    real = _suite_report.reference_points
+    monkeypatch.setattr(_suite_report, "reference_points",
+                        lambda references, protocol: plotted.append(real(references, protocol)) or plotted[-1])
+    (tmp_path / "suite.toml").write_text(f"""
+[zeroshot.imagenet]
+data = "{suite_data / 'imagenet'}"
+templates = "{TEMPLATE}"
+[zeroshot.imagenet-r]
+data = "{suite_data / 'imagenet-r'}"
+templates = "{TEMPLATE}"
+[references."ResNet-50 (torchvision)"]
+imagenet = 76.1
+imagenet-r = 36.2
+[references."my model"]
+imagenet = 80
+imagenet-sketch = 30
+""")
+    out = tmp_path / "out"
+    assert main(["eval", "suite", "--model", "tiny-vit", "--config", str(tmp_path / "suite.toml"), "--out", str(out),
+                 "--workers", "0"]) == 0
+    assert plotted == [[("ResNet-50 (torchvision)", 76.1, 36.2)]]  # "my model" reports no ImageNet-R
+    with Image.open(out / "effective_robustness.png") as image:
+        assert image.format == "PNG"
+    # Without [references]: the paper's supervised ResNet-101 (Figure 13).
+    assert real(_suite_report.SUPERVISED_REFERENCE, "imagenet-r") == [
+        ("supervised ResNet-101 (CLIP paper, Fig. 13)", 76.2, 37.7)]
+
+
+@pytest.mark.parametrize("table, message", [
+    ('[references.a]\nimagenet-r = 30', 'references.a must give imagenet and at least one of'),
+    ('[references.a]\nimagenet = 70\nimagenet-c = 30', "references.a: unknown set(s) ['imagenet-c']"),
+    ('[references.a]\nimagenet = 70\nimagenet-r = 130', 'references.a.imagenet-r must be a top-1 in % (0 to 100), got 130'),
+    ('[references.a]\nimagenet = true\nimagenet-r = 30', 'references.a.imagenet must be a top-1 in %'),
+    ('references = 5', 'references must hold [references."NAME"] tables of top-1 %, got 5'),
+])
+def test_bad_reference_models_are_one_line_errors(tmp_path, capsys, table, message):
+    (tmp_path / "suite.toml").write_text(f"{table}\n[zeroshot.x]\ndata = 'x'\n")
+    assert main(["eval", "suite", "--model", "tiny-vit", "--out", str(tmp_path / "o"), "--config",
+                 str(tmp_path / "suite.toml")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err

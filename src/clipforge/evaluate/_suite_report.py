@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 from ..files import atomic_path, write_text_atomic
@@ -15,6 +16,7 @@ SUPERVISED_REFERENCE = {
     "supervised ResNet-101 (CLIP paper, Fig. 13)": {"imagenet": 76.2, "imagenet-v2": 64.3, "imagenet-r": 37.7,
                                                     "imagenet-sketch": 25.2, "objectnet": 32.6, "imagenet-a": 2.7},
 }
+_REFERENCE_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h")  # one per reference model, at most this many
 MASKED_SETS = ("imagenet-r", "imagenet-a", "imagenet-o", "objectnet")  # where subset vs 1000way matters
 SHIFT_COLORS = {"imagenet-v2": "tab:blue", "imagenet-r": "tab:orange", "imagenet-sketch": "tab:green",
                 "objectnet": "tab:red", "imagenet-a": "tab:purple"}
@@ -109,8 +111,17 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
-def plot_effective_robustness(records: list[dict], path: Path) -> Path | None:
-    """ImageNet top-1 against each shifted set's top-1, y = x, and the supervised reference points."""
+def reference_points(references: dict[str, dict[str, float]], protocol: str) -> list[tuple[str, float, float]]:
+    """``(model, ImageNet top-1, top-1 on protocol)`` of each reference model that reports ``protocol``."""
+    return [(model, scores["imagenet"], scores[protocol]) for model, scores in references.items() if protocol in scores]
+
+
+def plot_effective_robustness(records: list[dict], path: Path,
+                              references: dict[str, dict[str, float]] | None = None) -> Path | None:
+    """ImageNet top-1 against each shifted set's top-1, y = x, and the reference models' points
+    (``references``: model name -> {protocol: top-1 %}, ImageNet's included; default the paper's
+    supervised ResNet-101, ``SUPERVISED_REFERENCE``)."""
+    references = SUPERVISED_REFERENCE if references is None else references
     top1 = {r["dataset"]: r["metrics"]["acc1"] for r in records
             if r["task"] == "zeroshot_classification" and r["metrics"].get("acc1") is not None}
     protocols = {r["dataset"]: r.get("protocol") for r in records if r["task"] == "zeroshot_classification"}
@@ -125,16 +136,14 @@ def plot_effective_robustness(records: list[dict], path: Path) -> Path | None:
         color = SHIFT_COLORS[protocol]
         axes.scatter([base], [100 * top1[name]], color=color, marker="*", s=180, zorder=3,
                      label=f"this model: {name} {100 * top1[name]:.1f}%")
-        for model, marker in zip(SUPERVISED_REFERENCE, ("o", "s")):
-            reference = SUPERVISED_REFERENCE[model]
-            if protocol in reference:
-                axes.scatter([reference["imagenet"]], [reference[protocol]], facecolors="none", edgecolors=color,
-                             marker=marker, s=70, label=f"{model}: {protocol}")
+        for (model, x, y), marker in zip(reference_points(references, protocol), _REFERENCE_MARKERS):
+            axes.scatter([x], [y], facecolors="none", edgecolors=color, marker=marker, s=70, label=f"{model}: {protocol}")
     axes.set_xlim(0, 100)
     axes.set_ylim(0, 100)
     axes.set_xlabel("ImageNet top-1 (%)")
     axes.set_ylabel("top-1 under distribution shift (%)")
-    axes.set_title("Effective robustness: this model against y = x and a supervised ResNet-101")
+    axes.set_title("Effective robustness: this model against y = x and " + (
+        "a supervised ResNet-101" if references is SUPERVISED_REFERENCE else "the reference models"))
     axes.legend(fontsize=7, loc="upper left")
     axes.grid(alpha=0.3)
     return _save(figure, path)
@@ -164,11 +173,12 @@ def plot_zeroshot_vs_fewshot(records: list[dict], path: Path) -> Path | None:
     return _save(figure, path)
 
 
-def write_reports(records: list[dict], errors: list[dict], out_dir: Path) -> list[Path]:
+def write_reports(records: list[dict], errors: list[dict], out_dir: Path,
+                  references: dict[str, dict[str, float]] | None = None) -> list[Path]:
     """``results.md``, ``results.csv`` and whichever plots the results allow; returns the paths."""
     written = [_write_atomic(out_dir / "results.md", table_markdown(records, errors)),
                _write_atomic(out_dir / "results.csv", table_csv(records))]
-    for plot, name in ((plot_effective_robustness, "effective_robustness.png"),
+    for plot, name in ((partial(plot_effective_robustness, references=references), "effective_robustness.png"),
                        (plot_zeroshot_vs_fewshot, "zeroshot_vs_fewshot.png")):
         result = plot(records, out_dir / name)
         if result is not None:

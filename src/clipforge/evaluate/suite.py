@@ -20,6 +20,9 @@ A suite file (TOML; relative paths are under the file's folder)::
     templates = "none"
     [retrieval.heldout]
     data = "heldout.jsonl"
+    [references."ResNet-50 (my baseline)"]   # points in the robustness plot, top-1 %; without any
+    imagenet = 76.1                          # such table, the paper's supervised ResNet-101
+    imagenet-r = 36.2
 
 Each result is written as it finishes, one JSON per dataset and task in CLIP_benchmark's schema
 (``{"dataset", "model", "pretrained", "task", "metrics", "language"}``, its file-name pattern
@@ -77,6 +80,7 @@ class SuiteConfig:
     zeroshot: list[ZeroShotEntry] = field(default_factory=list)
     retrieval: list[RetrievalEntry] = field(default_factory=list)
     shots: list[int] = field(default_factory=list)
+    references: dict[str, dict[str, float]] | None = None  # robustness-plot models; None: the paper's ResNet-101
 
 
 def _protocol_of(name: str, data: str, dataset: str | None) -> str | None:
@@ -134,11 +138,13 @@ def read_suite_config(path: str | os.PathLike) -> SuiteConfig:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as error:
         raise ValueError(f"{path}: not TOML ({error})") from None
-    unknown = set(raw) - {"zeroshot", "retrieval", "shots"}
+    unknown = set(raw) - {"zeroshot", "retrieval", "shots", "references"}
     if unknown:
-        raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; expected zeroshot, retrieval, shots")
+        raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; expected zeroshot, retrieval, shots, references")
     base = path.parent
     config = SuiteConfig(shots=parse_shots(raw.get("shots", []), str(path)))
+    if "references" in raw:
+        config.references = parse_references(raw["references"], f"{path}: references")
     for name, table in raw.get("zeroshot", {}).items():
         if not isinstance(table, dict) or "data" not in table:
             raise ValueError(f"{path}: [zeroshot.{name}] needs data = PATH")
@@ -155,6 +161,29 @@ def read_suite_config(path: str | os.PathLike) -> SuiteConfig:
     if not config.zeroshot and not config.retrieval:
         raise ValueError(f"{path}: no [zeroshot.NAME] or [retrieval.NAME] tables")
     return config
+
+
+def parse_references(tables, source: str = "references") -> dict[str, dict[str, float]]:
+    """Reference models for the robustness plot: ``{name: {protocol: top-1 %}}``, each with ``imagenet``
+    and at least one shifted set; one line naming the entry that is not."""
+    from ._suite_report import SHIFT_COLORS
+
+    known = ["imagenet", *SHIFT_COLORS]
+    if not isinstance(tables, dict) or not tables:
+        raise ValueError(f"{source} must hold [references.\"NAME\"] tables of top-1 %, got {tables!r}")
+    if len(tables) > 8:
+        raise ValueError(f"{source}: at most 8 reference models fit the plot, got {len(tables)}")
+    for name, scores in tables.items():
+        where = f"{source}.{name}"
+        if not isinstance(scores, dict) or "imagenet" not in scores or len(scores) < 2:
+            raise ValueError(f"{where} must give imagenet and at least one of {', '.join(known[1:])} (top-1 %)")
+        unknown = sorted(set(scores) - set(known))
+        if unknown:
+            raise ValueError(f"{where}: unknown set(s) {unknown}; expected {', '.join(known)}")
+        for key, value in scores.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
+                raise ValueError(f"{where}.{key} must be a top-1 in % (0 to 100), got {value!r}")
+    return {name: {key: float(value) for key, value in scores.items()} for name, scores in tables.items()}
 
 
 def parse_shots(value, source: str = "shots") -> list[int]:
@@ -302,7 +331,7 @@ def run_suite(model, preprocess: Callable, config: SuiteConfig, out_dir: str | o
             records.append(_suite_tasks.retrieval(run, entry))
         except Exception as error:  # noqa: BLE001
             errors.append(_error(run, entry.name, error))
-    written = _suite_report.write_reports(records, errors, run.out_dir)
+    written = _suite_report.write_reports(records, errors, run.out_dir, config.references)
     return {"records": records, "written": written, "errors": errors}
 
 
