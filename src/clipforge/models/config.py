@@ -28,8 +28,9 @@ class VisionConfig:
     heads: int | None = None  # None: width // 64 (ViT) or width * 32 // 64 (ResNet), as OpenAI
     mlp_ratio: float = 4.0  # ViT only: MLP hidden = width * mlp_ratio
     # ViT only: share of patch tokens dropped per image in training mode (FLIP, Li et al. 2023);
-    # evaluation and inference always see every patch. 0 turns it off.
-    patch_dropout: float = 0.0
+    # evaluation and inference always see every patch. 0 turns it off. A training setting, not part
+    # of the architecture: left out of equality, so a model trained with it still names its preset.
+    patch_dropout: float = field(default=0.0, compare=False)
 
     def __post_init__(self):
         check_patch_dropout(self.patch_dropout, self.is_resnet)

@@ -272,6 +272,9 @@ def validate(config: TrainConfig, world_size: int = 1, device_type: str = "cpu")
         raise ValueError(f"model.{error}") from None
     if config.model.lock_image and config.model.lock_text:
         raise ValueError("model.lock_image and model.lock_text are both set: nothing would train")
+    if config.model.lock_image and config.model.patch_dropout:
+        raise ValueError(f"model.patch_dropout={config.model.patch_dropout} has no effect with model.lock_image: "
+                         "a locked image tower runs in eval mode and sees every patch")
     optim = config.optim
     for name in ("lr", "weight_decay", "eps"):
         value = getattr(optim, name)
