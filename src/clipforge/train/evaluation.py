@@ -4,7 +4,10 @@
 ``eval.retrieval`` held-out image-caption listings (``{name, data}``): recall@k both ways and the
 held-out contrastive loss, computed as the training loss is (same loss, batches of the training
 batch size), so the two curves can be read together and overfitting shows. Rank 0 evaluates while
-the other processes wait; a failed evaluation is logged and training goes on.
+the other processes wait; a failed evaluation is logged and training goes on. The listings,
+class names, templates and protocol layouts are read when the run starts, so a mistake in them
+stops it before the first step; a set with ``dataset`` is scored by its protocol, as
+``clipforge eval zeroshot --dataset`` scores it.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..loss import contrastive_loss
+from ..loss import contrastive_loss, sigmoid_loss
 from .resume import rng_state, set_rng_state
 
 
@@ -29,6 +32,7 @@ class EvalSet:
     name: str
     spec: dict[str, Any]
     data: Any = None
+    where: str = ""  # the config entry, e.g. "eval.zeroshot[0]", for error messages
 
 
 def parse_eval_sets(section) -> list[EvalSet]:
@@ -43,34 +47,90 @@ def parse_eval_sets(section) -> list[EvalSet]:
                 entry = {"data": entry}
             if not isinstance(entry, dict) or not entry.get("data"):
                 raise ValueError(f"{where} must be a table with a 'data' path, got {entry!r}")
-            allowed = {"name", "data", "dataset", "classnames", "templates", "images"}
+            allowed = _ALLOWED_KEYS[kind]  # a retrieval set has no prompts: templates there would be ignored
             unknown = sorted(set(entry) - allowed)
             if unknown:
                 raise ValueError(f"{where}: unknown key {unknown[0]!r}; expected some of {sorted(allowed)}")
-            if kind == "zeroshot" and entry.get("dataset"):
-                from ..evaluate.protocols import canonical_name
-
-                try:
-                    canonical_name(str(entry["dataset"]))
-                except ValueError as error:
-                    raise ValueError(f"{where}: {error}") from None
+            if kind == "zeroshot":
+                _check_prompts(entry, where)
             if not Path(str(entry["data"])).expanduser().exists():
                 raise FileNotFoundError(f"{where}: data {entry['data']} does not exist")
             name = str(entry.get("name") or Path(str(entry["data"])).name)
+            if "/" in name or not name.strip():
+                raise ValueError(f"{where}: name {name!r} must be non-empty and without '/' (metrics are "
+                                 f"logged as eval/<name>/<metric>)")
             if name in names:
                 raise ValueError(f"{where}: the name {name!r} is used twice; give each set its own name")
             names.add(name)
-            sets.append(EvalSet(kind, name, dict(entry)))
+            sets.append(EvalSet(kind, name, dict(entry), where=where))
     return sets
+
+
+_ALLOWED_KEYS = {"zeroshot": {"name", "data", "dataset", "classnames", "templates", "images"},
+                 "retrieval": {"name", "data", "images"}}
+
+
+def _check_prompts(entry: dict[str, Any], where: str) -> None:
+    """A zero-shot entry's ``dataset`` and ``templates`` checked now, not after the training."""
+    from ..evaluate import resolve_templates
+
+    if entry.get("dataset"):
+        from ..evaluate.protocols import canonical_name
+
+        try:
+            canonical_name(str(entry["dataset"]))
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+        if entry.get("classnames") is not None:
+            raise ValueError(f"{where}: classnames does not apply with dataset: the protocol names its classes")
+    templates = entry.get("templates")
+    if templates is not None:
+        if not (isinstance(templates, str) or (isinstance(templates, list)
+                                               and all(isinstance(t, str) for t in templates))):
+            raise ValueError(f"{where}: templates must be a name, a file or a list of strings, got {templates!r}")
+        try:
+            resolve_templates(templates)
+        except (ValueError, OSError) as error:
+            raise ValueError(f"{where}: {str(error).splitlines()[0]}") from None
 
 
 class PeriodicEvaluation:
     """Runs the evaluation sets on rank 0 when due; returns the metrics to log."""
 
-    def __init__(self, section, batch_size: int, context):
+    def __init__(self, section, batch_size: int, context, objective: torch.nn.Module | None = None):
+        """``objective``: the training loss (``clipforge.loss.Objective``), so the held-out loss is the
+        same loss (SigLIP's with its bias); without it the held-out loss is CLIP's contrastive loss."""
         self.sets = parse_eval_sets(section)
         self.every_steps, self.batch_size, self.context = section.every_steps, batch_size, context
         self.eval_batch_size = section.batch_size
+        self.objective = objective
+        self._load_all()
+
+    def _load_all(self) -> None:
+        """Read every set's listing now, on every process, so a broken listing, class-name file or
+        protocol layout stops the run before it trains (each process stops alike) instead of
+        failing at every evaluation. Images are read when scored: a file broken later is a logged
+        failure of that evaluation. Only rank 0 keeps the listings."""
+        from ..evaluate import load_classification_data, load_retrieval_data, resolve_classnames
+
+        saved = rng_state()
+        try:
+            for eval_set in self.sets:
+                spec = eval_set.spec
+                try:
+                    if eval_set.kind == "zeroshot":
+                        data = _classification_data(load_classification_data, spec)
+                        if not _is_protocol(data):
+                            resolve_classnames(spec.get("classnames"), data.classes)  # checks them too
+                    else:
+                        data = load_retrieval_data(spec["data"], spec.get("images"))
+                except (ValueError, OSError, KeyError, TypeError) as error:
+                    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                    kind = FileNotFoundError if isinstance(error, FileNotFoundError) else ValueError
+                    raise kind(f"{eval_set.where}: {message}") from None
+                eval_set.data = data if self.context.is_main else None
+        finally:
+            set_rng_state(saved)
 
     def due(self, step: int, total_steps: int) -> bool:
         """Whether to evaluate after ``step``: every ``every_steps`` steps and at the last step."""
@@ -86,10 +146,13 @@ class PeriodicEvaluation:
         checkpoint saved, or a resumed run would draw other patch-dropout masks than an uninterrupted one.
         """
         saved = rng_state()
+        modes = [(module, module.training) for module in model.modules()]  # e.g. a locked tower in eval mode
         try:
             return self._evaluate_all(model)
         finally:
             set_rng_state(saved)
+            for module, training in modes:  # exactly as before, whatever an evaluation left behind
+                module.training = training
 
     def _evaluate_all(self, model: torch.nn.Module) -> dict[str, Any]:
         values: dict[str, Any] = {}
@@ -119,6 +182,12 @@ class PeriodicEvaluation:
         if eval_set.kind == "zeroshot":
             if eval_set.data is None:
                 eval_set.data = _classification_data(load_classification_data, spec)
+            if _is_protocol(eval_set.data):  # scored as `clipforge eval zeroshot --dataset` scores it
+                from ..evaluate.protocols import evaluate_protocol
+
+                result = evaluate_protocol(model, eval_set.data, "subset", spec.get("templates"), preprocess,
+                                           self.eval_batch_size, device=device, cache_dir=None, progress=False)
+                return {key: float(value) for key, value in result.metrics.items()}
             result = evaluate_zeroshot(model, eval_set.data, spec.get("classnames"), spec.get("templates", "imagenet"),
                                        preprocess, self.eval_batch_size, device=device, cache_dir=None,
                                        progress=False)
@@ -151,10 +220,23 @@ class PeriodicEvaluation:
             stop = min(start + self.batch_size, len(read))
             if stop - start < 2:
                 break
-            loss = contrastive_loss(image_features[start:stop], text_features[start:stop], logit_scale, gather=False)
+            if self.objective is not None and getattr(self.objective, "kind", "clip") == "siglip":
+                bias = self.objective.logit_bias.detach().float().cpu()
+                loss = sigmoid_loss(image_features[start:stop], text_features[start:stop], logit_scale, bias,
+                                    gather=False)
+            else:
+                loss = contrastive_loss(image_features[start:stop], text_features[start:stop], logit_scale,
+                                        gather=False)
             losses.append(float(loss) * (stop - start))
             weights.append(stop - start)
         return sum(losses) / sum(weights) if weights else math.nan
+
+
+def _is_protocol(data) -> bool:
+    """Whether ``data`` was read by a named protocol (``dataset``), which scores it its own way."""
+    from ..evaluate.protocols import ProtocolData
+
+    return isinstance(data, ProtocolData)
 
 
 def _classification_data(load, spec: dict[str, Any]):

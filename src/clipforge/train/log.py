@@ -28,7 +28,10 @@ class MetricsLog:
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
-            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step)
+            # TensorBoard hides events at or after purge_step; the resumed run rewrites only the steps
+            # after resume_step, so the checkpoint step's own scalars (kept in metrics.jsonl) stay.
+            purge = None if resume_step is None else resume_step + 1
+            self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         """Record ``values`` (numbers or strings) at optimizer step ``step``."""

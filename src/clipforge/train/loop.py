@@ -383,12 +383,14 @@ def run_loop(run: Run) -> TrainResult:
                 run.total_steps = run.budget.replan(run.step, run.total_steps)  # so does the LR schedule
                 progress.bar.total = run.total_steps  # shown at the bar's next refresh
             progress.record(run, loss, lr, grad_norm, rows)
+            # Evaluate before checkpointing the same step: a run resumed from that checkpoint starts
+            # after it and would never evaluate it (the evaluation restores every RNG it draws from).
+            if run.evaluation is not None and run.evaluation.due(run.step, run.total_steps):
+                progress.evaluated(run.step, run.evaluation(run.model))
             due = run.step % run.config.run.checkpoint_every == 0 or run.step == run.total_steps
             if due and run.nonfinite_in_row == 0:  # never while steps are being skipped as non-finite
                 checkpoint = _save(run, checkpoint)
                 progress.restart_clock()
-            if run.evaluation is not None and run.evaluation.due(run.step, run.total_steps):
-                progress.evaluated(run.step, run.evaluation(run.model))
         failing = False
     finally:
         progress.close(failing)

@@ -245,7 +245,7 @@ def _build_run(config: TrainConfig, context: DistributedContext, dataset, resume
         total_steps=0, autocast_dtype=autocast_dtype(config.precision),
     )
     if config.eval.zeroshot or config.eval.retrieval:
-        run.evaluation = PeriodicEvaluation(config.eval, config.batch_size, context)
+        run.evaluation = PeriodicEvaluation(config.eval, config.batch_size, context, objective=objective)
     steps_per_epoch = epoch_loader(run, 0).num_batches  # also fails now if the data cannot fill a batch
     run.total_steps = config.steps if config.steps is not None else config.epochs * steps_per_epoch
     run.scheduler = build_scheduler(optimizer, config.optim.warmup_steps, lambda: run.total_steps)  # re-planned
