@@ -274,11 +274,17 @@ def test_a_folder_of_wnids_under_a_plain_name_is_refused(suite_data, tmp_path, c
     ("data = 'x'\nprobe_train = 5", "probe_train must be a non-empty string, got 5"),
 ])
 def test_suite_file_values_of_the_wrong_type_are_one_line_errors(tmp_path, capsys, line, message):
-    (tmp_path / "suite.toml").write_text(f"[zeroshot.x]\n{line}\n")
+    assert "suite.toml: zeroshot.x: " + message in _suite_file_error(tmp_path, capsys, f"[zeroshot.x]\n{line}\n")
+
+
+def _suite_file_error(tmp_path, capsys, text: str) -> str:
+    """The one error line of ``eval suite`` on a suite file holding ``text`` (exit status 2)."""
+    (tmp_path / "suite.toml").write_text(text)
     assert main(["eval", "suite", "--model", "tiny-vit", "--out", str(tmp_path / "o"), "--config",
                  str(tmp_path / "suite.toml")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "suite.toml: zeroshot.x: " + message in err
+    assert err.count("\n") == 1
+    return err
 
 
 def test_shots_are_whole_numbers_and_out_and_names_are_checked_first(tmp_path, capsys):
@@ -302,13 +308,9 @@ def test_reference_models_of_the_suite_file_are_the_points_of_the_robustness_plo
     real = _suite_report.reference_points
     monkeypatch.setattr(_suite_report, "reference_points",
                         lambda references, protocol: plotted.append(real(references, protocol)) or plotted[-1])
-    (tmp_path / "suite.toml").write_text(f"""
-[zeroshot.imagenet]
-data = "{suite_data / 'imagenet'}"
-templates = "{TEMPLATE}"
-[zeroshot.imagenet-r]
-data = "{suite_data / 'imagenet-r'}"
-templates = "{TEMPLATE}"
+    sets = "".join(f'[zeroshot.{name}]\ndata = "{suite_data / name}"\ntemplates = "{TEMPLATE}"\n'
+                   for name in ("imagenet", "imagenet-r"))
+    (tmp_path / "suite.toml").write_text(sets + f"""
 [references."ResNet-50 (torchvision)"]
 imagenet = 76.1
 imagenet-r = 36.2
@@ -335,8 +337,4 @@ imagenet-sketch = 30
     ('references = 5', 'references must hold [references."NAME"] tables of top-1 %, got 5'),
 ])
 def test_bad_reference_models_are_one_line_errors(tmp_path, capsys, table, message):
-    (tmp_path / "suite.toml").write_text(f"{table}\n[zeroshot.x]\ndata = 'x'\n")
-    assert main(["eval", "suite", "--model", "tiny-vit", "--out", str(tmp_path / "o"), "--config",
-                 str(tmp_path / "suite.toml")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and message in err
+    assert message in _suite_file_error(tmp_path, capsys, f"{table}\n[zeroshot.x]\ndata = 'x'\n")
