@@ -310,7 +310,7 @@ def test_reference_models_of_the_suite_file_are_the_points_of_the_robustness_plo
                         lambda references, protocol: plotted.append(real(references, protocol)) or plotted[-1])
     sets = "".join(f'[zeroshot.{name}]\ndata = "{suite_data / name}"\ntemplates = "{TEMPLATE}"\n'
                    for name in ("imagenet", "imagenet-r"))
-    (tmp_path / "suite.toml").write_text(sets + f"""
+    (tmp_path / "suite.toml").write_text(sets + """
 [references."ResNet-50 (torchvision)"]
 imagenet = 76.1
 imagenet-r = 36.2
