@@ -274,3 +274,12 @@ def test_demo_collections_are_embedded_indexed_and_searchable(finished: demo.Dem
         assert texts.status_code == 200
     finally:
         server.stop()
+
+
+def test_the_margin_is_read_against_the_noise_in_both_directions():
+    from clipforge.demo.report import _margin_reading
+
+    error = 0.024
+    assert _margin_reading({"top1": 0.06, "paired_standard_error": error, "beyond_noise": True}) == "ahead beyond"
+    assert _margin_reading({"top1": -0.05, "paired_standard_error": error, "beyond_noise": False}) == "behind beyond"
+    assert _margin_reading({"top1": -0.03, "paired_standard_error": error, "beyond_noise": False}) == "within"

@@ -73,8 +73,7 @@ def format_results(results: dict) -> str:
         f"  prompt ensemble ({len(zeroshot['ensemble']['templates'])} templates)                              "
         f"{zeroshot['ensemble']['top1']:6.1%}   {zeroshot['ensemble']['top5']:6.1%}",
         f"  ensemble minus class name only: {margin['top1'] * 100:+.1f} points (paired standard error "
-        f"{margin['paired_standard_error'] * 100:.1f}; {'ahead beyond' if margin['beyond_noise'] else 'within'} "
-        f"the noise of {NOISE_ERRORS:g} errors)",
+        f"{margin['paired_standard_error'] * 100:.1f}; {_margin_reading(margin)} the noise of {NOISE_ERRORS:g} errors)",
         f"  ensemble {'beats' if results['floor']['ensemble_beats_bare'] else 'does not beat'} bare names; "
         + (f"quality floor (20x chance = {20 * chance:.0%} top-1) {'met' if results['floor']['met'] else 'NOT met'}"
            if 20 * chance < 1 else "too few classes for the 20x-chance floor"),
@@ -89,3 +88,12 @@ def format_results(results: dict) -> str:
                   f"(speed check {seconds['calibrate']:.0f} s), evaluation {seconds['evaluate']:.0f} s, "
                   f"total {seconds['total']:.0f} s"]
     return "\n".join(lines)
+
+
+def _margin_reading(margin: dict) -> str:
+    """Where the ensemble's margin over bare names stands against the noise, in either direction."""
+    if margin["beyond_noise"]:
+        return "ahead beyond"
+    if margin["top1"] < -NOISE_ERRORS * margin["paired_standard_error"]:
+        return "behind beyond"
+    return "within"
