@@ -16,7 +16,8 @@ SUPERVISED_REFERENCE = {
     "supervised ResNet-101 (CLIP paper, Fig. 13)": {"imagenet": 76.2, "imagenet-v2": 64.3, "imagenet-r": 37.7,
                                                     "imagenet-sketch": 25.2, "objectnet": 32.6, "imagenet-a": 2.7},
 }
-_REFERENCE_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h")  # one per reference model, at most this many
+_REFERENCE_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h")  # one per reference model
+MAX_REFERENCES = len(_REFERENCE_MARKERS)  # reference models one plot can tell apart
 MASKED_SETS = ("imagenet-r", "imagenet-a", "imagenet-o", "objectnet")  # where subset vs 1000way matters
 SHIFT_COLORS = {"imagenet-v2": "tab:blue", "imagenet-r": "tab:orange", "imagenet-sketch": "tab:green",
                 "objectnet": "tab:red", "imagenet-a": "tab:purple"}

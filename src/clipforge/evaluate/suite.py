@@ -166,13 +166,13 @@ def read_suite_config(path: str | os.PathLike) -> SuiteConfig:
 def parse_references(tables, source: str = "references") -> dict[str, dict[str, float]]:
     """Reference models for the robustness plot: ``{name: {protocol: top-1 %}}``, each with ``imagenet``
     and at least one shifted set; one line naming the entry that is not."""
-    from ._suite_report import SHIFT_COLORS
+    from ._suite_report import MAX_REFERENCES, SHIFT_COLORS
 
     known = ["imagenet", *SHIFT_COLORS]
     if not isinstance(tables, dict) or not tables:
         raise ValueError(f"{source} must hold [references.\"NAME\"] tables of top-1 %, got {tables!r}")
-    if len(tables) > 8:
-        raise ValueError(f"{source}: at most 8 reference models fit the plot, got {len(tables)}")
+    if len(tables) > MAX_REFERENCES:
+        raise ValueError(f"{source}: at most {MAX_REFERENCES} reference models fit the plot, got {len(tables)}")
     for name, scores in tables.items():
         where = f"{source}.{name}"
         if not isinstance(scores, dict) or "imagenet" not in scores or len(scores) < 2:

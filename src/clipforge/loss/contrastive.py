@@ -219,7 +219,10 @@ class Objective(nn.Module):
         if kind == "siglip":
             self.logit_bias = nn.Parameter(torch.tensor(SIGLIP_INIT_LOGIT_BIAS))
 
-    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                gather: bool = True) -> torch.Tensor:
+        """The loss; ``gather=False`` scores this process's pairs alone (a held-out set on rank 0)."""
         if self.kind == "siglip":
-            return sigmoid_loss(image_features, text_features, logit_scale, self.logit_bias, tile_size=self.tile_size)
-        return contrastive_loss(image_features, text_features, logit_scale, tile_size=self.tile_size)
+            bias = self.logit_bias.to(image_features.device)  # no-op in training; held-out features may be on the CPU
+            return sigmoid_loss(image_features, text_features, logit_scale, bias, tile_size=self.tile_size, gather=gather)
+        return contrastive_loss(image_features, text_features, logit_scale, tile_size=self.tile_size, gather=gather)

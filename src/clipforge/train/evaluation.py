@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..loss import contrastive_loss, sigmoid_loss
+from ..loss import Objective
 from .resume import rng_state, set_rng_state
 
 
@@ -103,7 +103,7 @@ class PeriodicEvaluation:
         self.sets = parse_eval_sets(section)
         self.every_steps, self.batch_size, self.context = section.every_steps, batch_size, context
         self.eval_batch_size = section.batch_size
-        self.objective = objective
+        self.objective = objective if objective is not None else Objective("clip")
         self._load_all()
 
     def _load_all(self) -> None:
@@ -172,16 +172,13 @@ class PeriodicEvaluation:
         return values
 
     def _evaluate(self, model: torch.nn.Module, eval_set: EvalSet) -> dict[str, float]:
-        from ..evaluate import (evaluate_retrieval, evaluate_zeroshot, load_classification_data,
-                                load_retrieval_data)
+        from ..evaluate import evaluate_retrieval, evaluate_zeroshot  # the listings were read at start (_load_all)
         from ..transforms import image_transform
 
         device = self.context.device
         preprocess = image_transform(model.config.vision.image_size)
         spec = eval_set.spec
         if eval_set.kind == "zeroshot":
-            if eval_set.data is None:
-                eval_set.data = _classification_data(load_classification_data, spec)
             if _is_protocol(eval_set.data):  # scored as `clipforge eval zeroshot --dataset` scores it
                 from ..evaluate.protocols import evaluate_protocol
 
@@ -192,8 +189,6 @@ class PeriodicEvaluation:
                                        preprocess, self.eval_batch_size, device=device, cache_dir=None,
                                        progress=False)
             return {key: float(value) for key, value in result.metrics.items()}
-        if eval_set.data is None:
-            eval_set.data = load_retrieval_data(spec["data"], spec.get("images"))
         report = evaluate_retrieval(model, eval_set.data, preprocess, batch_size=self.eval_batch_size, device=device,
                                     cache_dir=None, progress=False)
         metrics = {key: float(value) for key, value in report["metrics"].items()}
@@ -220,13 +215,8 @@ class PeriodicEvaluation:
             stop = min(start + self.batch_size, len(read))
             if stop - start < 2:
                 break
-            if self.objective is not None and getattr(self.objective, "kind", "clip") == "siglip":
-                bias = self.objective.logit_bias.detach().float().cpu()
-                loss = sigmoid_loss(image_features[start:stop], text_features[start:stop], logit_scale, bias,
-                                    gather=False)
-            else:
-                loss = contrastive_loss(image_features[start:stop], text_features[start:stop], logit_scale,
-                                        gather=False)
+            with torch.no_grad():
+                loss = self.objective(image_features[start:stop], text_features[start:stop], logit_scale, gather=False)
             losses.append(float(loss) * (stop - start))
             weights.append(stop - start)
         return sum(losses) / sum(weights) if weights else math.nan
