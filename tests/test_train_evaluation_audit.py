@@ -221,6 +221,6 @@ def test_eval_images_gone_mid_run_are_logged_and_change_no_training_step(tmp_pat
     rows = _rows(tmp_path / "eval")
     assert sorted(rows) == [2, 4]
     assert "eval/fluent/top1" in rows[2] and "eval/fluent/error" in rows[4] and "eval/heldout/loss" in rows[4]
-    plain = dict(base, zeroshot=[], retrieval=[])
+    plain = dict(base, zeroshot=[], retrieval=[], every=0)
     train(apply_overrides(TrainConfig(), _overrides(tmp_path / "plain", demo, **plain)))
     assert _losses(tmp_path / "eval") == _losses(tmp_path / "plain")

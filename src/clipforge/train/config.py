@@ -91,6 +91,9 @@ class EvalSection:
     retrieval: list = field(default_factory=list)
     every_steps: int = 0  # evaluate every this many steps (0: only at the end), and always after the last step
     batch_size: int = 64  # images per encoder pass while evaluating
+    # torchrun: how long the other processes wait for rank 0's evaluation before the run stops (an
+    # evaluation may outlast the process group's own timeout, 30 minutes, which does not apply to it)
+    wait_minutes: float = 24 * 60.0
 
 
 @dataclass
@@ -311,5 +314,18 @@ def validate(config: TrainConfig, world_size: int = 1, device_type: str = "cpu")
         raise ValueError("data.weights needs data.resampled=true (weighted mixing draws shards with replacement)")
     if not (config.data.train or data.sources):
         raise ValueError("no training data: set data.train (--data) to a captions file or shard pattern")
-    if config.eval.every_steps < 0 or config.eval.batch_size < 1:
-        raise ValueError(f"eval needs every_steps >= 0 and batch_size >= 1; got {config.eval}")
+    _validate_eval(config.eval)
+
+
+def _validate_eval(section: EvalSection) -> None:
+    """``eval.*``: a period needs something to evaluate (else the user would believe they evaluate)."""
+    if section.every_steps < 0:
+        raise ValueError(f"eval.every_steps must be >= 0 (0: only after the last step), got {section.every_steps}")
+    if section.every_steps and not (section.zeroshot or section.retrieval):
+        raise ValueError(f"eval.every_steps={section.every_steps} evaluates nothing: no eval.zeroshot or "
+                         "eval.retrieval set is given; add a set (e.g. --set 'eval.retrieval=[{\"name\": \"val\", "
+                         "\"data\": \"val.csv\"}]') or drop eval.every_steps")
+    if section.batch_size < 1:
+        raise ValueError(f"eval.batch_size must be >= 1, got {section.batch_size}")
+    if not (math.isfinite(section.wait_minutes) and section.wait_minutes > 0):
+        raise ValueError(f"eval.wait_minutes must be a positive number of minutes, got {section.wait_minutes}")

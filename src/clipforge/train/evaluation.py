@@ -4,16 +4,18 @@
 ``eval.retrieval`` held-out image-caption listings (``{name, data}``): recall@k both ways and the
 held-out contrastive loss, computed as the training loss is (same loss, batches of the training
 batch size), so the two curves can be read together and overfitting shows. Rank 0 evaluates while
-the other processes wait; a failed evaluation is logged and training goes on. The listings,
-class names, templates and protocol layouts are read when the run starts, so a mistake in them
-stops it before the first step; a set with ``dataset`` is scored by its protocol, as
-``clipforge eval zeroshot --dataset`` scores it.
+the other processes wait, on a gloo group of their own whose timeout is ``eval.wait_minutes`` (the
+training's process group times out after 30 minutes, which a long evaluation may outlast); a failed
+evaluation is logged and training goes on. The listings, class names, templates and protocol
+layouts are read when the run starts, so a mistake in them stops it before the first step; a set
+with ``dataset`` is scored by its protocol, as ``clipforge eval zeroshot --dataset`` scores it.
 """
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +106,15 @@ class PeriodicEvaluation:
         self.every_steps, self.batch_size, self.context = section.every_steps, batch_size, context
         self.eval_batch_size = section.batch_size
         self.objective = objective if objective is not None else Objective("clip")
+        self.wait_minutes = float(section.wait_minutes)
+        # Several processes: the gloo group the others wait on (see _wait_for_main), made now, while
+        # every process builds its run alike (creating a group is collective).
+        self._wait_group = self._new_wait_group() if context.world_size > 1 else None
         self._load_all()
+
+    def _new_wait_group(self):
+        """A gloo group over all processes with the ``eval.wait_minutes`` timeout; every process must call it."""
+        return dist.new_group(backend="gloo", timeout=timedelta(minutes=self.wait_minutes))
 
     def _load_all(self) -> None:
         """Read every set's listing now, on every process, so a broken listing, class-name file or
@@ -138,38 +148,58 @@ class PeriodicEvaluation:
             return False
         return step == total_steps or (self.every_steps > 0 and step % self.every_steps == 0)
 
-    def __call__(self, model: torch.nn.Module) -> dict[str, Any]:
+    def __call__(self, model: torch.nn.Module, step: int | None = None) -> dict[str, Any]:
         """Every set's metrics as ``{"eval/<name>/<metric>": value}`` on rank 0 (``{}`` elsewhere).
 
         The random streams (Python, NumPy, torch CPU and CUDA) are put back as they were: the
         evaluation's loaders draw from them, and the training must go on with the streams its last
         checkpoint saved, or a resumed run would draw other patch-dropout masks than an uninterrupted one.
+        ``step`` (the training step) only names the moment in an error.
         """
         saved = rng_state()
         modes = [(module, module.training) for module in model.modules()]  # e.g. a locked tower in eval mode
         try:
-            return self._evaluate_all(model)
+            return self._evaluate_all(model, step)
         finally:
             set_rng_state(saved)
             for module, training in modes:  # exactly as before, whatever an evaluation left behind
                 module.training = training
 
-    def _evaluate_all(self, model: torch.nn.Module) -> dict[str, Any]:
+    def _evaluate_all(self, model: torch.nn.Module, step: int | None) -> dict[str, Any]:
         values: dict[str, Any] = {}
-        if self.context.is_main:
-            started = time.perf_counter()
-            for eval_set in self.sets:
-                try:
-                    metrics = self._evaluate(model, eval_set)
-                except Exception as err:  # an evaluation failure must not stop the training
-                    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                    values[f"eval/{eval_set.name}/error"] = f"{type(err).__name__}: {first[:300]}"
-                    continue
-                values.update({f"eval/{eval_set.name}/{key}": value for key, value in metrics.items()})
-            values["eval/seconds"] = round(time.perf_counter() - started, 3)
-        if self.context.world_size > 1:
-            dist.barrier()  # the other processes wait for rank 0's evaluation
+        try:
+            if self.context.is_main:
+                started = time.perf_counter()
+                for eval_set in self.sets:
+                    try:
+                        metrics = self._evaluate(model, eval_set)
+                    except Exception as err:  # an evaluation failure must not stop the training
+                        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                        values[f"eval/{eval_set.name}/error"] = f"{type(err).__name__}: {first[:300]}"
+                        continue
+                    values.update({f"eval/{eval_set.name}/{key}": value for key, value in metrics.items()})
+                values["eval/seconds"] = round(time.perf_counter() - started, 3)
+        finally:
+            if self.context.world_size > 1:
+                self._wait_for_main(step)
         return values
+
+    def _wait_for_main(self, step: int | None) -> None:
+        """Every process meets here after rank 0's evaluation. The barrier runs on the evaluation's
+        own gloo group: the training group's timeout (30 minutes) would stop the waiting processes
+        during a long evaluation, this one allows ``eval.wait_minutes``."""
+        started = time.monotonic()
+        try:
+            dist.barrier(group=self._wait_group)
+        except RuntimeError as error:
+            after = f" after step {step}" if step is not None else ""
+            first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            if time.monotonic() - started < 0.9 * self.wait_minutes * 60:  # not the limit: a process went away
+                raise RuntimeError(f"rank {self.context.rank}: a process stopped during the evaluation{after} "
+                                   f"({first})") from None
+            raise RuntimeError(f"rank {self.context.rank} waited {self.wait_minutes:g} minutes for rank 0's "
+                               f"evaluation{after} and stopped ({first}); if evaluations take that long, raise "
+                               "eval.wait_minutes") from None
 
     def _evaluate(self, model: torch.nn.Module, eval_set: EvalSet) -> dict[str, float]:
         from ..evaluate import evaluate_retrieval, evaluate_zeroshot  # the listings were read at start (_load_all)

@@ -359,6 +359,10 @@ def run_loop(run: Run) -> TrainResult:
     failing = True
     if run.config.minutes is not None:
         run.budget = TimeBudget(run.config.minutes * 60, run.budget_spent, device)
+    every = getattr(run.evaluation, "every_steps", 0) or 0
+    if every > run.total_steps and run.context.is_main:  # else the user would expect evaluations in between
+        progress.bar.write(f"note: eval.every_steps={every} is beyond the run's {run.total_steps} steps: "
+                           "the sets are evaluated after the last step only")
     try:
         while run.step < run.total_steps:
             batch, rows = _next_batch(run, batches)
@@ -386,7 +390,7 @@ def run_loop(run: Run) -> TrainResult:
             # Evaluate before checkpointing the same step: a run resumed from that checkpoint starts
             # after it and would never evaluate it (the evaluation restores every RNG it draws from).
             if run.evaluation is not None and run.evaluation.due(run.step, run.total_steps):
-                progress.evaluated(run.step, run.evaluation(run.model))
+                progress.evaluated(run.step, run.evaluation(run.model, run.step))
             due = run.step % run.config.run.checkpoint_every == 0 or run.step == run.total_steps
             if due and run.nonfinite_in_row == 0:  # never while steps are being skipped as non-finite
                 checkpoint = _save(run, checkpoint)

@@ -1,0 +1,184 @@
+"""Evaluation while training, the left-outs: ``eval.every_steps`` without a set to evaluate is refused,
+and under torchrun the processes that wait for rank 0's evaluation outlast the process group's
+timeout (a long evaluation does not kill the run), up to ``eval.wait_minutes``.
+
+The torchrun tests run this file as the worker script: the worker joins the process group itself
+with a timeout of a few seconds (gloo's default is 30 minutes) and makes rank 0's evaluation sleep
+longer than that.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+DEMO = Path.home() / ".cache" / "clipforge" / "demo" / "data-64px"
+PG_TIMEOUT_S = 4  # the process group's timeout in the torchrun tests
+EVAL_SLEEP_S = 10  # rank 0's first evaluation takes at least this long: more than the timeout
+
+
+def _overrides(run_dir, data: dict, steps: int = 4, every: int = 2, extra=()) -> list[str]:
+    zeroshot = [{"name": "fluent", "data": str(data["fluent"]), "templates": ["a {}", "an emoji of a {}"]}]
+    retrieval = [{"name": "heldout", "data": str(data["heldout"])}]
+    return ["model.name=tiny-vit", "device=cpu", "batch_size=8", f"steps={steps}", "data.workers=0",
+            "optim.warmup_steps=1", "run.progress=false", "run.log_every=1", "run.checkpoint_every=2",
+            "run.keep=0", f"run.run_dir={run_dir}", f"data.train={data['train']}",
+            f"eval.zeroshot={json.dumps(zeroshot)}", f"eval.retrieval={json.dumps(retrieval)}",
+            f"eval.every_steps={every}", "eval.batch_size=16", *extra]
+
+
+# ---------------------------------------------------------------- eval.every_steps without sets
+
+
+def test_every_steps_without_any_eval_set_is_refused_at_validation():
+    from clipforge.train import TrainConfig, apply_overrides
+    from clipforge.train.config import validate
+
+    base = ["data.train=train.jsonl"]
+    with pytest.raises(ValueError, match=r"eval.every_steps=5 evaluates nothing: no eval.zeroshot or "
+                                         r"eval.retrieval set is given"):
+        validate(apply_overrides(TrainConfig(), base + ["eval.every_steps=5"]))
+    with pytest.raises(ValueError, match=r"eval.every_steps must be >= 0 \(0: only after the last step\), got -1"):
+        validate(apply_overrides(TrainConfig(), base + ["eval.every_steps=-1"]))
+    validate(apply_overrides(TrainConfig(), base + ["eval.every_steps=0"]))  # the default: nothing to evaluate
+    for bad in ("0", "-1.5", "nan"):
+        with pytest.raises(ValueError, match=r"eval.wait_minutes must be a positive number of minutes"):
+            validate(apply_overrides(TrainConfig(), base + [f"eval.wait_minutes={bad}"]))
+
+
+def test_the_command_line_refuses_every_steps_without_sets_with_one_line(tmp_path, capsys):
+    from clipforge.cli import main
+
+    (tmp_path / "train.jsonl").write_text('{"image": "a.png", "caption": "a"}\n')
+    status = main(["train", "--data", str(tmp_path / "train.jsonl"), "--run-dir", str(tmp_path / "run"),
+                   "--set", "eval.every_steps=100"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert status == 2 and len(lines) == 1 and "eval.every_steps=100 evaluates nothing" in lines[0], lines
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_every_steps_beyond_the_run_evaluates_after_the_last_step_only():
+    from clipforge.train.evaluation import PeriodicEvaluation
+
+    evaluation = PeriodicEvaluation.__new__(PeriodicEvaluation)
+    evaluation.sets, evaluation.every_steps = [object()], 50
+    assert [step for step in range(1, 11) if evaluation.due(step, 10)] == [10]
+    evaluation.every_steps = 0
+    assert [step for step in range(1, 11) if evaluation.due(step, 10)] == [10]
+    evaluation.every_steps = 3
+    assert [step for step in range(1, 11) if evaluation.due(step, 10)] == [3, 6, 9, 10]
+
+
+# ---------------------------------------------------------------- a long evaluation under torchrun
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """32 training rows, a held-out listing of 12 images and 4 Fluent 3D classes, from the demo's data."""
+    if not (DEMO / "train.jsonl").is_file():
+        pytest.skip(f"demo data not prepared under {DEMO}; run: clipforge demo --prepare-only")
+    root = tmp_path_factory.mktemp("leftouts")
+
+    def absolute(name: str, rows: int) -> Path:
+        records = [json.loads(line) for line in (DEMO / name).read_text(encoding="utf-8").splitlines()[:rows]]
+        for record in records:
+            record["image"] = str(DEMO / record["image"])
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        return root / name
+
+    fluent = root / "fluent"
+    for folder in sorted(p for p in (DEMO / "eval" / "fluent3d").iterdir() if p.is_dir())[:4]:
+        shutil.copytree(folder, fluent / folder.name)
+    return {"train": absolute("train.jsonl", 32), "heldout": absolute("heldout.jsonl", 12), "fluent": fluent}
+
+
+@pytest.mark.slow
+def test_a_period_beyond_the_run_is_said_and_the_last_step_evaluated(tmp_path, demo, capsys):
+    from clipforge.train import TrainConfig, apply_overrides, train
+    from clipforge.train.log import read_metrics
+
+    train(apply_overrides(TrainConfig(), _overrides(tmp_path / "run", demo, steps=2, every=50)))
+    assert "note: eval.every_steps=50 is beyond the run's 2 steps: the sets are evaluated after the last step " \
+           "only" in capsys.readouterr().out
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval/seconds" in r] == [2]
+
+
+def _launch(tmp_path, overrides: list[str]):
+    from _torchrun import torchrun
+
+    (tmp_path / "overrides.json").write_text(json.dumps(overrides))
+    return torchrun([__file__, str(tmp_path / "overrides.json")], tmp_path / "scratch", timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_an_evaluation_longer_than_the_group_timeout_does_not_kill_the_run(tmp_path, demo):
+    from clipforge import load
+    from clipforge.evaluate import evaluate_retrieval, evaluate_zeroshot, load_image_folder, load_retrieval_data
+    from clipforge.train.log import read_metrics
+
+    from _torchrun import failure
+
+    done = _launch(tmp_path, _overrides(tmp_path / "run", demo))
+    assert done.returncode == 0, failure(done)
+    rows = {r["step"]: r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval/seconds" in r}
+    assert sorted(rows) == [2, 4]
+    assert rows[2]["eval/seconds"] >= EVAL_SLEEP_S  # rank 1 waited longer than the group's timeout
+    # the failed set is logged, not fatal, and the other set of the same evaluation still scored
+    assert rows[2]["eval/heldout/error"] == "OSError: the held-out images went away"
+    assert "step 2: evaluation of heldout failed" in done.stdout + done.stderr
+    templates = ["a {}", "an emoji of a {}"]
+    for step in (2, 4):  # each logged figure is that step's checkpoint's, as a separate evaluation scores it
+        model, preprocess = load(tmp_path / "run" / "checkpoints" / f"step_{step:08d}")
+        zeroshot = evaluate_zeroshot(model, load_image_folder(demo["fluent"]), None, templates, preprocess,
+                                     cache_dir=None, progress=False)
+        assert rows[step]["eval/fluent/top1"] == pytest.approx(zeroshot.metrics["top1"], abs=1e-6)
+    retrieval = evaluate_retrieval(model, load_retrieval_data(demo["heldout"]), preprocess, cache_dir=None,
+                                   progress=False)
+    for key, value in retrieval["metrics"].items():
+        assert rows[4][f"eval/heldout/{key}"] == pytest.approx(float(value), abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_an_evaluation_longer_than_eval_wait_minutes_stops_the_run_naming_the_setting(tmp_path, demo):
+    from _torchrun import failure
+
+    done = _launch(tmp_path, _overrides(tmp_path / "run", demo, extra=["eval.wait_minutes=0.05"]))
+    assert done.returncode != 0, failure(done)
+    assert "waited 0.05 minutes for rank 0's evaluation after step 2" in done.stderr, failure(done)
+    assert "raise eval.wait_minutes" in done.stderr
+
+
+def _worker(overrides_path: str) -> None:
+    """One torchrun process: join with a short timeout, slow down and break rank 0's evaluation, train."""
+    import torch.distributed as dist
+
+    from clipforge.train import TrainConfig, apply_overrides, train
+    from clipforge.train.evaluation import PeriodicEvaluation
+
+    dist.init_process_group("gloo", timeout=timedelta(seconds=PG_TIMEOUT_S))
+    real_evaluate, calls = PeriodicEvaluation._evaluate, []
+
+    def evaluate(self, model, eval_set):
+        calls.append(eval_set.name)
+        if len(calls) == 1:  # the first set of the first evaluation: longer than the group's timeout
+            time.sleep(EVAL_SLEEP_S)
+        if len(calls) == 2:  # the second set of the first evaluation fails
+            raise OSError("the held-out images went away")
+        return real_evaluate(self, model, eval_set)
+
+    PeriodicEvaluation._evaluate = evaluate
+    try:
+        train(apply_overrides(TrainConfig(), json.loads(Path(overrides_path).read_text())))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])
