@@ -14,6 +14,11 @@ Writes ``overlap.txt`` (the overlapping evaluation images, for ``eval zeroshot -
 links resolved (``<shard>.tar#<member>`` for a webdataset image), so the list works from any
 folder. With ``--model`` (default: ``$CLIPFORGE_MODEL``) the zero-shot accuracy is split into the
 clean and overlapping subsets.
+
+``--features model --train-embeddings DIR`` reuses the image embeddings ``clipforge embed`` wrote
+for the training collection: only when the folder's model fingerprint and precision are this
+run's, and only for the training images it holds that have not changed since (a file modified
+after its part was written, or added to the collection since, is embedded again here).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import argparse
 import csv
 import io
 import os
+import sys
 from pathlib import Path
 
 from . import CliError
@@ -49,6 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--threshold", type=float, metavar="COSINE",
                         help="duplicate when the nearest training image has at least this cosine "
                         "(default: 0.98 for pixels, 0.995 for model; calibrated on the demo data)")
+    parser.add_argument("--train-embeddings", metavar="DIR",
+                        help="with --features model: reuse this `clipforge embed` folder of the --train images "
+                        "where it holds them, made by the same model and precision and newer than the files")
     parser.add_argument("--out", required=True, metavar="DIR")
     add_model_arguments(parser)  # optional here: without a model only the overlap is measured
     parser.add_argument("--batch-size", type=positive_int, default=64, metavar="N")
@@ -100,6 +109,17 @@ def run(args: argparse.Namespace) -> int:
 
     if args.features == "model" and not args.model:
         raise CliError("--features model needs --model CHECKPOINT")
+    if args.train_embeddings and args.features != "model":
+        raise CliError("--train-embeddings holds model embeddings: it needs --features model (and --model, the "
+                       "checkpoint that made them); the default pixel descriptor embeds the images itself")
+    manifest = None
+    if args.train_embeddings:
+        from ..search import read_embedding_manifest
+
+        try:
+            manifest = read_embedding_manifest(args.train_embeddings)
+        except ValueError as error:
+            raise CliError(f"--train-embeddings {error}") from None
     threshold = DEFAULT_THRESHOLDS[args.features] if args.threshold is None else args.threshold
     if not -1 <= threshold <= 1:
         raise CliError(f"--threshold is a cosine in [-1, 1], got {threshold}")
@@ -120,11 +140,28 @@ def run(args: argparse.Namespace) -> int:
 
         detector, detector_preprocess = PixelThumbnails(), image_transform(64)
     eval_preprocess = data.wrap_preprocess(detector_preprocess) if hasattr(data, "wrap_preprocess") else detector_preprocess
+    known, reuse = (), None
+    if manifest is not None:
+        from ..evaluate import model_fingerprint
+        from ..search import stored_image_embeddings
+
+        try:
+            known, train, reuse = stored_image_embeddings(args.train_embeddings, manifest, train,
+                                                          model_fingerprint(model), args.precision)
+        except (ValueError, ImportError) as error:
+            raise CliError(f"--train-embeddings {error}") from None
+        why = f" (not reused: {reuse['not_reused_because']})" if reuse["not_reused_because"] else ""
+        print(f"training embeddings from {args.train_embeddings}: {reuse['reused']} reused, {reuse['embedded']} "
+              f"embedded here ({reuse['changed']} changed since, {reuse['not_in_folder']} not in it){why}",
+              file=sys.stderr)
     overlap = find_overlap(detector, train, data.paths, eval_preprocess, threshold, args.batch_size,
-                           **{**common, "device": device if args.features == "model" else "cpu"})
+                           **{**common, "device": device if args.features == "model" else "cpu"},
+                           train_preprocess=detector_preprocess, known_train=known)
     report = {"train": args.train, "data": args.data, "dataset": args.dataset, "features": args.features,
               "threshold": threshold, "num_train_images": len(overlap.train_paths),
               **split_accuracy(torch.zeros(len(overlap.eval_paths)), overlap.is_overlap)}
+    if reuse is not None:
+        report["train_embeddings"] = reuse
     for key in ("accuracy_all", "accuracy_clean", "accuracy_overlap", "overlap_minus_clean", "all_minus_clean"):
         report[key] = None
     if model is not None:

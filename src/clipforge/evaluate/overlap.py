@@ -2,6 +2,9 @@
 
 Both collections are embedded (through the feature cache, so a second run costs nothing) and an
 evaluation image overlaps when its nearest training image has cosine similarity >= a threshold.
+Memory does not grow with the training collection beyond its list of paths: it is embedded and
+searched in blocks of ``TRAIN_BLOCK`` images (each block its own cache entry, so a changed file
+re-embeds its block only), and no more than ``SIMILARITY_BLOCK`` similarities are held at once.
 Zero-shot accuracy is then split into the clean and overlapping subsets, as the paper reports it
 (all, clean, overlap, all - clean: how much the overlap inflated the headline number).
 
@@ -21,7 +24,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +38,9 @@ if TYPE_CHECKING:
 
 DEFAULT_THRESHOLDS = {"pixels": 0.98, "model": 0.995}  # tools/calibrate_overlap_threshold.py, demo data
 THUMBNAIL_GRID = 16
-_CHUNK = 4096  # training images compared per step: (E, 4096) similarities in memory at a time
+_CHUNK = 4096  # training images compared per step
+TRAIN_BLOCK = 32768  # training images embedded at a time (pixels: 96 MiB of float32 descriptors)
+SIMILARITY_BLOCK = 1 << 24  # similarities held at once: (rows, keys) with rows * keys <= this (64 MiB)
 _MEMBER_MARK = ".tar#"  # <shard>.tar#<member>: an image inside a webdataset shard
 
 
@@ -137,18 +142,40 @@ class PixelThumbnails(torch.nn.Module):
         return thumbnails - thumbnails.mean(dim=1, keepdim=True)
 
 
-def nearest_neighbours(queries: torch.Tensor, keys: torch.Tensor, chunk: int = _CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(cosine, index)`` of each query's most similar key; (Q, D) and (K, D) in, (Q,) and (Q,) out."""
-    queries, keys = F.normalize(queries.float(), dim=-1), F.normalize(keys.float(), dim=-1)
-    best = torch.full((len(queries),), -2.0)
-    index = torch.zeros(len(queries), dtype=torch.long)
-    for start in range(0, len(keys), chunk):
-        similarity = queries @ keys[start:start + chunk].T  # (Q, chunk)
-        values, positions = similarity.max(dim=1)
-        better = values > best
-        best = torch.where(better, values, best)
-        index = torch.where(better, positions + start, index)
-    return best, index
+class NearestSearch:
+    """Each query's most similar key over key blocks added one after another (the same answer as one
+    search over their concatenation: on a tie the earlier key wins, as ``argmax`` picks it)."""
+
+    def __init__(self, queries: torch.Tensor, chunk: int = _CHUNK, max_similarities: int = SIMILARITY_BLOCK):
+        self.queries = F.normalize(queries.float(), dim=-1)  # (Q, D)
+        self.best = torch.full((len(queries),), -2.0)  # (Q,) cosine of the nearest key so far
+        self.index = torch.zeros(len(queries), dtype=torch.long)  # (Q,) its position among all keys added
+        self.seen = 0  # keys added so far
+        self.chunk, self.max_similarities = chunk, max_similarities
+
+    def add(self, keys: torch.Tensor) -> None:
+        """Search ``keys`` (K, D), which follow the keys added before (their positions start at ``seen``)."""
+        keys = keys.float()
+        for start in range(0, len(keys), self.chunk):
+            block = F.normalize(keys[start:start + self.chunk], dim=-1)  # (k, D)
+            rows = max(1, self.max_similarities // max(1, len(block)))
+            for first in range(0, len(self.queries), rows):
+                similarity = self.queries[first:first + rows] @ block.T  # (rows, k)
+                values, positions = similarity.max(dim=1)
+                best, index = self.best[first:first + rows], self.index[first:first + rows]
+                better = values > best
+                self.best[first:first + rows] = torch.where(better, values, best)
+                self.index[first:first + rows] = torch.where(better, positions + self.seen + start, index)
+        self.seen += len(keys)
+
+
+def nearest_neighbours(queries: torch.Tensor, keys: torch.Tensor, chunk: int = _CHUNK,
+                       max_similarities: int = SIMILARITY_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cosine, index)`` of each query's most similar key; (Q, D) and (K, D) in, (Q,) and (Q,) out.
+    At most ``max_similarities`` similarities are held at once, whatever Q and K."""
+    search = NearestSearch(queries, chunk, max_similarities)
+    search.add(keys)
+    return search.best, search.index
 
 
 @dataclass
@@ -177,41 +204,80 @@ class Overlap:
 def find_overlap(model: torch.nn.Module, train_paths: Sequence[str], eval_paths: Sequence[str],
                  preprocess: Callable | None = None, threshold: float = DEFAULT_THRESHOLDS["model"],
                  batch_size: int = 64, num_workers: int = 0, device=None, precision: str = "fp32",
-                 cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Overlap:
+                 cache_dir: str | os.PathLike | None = None, progress: bool = True,
+                 train_preprocess: Callable | None = None,
+                 known_train: Iterable[tuple[list[str], torch.Tensor]] = (),
+                 train_block: int = TRAIN_BLOCK) -> Overlap:
     """Embed both collections with ``model`` (a CLIP model or :class:`PixelThumbnails`) and find,
     for each evaluation image, its nearest training image. ``preprocess`` defaults to the eval
-    transform at the model's image size (64 px for the thumbnails)."""
+    transform at the model's image size (64 px for the thumbnails); ``train_preprocess`` (default:
+    ``preprocess``) reads the training images. ``known_train``: blocks of training images already
+    embedded by the same model and preprocessing (``(paths, (n, D) features)``, e.g. the parts of
+    ``clipforge embed``), searched first; ``train_paths`` are embedded ``train_block`` at a time."""
     if not -1.0 <= threshold <= 1.0:
         raise ValueError(f"threshold is a cosine similarity in [-1, 1], got {threshold}")
+    if train_block < 1:
+        raise ValueError(f"train_block must be at least 1 image, got {train_block}")
     if preprocess is None:
         from ..transforms import image_transform
 
         config = getattr(model, "config", None)
         preprocess = image_transform(config.vision.image_size if config is not None else 64)
-    found = {}
-    for name, paths in (("train", list(train_paths)), ("eval", list(eval_paths))):
-        features = encode_images(model, paths, preprocess, batch_size, num_workers, device, precision,
-                                 cache_dir, progress, desc=f"{name} images")
-        if len(features.indices) == 0:
-            path, reason = features.skipped[0]
-            raise ValueError(f"none of the {len(paths)} {name} images could be read, e.g. {path}: {reason}")
-        found[name] = (features, [paths[i] for i in features.indices.tolist()])
-    (train, train_kept), (evaluation, eval_kept) = found["train"], found["eval"]
-    similarity, nearest = nearest_neighbours(evaluation.features, train.features)
-    return Overlap(eval_kept, train_kept, similarity, nearest, threshold, train.skipped + evaluation.skipped)
+    train_preprocess = train_preprocess or preprocess
+    options = dict(batch_size=batch_size, num_workers=num_workers, device=device, precision=precision,
+                   cache_dir=cache_dir, progress=progress)
+    eval_paths = list(eval_paths)
+    evaluation = encode_images(model, eval_paths, preprocess, desc="eval images", **options)
+    if len(evaluation.indices) == 0:
+        raise ValueError(_none_read("eval", eval_paths, evaluation.skipped))
+    search = NearestSearch(evaluation.features)  # (E, D) in; one block of training images at a time
+    train_kept, skipped, train_paths = [], list(evaluation.skipped), list(train_paths)
+    for paths, features in known_train:
+        search.add(features)
+        train_kept += paths
+    blocks = range(0, len(train_paths), train_block)
+    for number, start in enumerate(blocks):
+        paths = train_paths[start:start + train_block]
+        desc = "train images" + (f" {number + 1}/{len(blocks)}" if len(blocks) > 1 else "")
+        train = encode_images(model, paths, train_preprocess, desc=desc, **options)
+        skipped += train.skipped
+        if len(train.indices):
+            search.add(train.features)
+            train_kept += [paths[i] for i in train.indices.tolist()]
+    if not train_kept:
+        listed = set(train_paths)
+        raise ValueError(_none_read("train", train_paths, [item for item in skipped if item[0] in listed]))
+    return Overlap([eval_paths[i] for i in evaluation.indices.tolist()], train_kept, search.best, search.index,
+                   threshold, skipped)
+
+
+def _none_read(name: str, paths: list[str], skipped: list[tuple[str, str]]) -> str:
+    """The error of a collection none of whose images could be read."""
+    if not skipped:
+        return f"no {name} images to compare"
+    path, reason = skipped[0]
+    return f"none of the {len(paths)} {name} images could be read, e.g. {path}: {reason}"
 
 
 def split_accuracy(correct: torch.Tensor, is_overlap: torch.Tensor) -> dict:
-    """Accuracy on all, clean and overlapping images, and the paper's differences (in [0, 1])."""
-    correct, is_overlap = correct.float(), is_overlap.bool()
-    mean = lambda values: float(values.mean()) if len(values) else None
-    report = {"num_images": len(correct), "num_overlap": int(is_overlap.sum()),
-              "overlap_share": float(is_overlap.float().mean()) if len(correct) else 0.0,
-              "accuracy_all": mean(correct), "accuracy_clean": mean(correct[~is_overlap]),
-              "accuracy_overlap": mean(correct[is_overlap])}
-    clean, overlap = report["accuracy_clean"], report["accuracy_overlap"]
+    """Accuracy on all, clean and overlapping images, and the paper's differences (in [0, 1]).
+
+    Computed from the counts in Python floats (not float32 means), so a share such as 1/3 is exact
+    and the differences of equal accuracies are exactly 0; an empty subset's accuracy is None."""
+    correct, is_overlap = correct.bool().tolist(), is_overlap.bool().tolist()
+    if len(correct) != len(is_overlap):
+        raise ValueError(f"correct has {len(correct)} images and is_overlap {len(is_overlap)}; expected the same")
+    hits = {"all": sum(correct), "overlap": sum(c for c, o in zip(correct, is_overlap) if o)}
+    counts = {"all": len(correct), "overlap": sum(is_overlap)}
+    hits["clean"], counts["clean"] = hits["all"] - hits["overlap"], counts["all"] - counts["overlap"]
+    accuracy = {name: hits[name] / counts[name] if counts[name] else None for name in counts}
+    report = {"num_images": counts["all"], "num_overlap": counts["overlap"],
+              "overlap_share": counts["overlap"] / counts["all"] if counts["all"] else 0.0,
+              "accuracy_all": accuracy["all"], "accuracy_clean": accuracy["clean"],
+              "accuracy_overlap": accuracy["overlap"]}
+    clean, overlap = accuracy["clean"], accuracy["overlap"]
     report["overlap_minus_clean"] = None if clean is None or overlap is None else overlap - clean
-    report["all_minus_clean"] = None if clean is None else report["accuracy_all"] - clean
+    report["all_minus_clean"] = None if clean is None or accuracy["all"] is None else accuracy["all"] - clean
     return report
 
 

@@ -19,6 +19,8 @@ _EXPORTS = {
     "build_index": ".index",
     "choose_factory": "._factory",
     "parse_memory": "._factory",
+    "read_embedding_manifest": ".stored",
+    "stored_image_embeddings": ".stored",
 }
 
 __all__ = sorted(_EXPORTS)
