@@ -254,6 +254,16 @@ def test_shards_local_pipe_and_http_give_the_same_rows(tmp_path, demo_images, ch
     damaged = _collection(tmp_path / "damaged")["manifest"]
     assert result.returncode == 1 and damaged["complete"] and 9 <= damaged["count"] < 13
     assert any("unreadable shard" in entry["reason"] for entry in damaged["skipped"])
+    # A streamed shard cut exactly between two samples (no sizes.json): caught by its missing
+    # end-of-archive block, where it used to read as a shorter shard with no word of the rest.
+    with tarfile.open(shards[2]) as tar:
+        members = tar.getmembers()
+    stems = list(dict.fromkeys(m.name.split(".")[0] for m in members))
+    cut = next(m.offset for m in members if m.name.split(".")[0] == stems[2])
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "shard-2.tar").write_bytes(shards[2].read_bytes()[:cut])
+    result = _embed([f"pipe:cat {tmp_path}/cut/shard-2.tar", str(tmp_path / "cut-emb"), "--model", str(checkpoint)])
+    assert result.returncode != 0 and "end-of-archive" in result.stderr, result.stderr
 
 
 @pytest.mark.distributed

@@ -1,6 +1,8 @@
 """Reading a tar shard's bytes: a local file, an http(s) URL or a ``pipe:`` command's output,
-with every failure as one line naming the shard (ShardReadError), and counting a shard's samples
-from its headers (a file cut between two members is caught, not read as a shorter shard)."""
+with every failure as one line naming the shard (ShardReadError); its members (ShardMembers) and
+its sample count from its headers. A shard cut between two members (or overwritten after one),
+local or streamed, plain or compressed, is caught by its missing end-of-archive block, not read
+as a shorter shard."""
 from __future__ import annotations
 
 import http.client
@@ -24,7 +26,7 @@ class ShardReadError(ValueError):
     """A shard that cannot be read; one line: ``shard URL: problem``."""
 
     def __init__(self, url: str, problem: str):
-        self.url = url
+        self.url, self.problem = url, problem
         super().__init__(f"shard {url}: {problem}")
 
     def at_start(self, when: str) -> ValueError:
@@ -78,7 +80,7 @@ def _open_pipe(url: str):
         process, failure = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE, stderr=stderr), None
         try:
             yield process.stdout
-        except _READ_ERRORS as err:
+        except (*_READ_ERRORS, ShardReadError) as err:  # a failed command's status says more than its output
             failure = err
         finally:
             process.stdout.close()  # a command still writing gets SIGPIPE and ends
@@ -92,7 +94,8 @@ def _open_pipe(url: str):
             tail = _one_line(stderr.read().decode("utf-8", "replace"))
             raise ShardReadError(url, f"the command exited with status {status}" + (f" ({tail})" * bool(tail)))
         if failure is not None:
-            raise ShardReadError(url, f"its output: {problem_text(failure, process.stdout)} (exit status {status})")
+            problem = failure.problem if isinstance(failure, ShardReadError) else problem_text(failure, process.stdout)
+            raise ShardReadError(url, f"its output: {problem} (exit status {status})")
 
 
 @contextmanager
@@ -117,30 +120,68 @@ def open_shard(url: str):
         raise ShardReadError(url, problem_text(err, stream) + status) from None
 
 
+class _EndMarkingInfo(tarfile.TarInfo):
+    """Marks its TarFile (``ended_at_marker``) when the header block it reads is tar's end-of-archive
+    block (512 zero bytes). tarfile ends the member list alike there, at the end of the data (a
+    stream cut between two members) and at a block that is no header (garbage after a member)."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            tar.ended_at_marker = True
+            raise
+
+
+class _MarkedTar(tarfile.TarFile):
+    """A TarFile whose ``ended_at_marker`` says whether its member list ended at the end-of-archive block."""
+
+    tarinfo = _EndMarkingInfo
+    ended_at_marker = False  # set on the instance by _EndMarkingInfo (also while __init__ reads the first header)
+
+
+class ShardMembers:
+    """The regular members of one shard's tar stream, in order, as webdataset's ``{"fname", "data",
+    "__url__"}`` dicts (``data`` None unless ``read_data``), metadata members (``__x__``) left out.
+    Compressed streams (``.tar.gz``) are read decompressed. Once they are all read, ``check_end()``
+    raises ShardReadError unless the archive ended with its end-of-archive block: checked apart so
+    that webdataset's grouping first hands out the last sample read."""
+
+    def __init__(self, stream, url: str, read_data: bool = True):
+        self.stream, self.url, self.read_data = stream, url, read_data
+        self.end: int | None = None  # byte after the last member (decompressed), once all are read
+        self.complete = False  # the read stopped at the end-of-archive block
+
+    def __iter__(self):
+        with _MarkedTar.open(fileobj=self.stream, mode="r|*") as tar:
+            for member in tar:
+                if member.isreg() and not _META_MEMBER.match(member.name):
+                    data = tar.extractfile(member).read() if self.read_data else None
+                    yield {"fname": member.name, "data": data, "__url__": self.url}
+                tar.members = []  # a stream: keep no list of every header read
+            self.end, self.complete = tar.offset, tar.ended_at_marker
+
+    def check_end(self) -> None:
+        """ShardReadError unless every member was read and the archive's end-of-archive block followed."""
+        if self.end is None:
+            raise RuntimeError("ShardMembers.check_end() before the members were all read")
+        if not self.complete:
+            where = "stream" if is_remote(self.url) else "file"
+            raise ShardReadError(self.url, f"damaged or not a tar file: no end-of-archive block after its last "
+                                           f"member (byte {self.end}); the {where} was cut short or overwritten")
+
+
 def count_samples(path: str) -> int:
     """Samples in a tar shard, counted the way webdataset groups members, from headers only
-    (ShardReadError, naming the shard, when it cannot be read to its end)."""
+    (ShardReadError, naming the shard, when it cannot be read to its end-of-archive block)."""
     base_plus_ext = require_webdataset().tariterators.base_plus_ext
     count, last_key = 0, None
-    with open_shard(path) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-        for member in tar:
-            if not member.isreg() or _META_MEMBER.match(member.name):
-                continue
-            key, _ = base_plus_ext(member.name)
+    with open_shard(path) as stream:
+        members = ShardMembers(stream, path, read_data=False)
+        for member in members:
+            key, _ = base_plus_ext(member["fname"])
             if key is not None and key != last_key:
                 count, last_key = count + 1, key
-        if not is_remote(path) and getattr(tar.fileobj, "comptype", None) == "tar":
-            _check_archive_end(path, tar.offset)
+        members.check_end()
     return count
-
-
-def _check_archive_end(path: str, end: int) -> None:
-    """ShardReadError unless the local, uncompressed shard ``path`` has tar's end-of-archive block (512
-    zero bytes) at byte ``end``, after its last member: tarfile reads a file cut between two members,
-    or garbage after one, as a shorter tar, and the lost samples would go uncounted."""
-    with open(path, "rb") as file:
-        file.seek(end)
-        block = file.read(tarfile.BLOCKSIZE)
-    if block != bytes(tarfile.BLOCKSIZE):
-        raise ShardReadError(path, f"damaged or not a tar file: no end-of-archive block after its last member "
-                                   f"(byte {end}); the file was cut short or overwritten")

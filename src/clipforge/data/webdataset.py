@@ -16,9 +16,11 @@ from beside them) or ``pipe:COMMAND`` (the command's standard output is the tar 
 webdataset, e.g. ``pipe:aws s3 cp s3://bucket/data-0001.tar -``). Remote shards without a listed
 size are streamed once at start-up to count their samples (with a progress bar on stderr).
 
-A shard that cannot be read at start-up (damaged, cut between two members, a failing command, an
-unreachable server) stops with one line naming it (ShardReadError, a ValueError); later, its
-samples are skipped and counted.
+A shard that cannot be read at start-up (damaged; cut between two members, local or streamed, plain
+or gzip, as its missing end-of-archive block shows; a failing command; an unreachable server) stops
+with one line naming it (ShardReadError, a ValueError); later, its samples are skipped and counted.
+A shard that goes on after the samples its sizes.json lists is reported in a warning (once per
+process), and a shard named twice (an epoch would read it twice) is refused.
 
 Several sources (a list of patterns) can be mixed with ``weights``: with ``resampled=True`` each
 epoch draws its shard sequence with replacement (open_clip's ``--dataset-resampled``), a shard of
@@ -28,8 +30,10 @@ function of (seed, epoch) and the shard sizes, so exact resume holds as for a pe
 """
 from __future__ import annotations
 
+import collections
 import http.client
 import json
+import logging
 import math
 import os
 import sys
@@ -42,22 +46,39 @@ from pathlib import Path
 import numpy as np
 
 from .captions import CAPTION_KEYS, IMAGE_EXTENSIONS
-from ._shard_io import (TIMEOUT_S, ShardReadError, problem_text, count_samples, is_remote, open_shard,
-                        require_webdataset)
+from ._shard_io import (TIMEOUT_S, ShardMembers, ShardReadError, count_samples, is_remote, open_shard,
+                        problem_text, require_webdataset)
 from .samples import RawSample
 
 # Shard member names of an image: the image file extensions of the caption reader, without the dot.
 IMAGE_MEMBERS = tuple(extension.lstrip(".") for extension in IMAGE_EXTENSIONS)
 SIZES_FILE = "sizes.json"
+PATTERN_FORMS = ("a .tar path, a brace pattern (data-{0000..0099}.tar), a list {a,b}, a folder of .tar files, "
+                 "an http(s) URL or pipe:COMMAND")
+logger = logging.getLogger("clipforge.data")
+_WARNED_ENDS: set[str] = set()  # shards whose end was found wrong in this process (warned once)
 
 
 def _expand_one(pattern: str) -> list[str]:
+    """The shards one pattern names; ValueError for an empty pattern or braces that name no range or list."""
+    if not pattern.strip():
+        raise ValueError(f"an empty shard pattern {pattern!r}; expected {PATTERN_FORMS}")
     if not is_remote(pattern) and Path(pattern).is_dir():
         paths = sorted(str(p) for p in Path(pattern).glob("*.tar"))
         if not paths:
             raise FileNotFoundError(f"no .tar shards in folder {pattern}")
         return paths
-    return require_webdataset().shardlists.expand_urls(pattern)
+    try:
+        urls = require_webdataset().shardlists.expand_urls(pattern)
+    except ValueError:  # braceexpand's UnbalancedBracesError
+        raise ValueError(f"shard pattern {pattern}: unbalanced braces; expected {PATTERN_FORMS}") from None
+    # braceexpand keeps braces it cannot read ({0000..}, {0..0x}) as text: no such file or URL exists
+    odd = next((u for u in urls if not u.startswith("pipe:") and ("{" in u or "}" in u)
+                and (is_remote(u) or not Path(u).exists())), None)
+    if odd is not None:
+        raise ValueError(f"shard pattern {pattern}: braces that are neither a range ({{0000..0099}}, both ends "
+                         f"numbers or letters) nor a list ({{a,b}}), kept as text in {odd}; expected {PATTERN_FORMS}")
+    return urls
 
 
 def expand_shards(urls: str | os.PathLike | list) -> list[str]:
@@ -71,7 +92,9 @@ def expand_shards(urls: str | os.PathLike | list) -> list[str]:
     local = [p for p in paths if not is_remote(p)]
     missing = [p for p in local if not Path(p).is_file()]
     if local and len(missing) == len(local):
-        raise FileNotFoundError(f"shard pattern {urls} matches no files (first expected: {missing[0]})")
+        hint = " (wildcards are not expanded: name the shards with a brace range or give their folder)" \
+            if any(c in missing[0] for c in "*?[") else ""
+        raise FileNotFoundError(f"shard pattern {urls} matches no files (first expected: {missing[0]}){hint}")
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(paths)} shards of {urls} are missing, e.g. {missing[0]}")
     return paths
@@ -84,6 +107,11 @@ def _read_sizes(path: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not valid JSON ({err}); expected {{\"shard.tar\": sample count, ...}} "
                          "(delete it to count the samples instead)") from None
+    return _checked_sizes(sizes, path)
+
+
+def _checked_sizes(sizes, path) -> dict:
+    """``sizes`` (a parsed sizes.json at ``path``) when it maps names to counts, else one line naming it."""
     bad = [k for k, v in sizes.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0] \
         if isinstance(sizes, dict) else None
     if bad is None or bad:
@@ -105,10 +133,12 @@ def _sizes_beside(url: str) -> dict:
         return {}
     if is_remote(url):
         try:
-            with urllib.request.urlopen(url.rsplit("/", 1)[0] + "/" + SIZES_FILE, timeout=TIMEOUT_S) as response:
-                return json.loads(response.read())
-        except (OSError, ValueError, http.client.HTTPException):
+            sizes_url = url.rsplit("/", 1)[0] + "/" + SIZES_FILE
+            with urllib.request.urlopen(sizes_url, timeout=TIMEOUT_S) as response:
+                sizes = json.loads(response.read())
+        except (OSError, ValueError, http.client.HTTPException):  # none there (or an error page): count
             return {}
+        return _checked_sizes(sizes, sizes_url)
     sizes_path = Path(url).parent / SIZES_FILE
     return _read_sizes(sizes_path) if sizes_path.is_file() else {}
 
@@ -150,12 +180,15 @@ def shard_sizes(paths: list[str], progress: bool = True) -> list[int]:
     return [int(n) if n is not None else counted[p] for p, n in zip(paths, known)]
 
 
-def _iter_samples(path: str):
-    """Yield webdataset sample dicts (``__key__`` plus one entry per extension) from one shard."""
-    tariterators = require_webdataset().tariterators
-    with open_shard(path) as stream:  # read errors become a ShardReadError naming the shard
-        files = ({**f, "__url__": path} for f in tariterators.tar_file_iterator(stream))
-        yield from tariterators.group_by_keys(files)
+def iter_shard_samples(url: str):
+    """Yield webdataset sample dicts (``__key__``, ``__url__`` plus one entry per extension) from one
+    shard, in file order. Read errors, and a shard that ends without its end-of-archive block (cut
+    short), raise ShardReadError naming it, after the samples read before the damage."""
+    group_by_keys = require_webdataset().tariterators.group_by_keys
+    with open_shard(url) as stream:  # read errors become a ShardReadError naming the shard
+        members = ShardMembers(stream, url)
+        yield from group_by_keys(members)
+        members.check_end()
 
 
 def to_raw(sample: dict, shard_name: str, caption_keys: tuple[str, ...]) -> RawSample:
@@ -185,7 +218,7 @@ def _check_weights(weights: list, sources: list[str], several: bool, resampled: 
     if len(weights) != len(sources):
         raise ValueError(f"data.weights has {len(weights)} values for {len(sources)} sources; give one per source")
     try:
-        numbers = [float(w) for w in weights]
+        numbers = [math.nan if isinstance(w, bool) else float(w) for w in weights]
     except (TypeError, ValueError):
         numbers = [math.nan]
     if not all(math.isfinite(w) and w >= 0 for w in numbers) or not sum(numbers) > 0:
@@ -228,11 +261,17 @@ class ShardDataset:
                  weights: list[float] | None = None, resampled: bool = False):
         self.urls, self.resampled = urls, resampled
         sources = [str(u) for u in urls] if isinstance(urls, (list, tuple)) else [str(urls)]
-        per_source = [expand_shards(source) for source in sources]
-        self.paths = [path for paths in per_source for path in paths]
-        self.shard_weights = None  # resampled: probability of drawing each shard
+        if not sources:
+            raise ValueError(f"no shard patterns given; expected {PATTERN_FORMS} (or a list of them)")
         if weights:
             weights = _check_weights(weights, sources, isinstance(urls, (list, tuple)), resampled)
+        per_source = [expand_shards(source) for source in sources]
+        self.paths = [path for paths in per_source for path in paths]
+        repeated, times = collections.Counter(self.paths).most_common(1)[0]
+        if times > 1:  # an epoch would read its samples that many times, and weights would not hold
+            raise ValueError(f"shard {repeated} is named {times} times by {urls}; name each shard once "
+                             "(to draw a source more often, give data.weights with data.resampled=true)")
+        self.shard_weights = None  # resampled: probability of drawing each shard
         self.caption_keys = (caption_key,) if caption_key else CAPTION_KEYS
         self.sizes = np.array(shard_sizes(self.paths), dtype=np.int64)
         if self.sizes.sum() == 0:
@@ -246,7 +285,7 @@ class ShardDataset:
         emptier than ``sizes.json`` says, fail here, not mid-run."""
         path = self.paths[shard := int(np.flatnonzero(self.sizes)[0])]
         try:
-            with closing(_iter_samples(path)) as samples:  # closed: a pipe ends, a connection closes
+            with closing(iter_shard_samples(path)) as samples:  # closed: a pipe ends, a connection closes
                 sample = next(samples)
         except ShardReadError as err:
             raise err.at_start("its first sample is read at start-up to check the shards") from None
@@ -310,7 +349,7 @@ class ShardEpoch:
         path = self.dataset.paths[shard]
         name = Path(path).name
         if self._reader is None or self._reader[0] != shard or self._reader[1] > offset:
-            self._reader = (shard, 0, _iter_samples(path))
+            self._reader = (shard, 0, iter_shard_samples(path))
         _, position, samples_iter = self._reader
         raws = []
         try:
@@ -328,5 +367,26 @@ class ShardEpoch:
                      for i in range(len(raws), count)]
             self._reader = None
             return raws
+        if position == self.dataset.sizes[shard]:  # its last sample: nothing may follow it unread
+            self._reader = None
+            _check_nothing_follows(path, samples_iter, position)
+            return raws
         self._reader = (shard, position, samples_iter)
         return raws
+
+
+def _check_nothing_follows(path: str, samples, listed: int) -> None:
+    """Warn, once per shard and process, when shard ``path`` goes on after the ``listed`` samples an
+    epoch takes from it (a stale sizes.json) or ends damaged: samples otherwise left out unseen."""
+    problem = None
+    try:
+        if next(samples, None) is not None:
+            problem = (f"holds more than the {listed} samples its {SIZES_FILE} lists (or start-up counted); the "
+                       f"ones after are never read (fix or delete the {SIZES_FILE})")
+        samples.close()  # a pipe's exit status can only come now
+    except (OSError, tarfile.TarError, ValueError) as err:
+        problem = problem or f"after its {listed} samples: " + (
+            err.problem if isinstance(err, ShardReadError) else problem_text(err))
+    if problem and path not in _WARNED_ENDS:
+        _WARNED_ENDS.add(path)
+        logger.warning("shard %s %s", path, problem)

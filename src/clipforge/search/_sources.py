@@ -17,13 +17,14 @@ from __future__ import annotations
 import json
 import os
 import tarfile
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from ..data.captions import CAPTION_FILE_SUFFIXES, CAPTION_KEYS, is_image_name, read_listing
 from ..data.webdataset import IMAGE_MEMBERS as SHARD_IMAGE_EXTENSIONS
-from ..data.webdataset import expand_shards, require_webdataset, shard_sizes
+from ..data.webdataset import expand_shards, iter_shard_samples, require_webdataset, shard_sizes
 
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://")
 
@@ -145,24 +146,13 @@ class ShardSource(Source):
         """The shard's samples in file order; a damaged shard ends with one error record."""
         url = self.urls[part]
         name = url.rstrip("/").rsplit("/", 1)[-1]
-        wds = require_webdataset()
-        stream = None
-        try:
-            stream = wds.gopen(url, "rb")
-            files = ({**member, "__url__": url} for member in wds.tariterators.tar_file_iterator(stream))
-            for sample in wds.tariterators.group_by_keys(files):
-                yield self._record(sample, name)
-            finished, stream = stream, None
-            finished.close()  # a pipe's non-zero exit status is raised here
-        except Exception as err:  # tarfile, OSError, a failed pipe or curl...: the shard is damaged from here
+        try:  # closed early (a consumer stopped): the pipe ends, the connection closes
+            with closing(iter_shard_samples(url)) as samples:
+                for sample in samples:
+                    yield self._record(sample, name)
+        except Exception as err:  # a damaged or cut shard, a failed pipe or URL: the shard is damaged from here
             yield Record(key=f"{url} (after its last good sample)", image_path=None, image=None,
-                         error=f"unreadable shard: {type(err).__name__}: {err}")
-        finally:
-            if stream is not None:  # closed early (a consumer stopped) or failed: close quietly
-                try:
-                    stream.close()
-                except Exception:
-                    pass
+                         error=f"unreadable shard: {err}")
 
     def _record(self, sample: dict, shard_name: str) -> Record:
         key = f"{shard_name}:{sample['__key__']}"
