@@ -3,6 +3,7 @@
 Examples::
 
     clipforge eval zeroshot --model ckpt/ --data val/ --templates imagenet --out runs/eval-val
+    clipforge eval zeroshot --model ckpt/ --dataset imagenet-o --data imagenet-o/ --imagenet-val val/  # + AUPR
     clipforge eval retrieval --model ckpt/ --data captions_test.json --images coco/
     clipforge eval linear-probe --model ckpt/ --train train/ --test test/ --few-shot 16
 
@@ -48,6 +49,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     zeroshot.add_argument("--protocol", default="subset", choices=["subset", "1000way"],
                           help="with an ImageNet-family --dataset: score over the set's own classes (subset, the "
                           "default) or let all 1,000 ImageNet classes compete (1000way)")
+    zeroshot.add_argument("--imagenet-val", metavar="DIR",
+                          help="with --dataset imagenet-o: ImageNet validation images (the imagenet layouts), "
+                          "whose 200 ImageNet-O classes are the normal images of ImageNet-O's own metric, the "
+                          "detection AUPR (Hendrycks et al. 2021)")
     zeroshot.add_argument("--exclude", metavar="LIST",
                           help="file of image paths to leave out (one per line, e.g. clipforge overlap's "
                           "overlap.txt); relative paths are read against the list's folder, then --data's")
@@ -123,8 +128,19 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     if args.dataset and args.classnames:
         raise CliError("--classnames does not apply with --dataset: the protocol names its classes")
     check_protocol_arg(args.protocol, args.dataset)
+    is_imagenet_o = _is_imagenet_o(args.dataset)
+    if args.imagenet_val and not is_imagenet_o:
+        raise CliError("--imagenet-val goes with --dataset imagenet-o (the normal images of its detection AUPR)")
     common = _common(args)
     data = load_classification_data(args.data, args.images, dataset=args.dataset)
+    normal_data = None
+    if args.imagenet_val:  # read before the model, so a wrong folder stops at once
+        from ..evaluate.protocols.ood import in_distribution
+
+        try:
+            normal_data = in_distribution(load_classification_data(args.imagenet_val, dataset="imagenet"))
+        except (ValueError, FileNotFoundError) as error:
+            raise CliError(f"--imagenet-val: {error}") from None
     excluded, unmatched = [], []
     if args.exclude:
         from ..evaluate.overlap import drop_listed
@@ -141,8 +157,22 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     else:
         result = evaluate_zeroshot(model, data, args.classnames, args.templates or "imagenet", preprocess,
                                    args.batch_size, **common)
+    notes = []
+    if normal_data is not None:
+        from ..evaluate.protocols.ood import imagenet_o_aupr
+
+        normal = evaluate_protocol(model, normal_data, args.protocol, args.templates, preprocess, args.batch_size,
+                                   **common)
+        result.metrics["aupr"] = imagenet_o_aupr(normal, result)
+    elif is_imagenet_o:
+        notes.append("the accuracy over ImageNet-O's 200 classes is CLIP_benchmark's reading; its authors' metric is "
+                     "the detection AUPR against ImageNet validation images: pass --imagenet-val DIR for it")
     report = {**_header(args, "zeroshot", started), "data": args.data, "templates": _templates_used(args, data),
               **result.to_report()}
+    report["notes"] = [*report.get("notes", []), *notes]
+    if normal_data is not None:
+        report["in_distribution"] = {"data": args.imagenet_val, "num_images": len(normal.targets),
+                                     "num_skipped": len(normal.skipped)}
     if args.exclude:
         report["excluded"] = {"list": args.exclude, "num_images": len(excluded), "num_unmatched": len(unmatched)}
     written = write_zeroshot_report(report, args.out) if args.out else []
@@ -154,9 +184,19 @@ def run_zeroshot(args: argparse.Namespace) -> int:
             " with every ImageNet class competing"))
     if args.exclude:
         summary.append(f"left out {len(excluded)} images listed in {args.exclude}")
-    labels = {"top1": "top-1", "top5": "top-5", "mean_per_class_recall": "mean per-class recall"}
+    labels = {"top1": "top-1", "top5": "top-5", "mean_per_class_recall": "mean per-class recall",
+              "aupr": "AUPR (ImageNet-O)"}
     summary += [f"{labels.get(name, name):<22} {value:.4f}" for name, value in result.metrics.items()]
     return _finish(args, report, summary, written)
+
+
+def _is_imagenet_o(dataset: str | None) -> bool:
+    from ..evaluate.protocols import canonical_name
+
+    try:
+        return dataset is not None and canonical_name(dataset) == "imagenet-o"
+    except ValueError:
+        return False  # an unknown name is refused where the data is read
 
 
 def _templates_used(args: argparse.Namespace, data) -> str:

@@ -27,7 +27,8 @@ def register_suite(tasks: argparse._SubParsersAction, add_model_arguments) -> No
     suite.add_argument("--config", metavar="TOML", help="suite file ([zeroshot.NAME], [retrieval.NAME], shots)")
     suite.add_argument("--datasets", metavar="NAME=PATH,...",
                        help="zero-shot sets; a protocol name (imagenet, imagenet-r, objectnet, ...) is read by its "
-                       "protocol, any other name as an image folder, CSV or CLIP_benchmark webdataset folder")
+                       "protocol, any other name as an image folder, CSV or CLIP_benchmark webdataset folder; a "
+                       "PATH may hold '=', and ',' when that path exists")
     suite.add_argument("--probe-train", metavar="NAME=PATH,...",
                        help="training split per dataset for the few-shot linear probes")
     suite.add_argument("--shots", default=None, metavar="K,...",

@@ -18,6 +18,9 @@ SUPERVISED_REFERENCE = {
 }
 _REFERENCE_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h")  # one per reference model
 MAX_REFERENCES = len(_REFERENCE_MARKERS)  # reference models one plot can tell apart
+# The probe metric of the tables; a probe's JSON also holds CLIP_benchmark's lp_acc5,
+# lp_mean_per_class_recall, fewshot_k and seed.
+PROBE_METRIC = "lp_acc1"
 MASKED_SETS = ("imagenet-r", "imagenet-a", "imagenet-o", "objectnet")  # where subset vs 1000way matters
 SHIFT_COLORS = {"imagenet-v2": "tab:blue", "imagenet-r": "tab:orange", "imagenet-sketch": "tab:green",
                 "objectnet": "tab:red", "imagenet-a": "tab:purple"}
@@ -38,12 +41,17 @@ def _zeroshot_rows(records: list[dict]) -> list[dict]:
             rows[record["dataset"]] = {"record": record, "probes": {}}
     for record in records:
         if record["task"] == "linear_probe" and record["dataset"] in rows:
-            rows[record["dataset"]]["probes"][record["fewshot_k"]] = record["metrics"]["lp_acc1"]
+            rows[record["dataset"]]["probes"][record["fewshot_k"]] = record["metrics"][PROBE_METRIC]
     return list(rows.values())
 
 
 def _pct(value) -> str:
     return "" if value is None else f"{100 * value:.2f}"
+
+
+def _cell(text) -> str:
+    """``text`` safe inside a markdown table cell: a ``|`` would end the cell, a newline the row."""
+    return " ".join(str(text).split()).replace("|", "\\|")
 
 
 def table_markdown(records: list[dict], errors: list[dict]) -> str:
@@ -61,16 +69,19 @@ def table_markdown(records: list[dict], errors: list[dict]) -> str:
             protocol = record.get("protocol") or "folder"
             if record.get("protocol") in MASKED_SETS and record.get("scoring"):
                 protocol += f" ({record['scoring']})"
-            cells = [record["dataset"], protocol, str(record.get("num_images", "")), str(record.get("num_classes", "")),
+            cells = [_cell(record["dataset"]), protocol, str(record.get("num_images", "")), str(record.get("num_classes", "")),
                      _pct(metrics.get("acc1")), _pct(metrics.get("acc5")), _pct(metrics.get("mean_per_class_recall"))]
             cells += [_pct(row["probes"].get(k)) for k in shots]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    detection = [row["record"] for row in rows if row["record"]["metrics"].get("aupr") is not None]
+    detection = [row["record"] for row in rows if row["record"]["metrics"].get("aupr") is not None
+                 or row["record"].get("protocol") == "imagenet-o"]
     if detection:
         lines += ["## Out-of-distribution detection (%)", "", "| dataset | AUPR (positives: its images; "
                   "negatives: ImageNet's of the same classes) |", "| --- | --- |"]
-        lines += [f"| {record['dataset']} | {_pct(record['metrics']['aupr'])} |" for record in detection] + [""]
+        lines += [f"| {_cell(record['dataset'])} | " + (_pct(record["metrics"]["aupr"]) if record["metrics"].get("aupr")
+                  is not None else "not computed: needs the imagenet set in the suite") + " |" for record in detection]
+        lines.append("")
     retrieval = [r for r in records if r["task"] == "zeroshot_retrieval"]
     if retrieval:
         lines += ["## Retrieval recall (%)", "", "| dataset | image->text R@1 | R@5 | R@10 | text->image R@1 | R@5 | R@10 |",
@@ -79,21 +90,24 @@ def table_markdown(records: list[dict], errors: list[dict]) -> str:
             m = record["metrics"]
             cells = [_pct(m[f"text_retrieval_recall@{k}"]) for k in (1, 5, 10)]
             cells += [_pct(m[f"image_retrieval_recall@{k}"]) for k in (1, 5, 10)]
-            lines.append(f"| {record['dataset']} | " + " | ".join(cells) + " |")
+            lines.append(f"| {_cell(record['dataset'])} | " + " | ".join(cells) + " |")
         lines.append("")
     if errors:
-        lines += ["## Not evaluated", ""] + [f"- {e['dataset']}{' (' + e['task'] + ')' if e.get('task') else ''}: "
+        lines += ["## Not evaluated", ""] + [f"- {_cell(e['dataset'])}{' (' + e['task'] + ')' if e.get('task') else ''}: "
                                              f"{e['error']}" for e in errors] + [""]
     return "\n".join(lines)
 
 
 def table_csv(records: list[dict]) -> str:
-    """Long CSV: dataset, task, fewshot_k, protocol, scoring, metric, value (one row per metric)."""
+    """Long CSV: dataset, task, fewshot_k, protocol, scoring, metric, value (one row per metric; a
+    probe's row is its ``lp_acc1``, its other metrics are in its JSON)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["dataset", "model", "pretrained", "task", "fewshot_k", "protocol", "scoring", "metric", "value"])
     for record in records:
         for metric, value in record["metrics"].items():
+            if record["task"] == "linear_probe" and metric != PROBE_METRIC:
+                continue  # the table's probe score, as results.md shows it
             writer.writerow([record["dataset"], record["model"], record["pretrained"], record["task"],
                              record.get("fewshot_k", ""), record.get("protocol") or "", record.get("scoring") or "",
                              metric, "" if value is None else value])

@@ -5,12 +5,12 @@ import math
 import re
 
 import numpy as np
-import torch
 
 from .datasets import load_retrieval_data
 from .protocols import load_classification_data
 from .features import encode_images
 from ._suite_report import write_json_atomic
+from .protocols.ood import imagenet_o_aupr
 
 
 def _metric(value) -> float | None:
@@ -29,8 +29,18 @@ def _load(entry, path: str | None = None, split: str = "test"):
 _WNID = re.compile(r"n\d{8}")
 
 
-def _refuse_wnid_names(entry, data) -> None:
-    """A plain folder whose classes are all wnids would be prompted as "a photo of a n01443537"."""
+def _refuse_plain_folder_mistakes(entry, data) -> None:
+    """A plain folder whose classes are all wnids would be prompted as "a photo of a n01443537"; one
+    with a single class (a release's top folder under a misspelt protocol name) scores 100%."""
+    if entry.dataset is None and len(data.classes) == 1:
+        import difflib
+
+        from .protocols import PROTOCOL_NAMES
+
+        close = difflib.get_close_matches(entry.name.lower(), PROTOCOL_NAMES, n=1, cutoff=0.75)
+        hint = f"; is {entry.name!r} a misspelt {close[0]!r}?" if close else ""
+        raise ValueError(f"{entry.data}: one class folder ({data.classes[0]!r}) and {entry.name!r} names no "
+                         f"protocol, so every image would be right{hint}")
     if entry.dataset is None and not entry.classnames and data.classes and all(
             _WNID.fullmatch(name) for name in data.classes):
         raise ValueError(f"{entry.data}: its {len(data.classes)} class folders are ImageNet wnids "
@@ -48,7 +58,7 @@ def zeroshot(run, entry, reuse: bool = True) -> tuple[dict, object | None]:
     if cached is not None:
         return cached, None
     data = _load(entry)
-    _refuse_wnid_names(entry, data)
+    _refuse_plain_folder_mistakes(entry, data)
     if entry.dataset:
         from .protocols import evaluate_protocol
 
@@ -81,7 +91,7 @@ def few_shot_probes(run, entry, shots: list[int]) -> tuple[list[dict], list[tupl
     """``(records, errors)``: a linear probe per ``k`` in ``shots`` (k training images per class),
     scored on the eval set; a ``k`` that fails (a class with fewer than k images) is an error of
     its own, the other shots still count."""
-    from .linear_probe import linear_probe
+    from .linear_probe import linear_probe, shared_images
 
     settings = run.settings(entry, probe=True)
     done = {k: run.existing(entry.name, f"linear_probe_{k}shot", settings) for k in shots}
@@ -92,6 +102,9 @@ def few_shot_probes(run, entry, shots: list[int]) -> tuple[list[dict], list[tupl
     try:
         test = _load(entry)
         train = _load(entry, entry.probe_train, split="train")
+        overlap = shared_images(train, test)
+        if overlap:  # the few-shot curve would be compared with zero-shot on images it was fitted on
+            raise ValueError(f"{overlap}; give probe_train a split apart from the test set")
         index = {name: i for i, name in enumerate(test.classes)}
         unknown = sorted(set(train.classes) - set(index))
         if unknown and train.classes != test.classes:
@@ -110,7 +123,9 @@ def few_shot_probes(run, entry, shots: list[int]) -> tuple[list[dict], list[tupl
         except Exception as error:  # noqa: BLE001 - the other shots still count
             errors.append((f"{k}-shot probe", error))
             continue
-        record = run.record(entry.name, "linear_probe", {"lp_acc1": report["accuracy"]}, settings, fewshot_k=k,
+        metrics = {"lp_acc1": report["accuracy"], "lp_acc5": report["top5"],  # CLIP_benchmark's names
+                   "lp_mean_per_class_recall": report["mean_per_class_recall"], "fewshot_k": k, "seed": run.seed}
+        record = run.record(entry.name, "linear_probe", metrics, settings, fewshot_k=k,
                             C=report["C"], num_train=report["num_train"], num_val=report["num_val"],
                             num_test=report["num_test"])
         write_json_atomic(record, run.path(entry.name, f"linear_probe_{k}shot"))
@@ -118,25 +133,12 @@ def few_shot_probes(run, entry, shots: list[int]) -> tuple[list[dict], list[tupl
     return sorted(records, key=lambda r: r["fewshot_k"]), errors
 
 
-def imagenet_o_aupr(imagenet, imagenet_o, subset: list[int]) -> float:
-    """ImageNet-O's detection AUPR (Hendrycks et al.): ImageNet-O images are the positives, ImageNet
-    validation images of the same 200 classes the negatives, scored by minus the top softmax
-    probability over those 200 classes (``subset``: their ImageNet class indices)."""
-    from sklearn.metrics import average_precision_score
-
-    keep = torch.isin(imagenet.targets, torch.tensor(subset))
-    in_scores = -imagenet.logits[keep][:, subset].softmax(-1).max(-1).values  # (N_in,)
-    out_scores = -imagenet_o.logits.softmax(-1).max(-1).values  # (N_out,) label logits: the 200 classes
-    labels = np.r_[np.zeros(len(in_scores)), np.ones(len(out_scores))]
-    return float(average_precision_score(labels, torch.cat([in_scores, out_scores]).numpy()))
-
-
 def aupr_pair_to_recompute(run, entries) -> set[str]:
     """Names of the ImageNet and ImageNet-O entries to score again although resuming: the AUPR
     needs both sets' logits in memory, so unless ImageNet-O's finished record already holds an
     AUPR and ImageNet's is reusable too, both are scored (their features come from the cache)."""
     by_protocol = {entry.dataset: entry for entry in entries if entry.dataset in ("imagenet", "imagenet-o")}
-    if len(by_protocol) < 2 or not run.skip_existing or any(e.scoring != "subset" for e in by_protocol.values()):
+    if len(by_protocol) < 2 or not run.skip_existing:
         return set()
     imagenet, imagenet_o = by_protocol["imagenet"], by_protocol["imagenet-o"]
     task = "zeroshot_classification"
@@ -147,21 +149,24 @@ def aupr_pair_to_recompute(run, entries) -> set[str]:
     return {imagenet.name, imagenet_o.name}
 
 
-def add_imagenet_o_aupr(run, records: list[dict], in_memory: dict) -> list[dict]:
-    """Add ``aupr`` to ImageNet-O's record when ImageNet and ImageNet-O were both just scored (subset)."""
-    if "imagenet" not in in_memory or "imagenet-o" not in in_memory:
-        return records
-    (_, imagenet), (entry, imagenet_o) = in_memory["imagenet"], in_memory["imagenet-o"]
-    if imagenet.scoring != "subset" or imagenet_o.scoring != "subset":
-        return records
-    from .protocols._data import wnid_table
+NO_AUPR = ("no AUPR: ImageNet-O's own metric (detection AUPR, Hendrycks et al. 2021) needs ImageNet validation "
+           "images of its 200 classes; add the imagenet set to the suite")
 
-    all_wnids = wnid_table("imagenet")
-    aupr = imagenet_o_aupr(imagenet, imagenet_o, [all_wnids.index(w) for w in wnid_table("imagenet_o")])
-    for record in records:
-        if record["dataset"] == entry.name and record["task"] == "zeroshot_classification":
-            record["metrics"]["aupr"] = aupr
-            write_json_atomic(record, run.path(entry.name, "zeroshot_classification"))
+
+def add_imagenet_o_aupr(run, records: list[dict], in_memory: dict) -> list[dict]:
+    """Add ``aupr`` to ImageNet-O's record when ImageNet and ImageNet-O were both just scored (either
+    scoring: the AUPR always ranks by the softmax over the 200 classes); without ImageNet in the
+    suite, ImageNet-O's record notes why it has no AUPR."""
+    if "imagenet-o" not in in_memory:
+        return records
+    entry, imagenet_o = in_memory["imagenet-o"]
+    record = next(r for r in records if r["dataset"] == entry.name and r["task"] == "zeroshot_classification")
+    if "imagenet" not in in_memory:
+        run.say(f"{entry.name}: {NO_AUPR}")
+        record["notes"] = [*record.get("notes", []), NO_AUPR]
+    else:
+        record["metrics"]["aupr"] = imagenet_o_aupr(in_memory["imagenet"][1], imagenet_o)
+    write_json_atomic(record, run.path(entry.name, "zeroshot_classification"))
     return records
 
 

@@ -26,7 +26,9 @@ A suite file (TOML; relative paths are under the file's folder)::
 
 Each result is written as it finishes, one JSON per dataset and task in CLIP_benchmark's schema
 (``{"dataset", "model", "pretrained", "task", "metrics", "language"}``, its file-name pattern
-``{dataset}_{pretrained}_{model}_{language}_{task}.json``), so ``skip_existing`` resumes a suite
+``{dataset}_{pretrained}_{model}_{language}_{task}.json``, a probe's task ``linear_probe_{k}shot`` in
+the name only; its metrics ``lp_acc1``, ``lp_acc5``, ``lp_mean_per_class_recall``, ``fewshot_k``,
+``seed``; ImageNet-O's ``aupr`` when ImageNet is in the suite), so ``skip_existing`` resumes a suite
 that was stopped, and CLIP_benchmark's aggregation (``clip_benchmark build``) reads the folder. Each
 JSON also records the ``settings`` it was computed with (data path, protocol, scoring, templates,
 class names, probe split and seed, the checkpoint's fingerprint); a result is reused only when they
@@ -210,24 +212,31 @@ def _whole(item) -> int:
 
 
 def parse_pairs(text: str, option: str) -> list[tuple[str, str]]:
-    """``[(name, path)]`` from ``"a=/x,b=/y"``."""
-    pairs = []
+    """``[(name, path)]`` from ``"a=/x,b=/y"``; a name ends at its first ``=``, so a path may hold
+    ``=``, and a path may hold ``,`` when the path so joined exists (``a=/data/x,y`` for ``/data/x,y``)."""
+    pairs: list[list[str]] = []
     for item in text.split(","):
         if not item.strip():
             continue
         name, sep, value = item.partition("=")
+        if pairs and (not sep or not os.path.exists(value.strip())) and os.path.exists(f"{pairs[-1][1]},{item}"):
+            pairs[-1][1] = f"{pairs[-1][1]},{item}"  # the comma was part of the previous path
+            continue
         if not sep or not name.strip() or not value.strip():
-            raise ValueError(f"{option}: expected NAME=PATH[,NAME=PATH...], got {item!r}")
-        if name.strip() in dict(pairs):
+            raise ValueError(f"{option}: expected NAME=PATH[,NAME=PATH...], got {item!r} (a comma is read as part "
+                             "of a path only when that path exists; or list the sets in a --config suite file)")
+        if name.strip() in {known for known, _ in pairs}:
             raise ValueError(f"{option}: {name.strip()!r} is given twice")
-        pairs.append((name.strip(), value.strip()))
+        pairs.append([name.strip(), value.strip()])
     if not pairs:
         raise ValueError(f"{option}: no NAME=PATH given")
-    return pairs
+    return [(name, path) for name, path in pairs]
 
 
 def result_filename(dataset: str, pretrained: str, model: str, task: str) -> str:
-    """CLIP_benchmark's default output name ``{dataset}_{pretrained}_{model}_{language}_{task}.json``."""
+    """CLIP_benchmark's default output name ``{dataset}_{pretrained}_{model}_{language}_{task}.json``
+    (as it names them, without the ``wds/`` of a webdataset set's name)."""
+    dataset = dataset[len("wds/"):] if dataset.startswith("wds/") else dataset
     return f"{dataset}_{pretrained}_{model}_{LANGUAGE}_{task}.json".replace("/", "_")
 
 

@@ -142,9 +142,13 @@ def evaluate_zeroshot(model: torch.nn.Module, data: ClassificationData, classnam
     """Top-1, top-5 (with at least 5 classes) and mean per-class recall of zero-shot predictions.
 
     ``classnames`` as in :func:`resolve_classnames`, ``templates`` as in :func:`resolve_templates`.
-    Unreadable images are skipped and listed in ``skipped``; none readable raises ``ValueError``.
+    Unreadable images are skipped and listed in ``skipped``; none readable, or a single class,
+    raises ``ValueError``.
     """
     names = resolve_classnames(classnames, data.classes)
+    if len(names) < 2:  # one prompt wins every image: 100% that measures nothing
+        raise ValueError(f"{data.source}: one class ({data.classes[0]!r}); zero-shot classification needs at least "
+                         "two (is it the folder above the class folders?)")
     template_list = resolve_templates(templates)
     classifier = zero_shot_classifier(model, names, template_list, device=device, precision=precision,
                                       cache_dir=cache_dir, progress=progress)

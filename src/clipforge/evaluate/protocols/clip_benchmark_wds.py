@@ -3,6 +3,7 @@
     root/classnames.txt                           one class name per line, in label order
     root/zeroshot_classification_templates.txt    one template per line, {c} for the class
     root/test/0.tar, 1.tar, ...                   samples: <key>.webp|png|jpg|jpeg + <key>.cls
+    root/test/nshards.txt                         the number of shards (when present, all must be there)
 
 Tar headers are read once to index where each image's bytes lie; images are then read straight
 from the shards by offset. An image path is shown as ``<shard>#<member>``.
@@ -103,6 +104,39 @@ def _read_lines(path: Path) -> list[str]:
     return [line.strip() for line in read_utf8(path).splitlines() if line.strip()]
 
 
+def _read_classnames(path: Path) -> list[str]:
+    """One name per line, line ``i`` naming label ``i``: a blank line inside the list would shift
+    every later label onto the wrong name, so it is refused (blank lines at the end are not)."""
+    lines = [line.strip() for line in read_utf8(path).splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    blank = [number for number, line in enumerate(lines, 1) if not line]
+    if blank:
+        raise ValueError(f"{path}: line {blank[0]} is blank; line i names class i-1, so a blank line would "
+                         "shift the names of all later classes (remove it or name the class)")
+    if not lines:
+        raise ValueError(f"{path}: no class names")
+    return lines
+
+
+def _check_shard_count(root: Path, split: str, shards: list[Path]) -> None:
+    """CLIP_benchmark reads ``<split>/0.tar`` ... ``<n-1>.tar`` for the n of ``nshards.txt``: a shard
+    missing from them (an interrupted download) would score a part of the set as if it were all."""
+    count_file = root / split / "nshards.txt"
+    if not count_file.is_file():
+        return
+    text = read_utf8(count_file).strip()
+    if not text.isdigit():
+        raise ValueError(f"{count_file}: expected the number of shards, got {text[:40]!r}")
+    names = {shard.name for shard in shards}
+    missing = [f"{i}.tar" for i in range(int(text)) if f"{i}.tar" not in names]
+    if missing:
+        shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
+        raise ValueError(f"{root / split}: nshards.txt lists {int(text)} shards (0.tar to {int(text) - 1}.tar) but "
+                         f"{len(missing)} of them {'is' if len(missing) == 1 else 'are'} missing ({shown}); "
+                         "is the download complete?")
+
+
 def load_wds_classification(path: str | os.PathLike, split: str = "test") -> ProtocolData:
     """A CLIP_benchmark webdataset classification folder (module docstring), read in place."""
     root = Path(path)
@@ -112,7 +146,8 @@ def load_wds_classification(path: str | os.PathLike, split: str = "test") -> Pro
     shards = sorted((root / split).glob("*.tar"), key=lambda p: (len(p.stem), p.stem)) if (root / split).is_dir() else []
     if not shards:
         raise ValueError(f"{root}: no {split}/*.tar shards (CLIP_benchmark's webdataset layout)")
-    classnames = _read_lines(root / CLASSNAMES)
+    _check_shard_count(root, split, shards)
+    classnames = _read_classnames(root / CLASSNAMES)
     notes = []
     if (root / TEMPLATES).is_file():
         templates = _read_lines(root / TEMPLATES)

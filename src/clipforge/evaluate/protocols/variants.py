@@ -9,8 +9,8 @@
   that ResNet-50 confidently took for these 200 classes. Its authors use it for out-of-distribution
   detection (AUPR against ImageNet validation images of the same 200 classes, anomaly score = minus
   the top softmax probability over the 200); loaded as labelled images here (CLIP_benchmark's
-  reading), so scoring gives the 200-way accuracy, and ``clipforge eval suite`` adds the AUPR when
-  ImageNet itself is in the suite.
+  reading), so scoring gives the 200-way accuracy; the AUPR (:mod:`.ood`) comes with
+  ``clipforge eval zeroshot --imagenet-val DIR`` or when ImageNet itself is in ``clipforge eval suite``.
 """
 from __future__ import annotations
 
