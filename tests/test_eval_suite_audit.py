@@ -237,3 +237,19 @@ def test_a_misspelt_protocol_over_a_release_folder_is_refused_not_scored_100(dat
                  "--cache-dir", str(data / "cache")]) == 2
     assert one_error_line(capsys, "eval").endswith("one class ('objectnet-1.0'); zero-shot classification needs at "
                                                    "least two (is it the folder above the class folders?)")
+
+
+def test_a_webdataset_shard_cut_between_two_samples_is_refused_not_read_shorter(data, tmp_path):
+    import tarfile
+
+    folder = shutil.copytree(data / "emoji_wds", tmp_path / "cut")
+    shard = folder / "test" / "0.tar"
+    whole = load_protocol_data(folder, "wds")
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    stems = list(dict.fromkeys(m.name.rsplit(".", 1)[0] for m in members))
+    cut = next(m.offset for m in members if m.name.rsplit(".", 1)[0] == stems[1])  # the second sample's header
+    shard.write_bytes(shard.read_bytes()[:cut])
+    with pytest.raises(ValueError, match=r"0.tar: damaged: no end-of-archive block after its last member"):
+        load_protocol_data(folder, "wds")  # before: read with its later samples silently gone
+    assert len(whole.paths) > 2

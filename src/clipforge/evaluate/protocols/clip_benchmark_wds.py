@@ -79,8 +79,14 @@ def _index_shard(shard: Path) -> list[tuple[str, tuple[int, int], int]]:
                     images[key] = (f"{shard}#{member.name}", (member.offset_data, member.size))
                 elif suffix.lower() == "cls":
                     labels[key] = _read_label(archive, member, shard)
+            end = archive.offset  # the byte after the last member
     except tarfile.TarError as error:
         raise ValueError(f"{shard}: not a readable tar file ({' '.join(str(error).split())})") from None
+    with open(shard, "rb") as file:  # tarfile reads a file cut between two members as a shorter tar
+        file.seek(end)
+        if file.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
+            raise ValueError(f"{shard}: damaged: no end-of-archive block after its last member (byte {end}); "
+                             "the file was cut short or overwritten (download it again)")
     unlabelled = sorted(set(images) - set(labels))
     if unlabelled:
         raise ValueError(f"{shard}: {len(unlabelled)} images have no .cls label, e.g. {unlabelled[0]!r}")
