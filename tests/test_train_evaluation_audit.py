@@ -94,6 +94,7 @@ def test_a_protocol_set_is_scored_as_the_eval_cli_scores_it(tmp_path, demo):
     ({"zeroshot": [{"data": "INR", "dataset": "imagenet-r", "classnames": "x"}]},
      r"eval.zeroshot\[0\]: classnames does not apply with dataset"),
     ({"retrieval": [{"data": "HELDOUT", "templates": ["a {}"]}]}, r"eval.retrieval\[0\]: unknown key 'templates'"),
+    ({"zeroshot": [{"data": "ONE"}]}, r"eval.zeroshot\[0\]: .*one class .*needs at least two"),
     ({"retrieval": [{"data": "HELDOUT", "name": "val/a"}]}, r"eval.retrieval\[0\]: name 'val/a' must be"),
 ])
 def test_broken_prompts_and_layouts_are_refused_before_training(tmp_path, demo, entry, message):
@@ -101,7 +102,11 @@ def test_broken_prompts_and_layouts_are_refused_before_training(tmp_path, demo, 
     inr = demo["root"] / "inr"
     if not inr.exists():
         make_class_folders(inr, wnid_table("imagenet_r")[:10])  # 10 of the 200 folders the protocol needs
-    paths = {"FLUENT": str(demo["fluent"]), "INR": str(inr), "HELDOUT": str(demo["heldout"])}
+    one = demo["root"] / "one"  # the folder above a single class folder: every image would be right
+    if not one.exists():
+        first = sorted(demo["fluent"].iterdir())[0]
+        shutil.copytree(first, one / first.name)
+    paths = {"FLUENT": str(demo["fluent"]), "INR": str(inr), "HELDOUT": str(demo["heldout"]), "ONE": str(one)}
     sets = {kind: [{k: paths.get(v, v) if isinstance(v, str) else v for k, v in item.items()} for item in items]
             for kind, items in entry.items()}
     config = apply_overrides(TrainConfig(), _overrides(tmp_path / "run", demo, steps=2, zeroshot=sets.get("zeroshot", []),

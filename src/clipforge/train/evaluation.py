@@ -132,6 +132,10 @@ class PeriodicEvaluation:
                         data = _classification_data(load_classification_data, spec)
                         if not _is_protocol(data):
                             resolve_classnames(spec.get("classnames"), data.classes)  # checks them too
+                        if len(data.classes) < 2:  # else refused at every evaluation, only logged
+                            raise ValueError(f"{spec['data']}: one class ({data.classes[0]!r}); zero-shot "
+                                             "classification needs at least two (is it the folder above "
+                                             "the class folders?)")
                     else:
                         data = load_retrieval_data(spec["data"], spec.get("images"))
                 except (ValueError, OSError, KeyError, TypeError) as error:
