@@ -41,8 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("overlap", help="near-duplicates of training images in an evaluation set",
                                    description="Find evaluation images with a near-duplicate in the training "
                                    "collection; split zero-shot accuracy into clean and overlapping images.")
-    parser.add_argument("--train", required=True, metavar="LISTING|DIR",
-                        help="training images: a caption listing (.jsonl/.csv/.tsv) or an image folder")
+    parser.add_argument("--train", required=True, metavar="LISTING|DIR|SHARDS",
+                        help="training images: a caption listing (.jsonl/.csv/.tsv), an image folder, or local "
+                        "tar shards ('data-{0000..0099}.tar' or their folder), read in place")
     parser.add_argument("--data", required=True, metavar="DIR|CSV", help="evaluation images (as eval zeroshot)")
     parser.add_argument("--dataset", metavar="NAME", help="read --data by a standard protocol (imagenet-r, ...)")
     parser.add_argument("--protocol", default="subset", choices=["subset", "1000way"],
@@ -125,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--threshold is a cosine in [-1, 1], got {threshold}")
     eval_cli.check_protocol_arg(args.protocol, args.dataset)
     eval_cli.check_out_folder(args.out, what="overlap.txt, pairs.csv, contact_sheet.png and report.json")
-    train = training_images(args.train)
+    collection = training_images(args.train)
+    train = collection.paths
     data = load_classification_data(args.data, None, dataset=args.dataset)
     device = eval_cli.resolve_device_arg(args.device)
     common = dict(device=device, precision=args.precision, num_workers=args.workers,
@@ -156,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     overlap = find_overlap(detector, train, data.paths, eval_preprocess, threshold, args.batch_size,
                            **{**common, "device": device if args.features == "model" else "cpu"},
-                           train_preprocess=detector_preprocess, known_train=known)
+                           train_preprocess=collection.wrap_preprocess(detector_preprocess), known_train=known)
     report = {"train": args.train, "data": args.data, "dataset": args.dataset, "features": args.features,
               "threshold": threshold, "num_train_images": len(overlap.train_paths),
               **split_accuracy(torch.zeros(len(overlap.eval_paths)), overlap.is_overlap)}
@@ -176,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
     with output_set(out, OUTPUTS) as staging:
         write_text_atomic(staging / "overlap.txt", "".join(f"{absolute_image_path(path)}\n" for path, _, _ in pairs))
         write_text_atomic(staging / "pairs.csv", _pairs_csv(overlap))
-        write_contact_sheet(pairs, staging / "contact_sheet.png", open_eval_image=image_opener(data))
+        write_contact_sheet(pairs, staging / "contact_sheet.png", open_eval_image=image_opener(data),
+                            open_train_image=collection.open)
         write_json(report, staging / "report.json")
     written = [out / name for name in OUTPUTS]
     pct = lambda value: "n/a" if value is None else f"{100 * value:.2f}%"

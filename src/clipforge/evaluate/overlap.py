@@ -36,6 +36,8 @@ from .features import encode_images
 if TYPE_CHECKING:
     import PIL.Image
 
+    from ._tar_images import TarMemberImages
+
 DEFAULT_THRESHOLDS = {"pixels": 0.98, "model": 0.995}  # tools/calibrate_overlap_threshold.py, demo data
 THUMBNAIL_GRID = 16
 _CHUNK = 4096  # training images compared per step
@@ -107,22 +109,69 @@ def drop_listed(data: ClassificationData, list_path: str | os.PathLike
                                labels=[data.labels[i] for i in keep]), dropped, unmatched
 
 
-def training_images(path: str | os.PathLike) -> list[str]:
-    """The images of a training collection: a caption listing (.csv/.tsv/.jsonl) or an image folder."""
+@dataclass
+class TrainingImages:
+    """A training collection's images: ``paths`` (files, or ``<shard>.tar#<member>`` of shards read
+    in place) and how to read them."""
+
+    paths: list[str]
+    shards: "TarMemberImages | None" = None  # the shards' member index, for a collection in shards
+
+    def wrap_preprocess(self, preprocess: Callable) -> Callable:
+        """``preprocess`` reading this collection's paths (shard members by offset)."""
+        if self.shards is None:
+            return preprocess
+        from ._tar_images import TarMemberImages
+
+        return TarMemberImages(preprocess, self.shards.locations, [shard for shard, _, _ in self.shards.shards])
+
+    def open(self, path: str) -> "PIL.Image.Image":
+        """The image at ``path`` (a file, or a shard member)."""
+        from ..transforms import load_image
+
+        return self.shards.open(path) if self.shards is not None and path in self.shards.locations \
+            else load_image(path)
+
+
+def training_images(path: str | os.PathLike) -> TrainingImages:
+    """The images of a training collection: a caption listing (.csv/.tsv/.jsonl), an image folder,
+    or local tar shards (a ``.tar`` file, a brace pattern ``data-{0000..0099}.tar``, or a folder of
+    ``.tar`` files), whose image members are read in place."""
     from ..data.captions import is_image_name, read_listing
 
-    path = Path(path)
+    text = os.fspath(path)
+    path = Path(text)
     if path.is_dir():
         images = sorted(str(Path(d) / n) for d, _, names in os.walk(path) for n in names
                         if is_image_name(n) and not n.startswith("."))
-        if not images:
-            raise ValueError(f"{path}: no images in this folder")
-        return images
+        if images:
+            return TrainingImages(images)
+        if not any(path.glob("*.tar")):
+            raise ValueError(f"{path}: no images (or .tar shards) in this folder")
+        return _shard_images(text)
+    if text.endswith(".tar") or (".tar" in text and "{" in text):
+        return _shard_images(text)
     listing = read_listing(path)
     images = [image if os.path.isabs(image) else str(path.parent / image) for image in listing.images if image]
     if not images:
         raise ValueError(f"{path}: the listing names no images")
-    return list(dict.fromkeys(images))
+    return TrainingImages(list(dict.fromkeys(images)))
+
+
+def _shard_images(pattern: str) -> TrainingImages:
+    """The image members of the local shards ``pattern`` names."""
+    from ..data.webdataset import expand_shards, is_remote
+    from ._tar_images import IMAGE_SUFFIXES, shard_images
+
+    shards = expand_shards(pattern)
+    remote = [shard for shard in shards if is_remote(shard)]
+    if remote:
+        raise ValueError(f"{remote[0]}: training shards are read in place, so they must be local files (copy "
+                         "them here, or list the images in a caption file)")
+    index = shard_images([Path(shard) for shard in shards])
+    if not index.locations:
+        raise ValueError(f"{pattern}: the shards hold no images ({', '.join(IMAGE_SUFFIXES)})")
+    return TrainingImages(list(index.locations), index)
 
 
 class PixelThumbnails(torch.nn.Module):
@@ -302,17 +351,19 @@ def _unchanged(image):
 
 def write_contact_sheet(pairs: Sequence[tuple[str, str, float]], path: str | os.PathLike,
                         max_pairs: int = 48, tile: int = 96,
-                        open_eval_image: Callable[[str], "PIL.Image.Image"] | None = None) -> Path:
+                        open_eval_image: Callable[[str], "PIL.Image.Image"] | None = None,
+                        open_train_image: Callable[[str], "PIL.Image.Image"] | None = None) -> Path:
     """A PNG of (evaluation image | nearest training image, cosine) pairs, most similar first.
 
     ``open_eval_image`` reads an evaluation image by its path (default: an image file); pass
-    :func:`image_opener` of the data set for webdataset members. An image that cannot be read is
-    drawn as an empty red box."""
+    :func:`image_opener` of the data set for webdataset members (and ``TrainingImages.open`` as
+    ``open_train_image`` for training shards). An image that cannot be read is drawn as an empty
+    red box."""
     from PIL import Image, ImageDraw
 
     from ..transforms import load_image
 
-    open_eval_image = open_eval_image or load_image
+    open_eval_image, open_train_image = open_eval_image or load_image, open_train_image or load_image
     shown = list(pairs)[:max_pairs]
     columns = 4
     rows = max(1, -(-len(shown) // columns))
@@ -323,7 +374,7 @@ def write_contact_sheet(pairs: Sequence[tuple[str, str, float]], path: str | os.
         draw.text((6, 6), "no overlapping images", fill="black")
     for k, (eval_path, train_path, cosine) in enumerate(shown):
         x, y = (k % columns) * cell_w, (k // columns) * cell_h
-        for offset, image_path, opener in ((0, eval_path, open_eval_image), (tile + 2, train_path, load_image)):
+        for offset, image_path, opener in ((0, eval_path, open_eval_image), (tile + 2, train_path, open_train_image)):
             try:
                 image = opener(image_path).convert("RGB")
                 image.thumbnail((tile, tile))

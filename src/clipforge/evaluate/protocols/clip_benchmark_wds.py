@@ -10,16 +10,14 @@ from the shards by offset. An image path is shown as ``<shard>#<member>``.
 """
 from __future__ import annotations
 
-import io
 import os
 import tarfile
 from pathlib import Path
-from typing import Callable
 
 from ...files import read_utf8
+from .._tar_images import IMAGE_SUFFIXES, TarMemberImages, shard_members, split_member_name
 from ._data import ProtocolData, require_folder
 
-IMAGE_SUFFIXES = ("webp", "png", "jpg", "jpeg")
 CLASSNAMES = "classnames.txt"
 TEMPLATES = "zeroshot_classification_templates.txt"
 
@@ -30,63 +28,18 @@ def is_wds_folder(path: str | os.PathLike, split: str = "test") -> bool:
     return (root / CLASSNAMES).is_file() and (root / split).is_dir() and any((root / split).glob("*.tar"))
 
 
-class TarMemberImages:
-    """``preprocess`` of images read by offset from tar shards; picklable for DataLoader workers."""
-
-    def __init__(self, preprocess: Callable, locations: dict[str, tuple[int, int]], shards: list[str]):
-        self.preprocess, self.locations = preprocess, locations
-        self.shards = [(shard, os.stat(shard).st_size, os.stat(shard).st_mtime_ns) for shard in shards]
-
-    def __call__(self, image):
-        if isinstance(image, str) and image in self.locations:
-            from PIL import Image
-
-            member, (offset, size) = image, self.locations[image]
-            with open(member.rsplit("#", 1)[0], "rb") as file:
-                file.seek(offset)
-                data = file.read(size)
-            try:
-                image = Image.open(io.BytesIO(data))
-                image.load()
-            except Exception as error:
-                raise ValueError(f"{member}: not a readable image ({type(error).__name__}: {error})") from error
-        return self.preprocess(image)
-
-    def __repr__(self) -> str:  # part of the feature-cache key: shard sizes and times catch edits
-        return f"TarMemberImages({self.preprocess!r}, shards={self.shards})"
-
-
-# Leading bytes of the compressions tarfile would undo on the fly; offsets into such a file are wrong.
-_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
-
-
 def _index_shard(shard: Path) -> list[tuple[str, tuple[int, int], int]]:
     """``[(path, (offset, size), label)]`` for the samples of one shard, in member order."""
-    with open(shard, "rb") as file:
-        head = file.read(6)
-    compression = next((name for magic, name in _COMPRESSED.items() if head.startswith(magic)), None)
-    if compression:
-        raise ValueError(f"{shard}: a {compression}-compressed tar; images are read by offset from plain tar "
-                         f"shards, so decompress it first (e.g. {compression} -d < {shard.name} > plain.tar)")
     images, labels = {}, {}
-    try:
-        with tarfile.open(shard, "r:") as archive:
-            for member in archive:
-                if not member.isfile() or "." not in Path(member.name).name:
-                    continue
-                key, suffix = member.name.rsplit(".", 1)
-                if suffix.lower() in IMAGE_SUFFIXES:
-                    images[key] = (f"{shard}#{member.name}", (member.offset_data, member.size))
-                elif suffix.lower() == "cls":
-                    labels[key] = _read_label(archive, member, shard)
-            end = archive.offset  # the byte after the last member
-    except tarfile.TarError as error:
-        raise ValueError(f"{shard}: not a readable tar file ({' '.join(str(error).split())})") from None
-    with open(shard, "rb") as file:  # tarfile reads a file cut between two members as a shorter tar
-        file.seek(end)
-        if file.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
-            raise ValueError(f"{shard}: damaged: no end-of-archive block after its last member (byte {end}); "
-                             "the file was cut short or overwritten (download it again)")
+    for archive, member in shard_members(shard):
+        parts = split_member_name(member.name)
+        if parts is None:
+            continue
+        key, suffix = parts
+        if suffix in IMAGE_SUFFIXES:
+            images[key] = (f"{shard}#{member.name}", (member.offset_data, member.size))
+        elif suffix == "cls":
+            labels[key] = _read_label(archive, member, shard)
     unlabelled = sorted(set(images) - set(labels))
     if unlabelled:
         raise ValueError(f"{shard}: {len(unlabelled)} images have no .cls label, e.g. {unlabelled[0]!r}")
