@@ -10,17 +10,16 @@ import csv
 import json
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
 import clipforge.evaluate.overlap as overlap_module
-from clipforge.cli import main
 from clipforge.evaluate.overlap import (NearestSearch, PixelThumbnails, absolute_image_path, find_overlap,
                                         nearest_neighbours, split_accuracy)
 
+from _cli_errors import error_lines, run_cli
 from _protocol_layouts import demo_images
 
 pytestmark = pytest.mark.slow  # runs the tiny model and the CLI end to end
@@ -60,20 +59,6 @@ def planted(tmp_path_factory):
     return root, [absolute_image_path(p) for p in planted], evaluation
 
 
-def _run(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        status = main([str(arg) for arg in argv])
-    except SystemExit as stop:
-        status = stop.code
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
-
-
-def _errors(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.strip() and "RANDOM weights" not in line and "it/s" not in line
-            and "img/s" not in line]
-
-
 def _correct_by_path(data_folder) -> dict[str, bool]:
     """Each evaluation image's zero-shot hit by the model ``--model tiny-vit`` gives, scored apart."""
     from clipforge.cli._common import load_model_arg
@@ -89,7 +74,7 @@ def _correct_by_path(data_folder) -> dict[str, bool]:
 def test_planted_copies_are_found_and_the_accuracies_are_the_exact_shares(planted, capsys):
     root, duplicates, evaluation = planted
     out = root / "out"
-    status, stdout, _ = _run(capsys, "overlap", "--train", root / "train", "--data", root / "eval", "--model", "tiny-vit",
+    status, stdout, _ = run_cli(capsys, "overlap", "--train", root / "train", "--data", root / "eval", "--model", "tiny-vit",
                              "--templates", "none", "--out", out, *FAST)
     assert status == 0
     assert sorted((out / "overlap.txt").read_text().split()) == sorted(duplicates)  # the 4 copies, nothing else
@@ -112,14 +97,14 @@ def test_planted_copies_are_found_and_the_accuracies_are_the_exact_shares(plante
 def test_no_overlap_reports_none_for_the_overlap_subset_and_excludes_nothing(planted, capsys):
     root, _, _ = planted
     out = root / "out-none"
-    assert _run(capsys, "overlap", "--train", root / "train-clean", "--data", root / "eval", "--model", "tiny-vit",
+    assert run_cli(capsys, "overlap", "--train", root / "train-clean", "--data", root / "eval", "--model", "tiny-vit",
                 "--templates", "none", "--out", out, *FAST)[0] == 0
     report = json.loads((out / "report.json").read_text())
     assert (report["num_overlap"], report["overlap_share"], report["accuracy_overlap"]) == (0, 0.0, None)
     assert report["overlap_minus_clean"] is None and report["all_minus_clean"] == 0.0
     assert report["accuracy_clean"] == report["accuracy_all"]
     assert (out / "overlap.txt").read_text() == ""
-    status, _, _ = _run(capsys, "eval", "zeroshot", "--data", root / "eval", "--model", "tiny-vit", "--templates", "none",
+    status, _, _ = run_cli(capsys, "eval", "zeroshot", "--data", root / "eval", "--model", "tiny-vit", "--templates", "none",
                         "--exclude", out / "overlap.txt", "--out", root / "zs-none", *FAST)
     assert status == 0 and json.loads((root / "zs-none" / "report.json").read_text())["num_images"] == 15
 
@@ -127,24 +112,24 @@ def test_no_overlap_reports_none_for_the_overlap_subset_and_excludes_nothing(pla
 def test_all_overlap_has_no_clean_subset_and_the_exclusion_says_so(planted, capsys):
     root, _, evaluation = planted
     out = root / "out-all"
-    assert _run(capsys, "overlap", "--train", root / "train-all", "--data", root / "eval", "--model", "tiny-vit",
+    assert run_cli(capsys, "overlap", "--train", root / "train-all", "--data", root / "eval", "--model", "tiny-vit",
                 "--templates", "none", "--out", out, *FAST)[0] == 0
     report = json.loads((out / "report.json").read_text())
     assert (report["num_overlap"], report["overlap_share"]) == (15, 1.0)
     assert report["accuracy_clean"] is None and report["all_minus_clean"] is None
     assert report["overlap_minus_clean"] is None and report["accuracy_overlap"] == report["accuracy_all"]
-    status, _, stderr = _run(capsys, "eval", "zeroshot", "--data", root / "eval", "--model", "tiny-vit",
+    status, _, stderr = run_cli(capsys, "eval", "zeroshot", "--data", root / "eval", "--model", "tiny-vit",
                              "--exclude", out / "overlap.txt", "--out", root / "zs-all", *FAST)
-    lines = _errors(stderr)
+    lines = error_lines(stderr)
     assert status == 2 and len(lines) == 1 and "lists every one of the 15 images" in lines[0]
 
 
 @pytest.mark.parametrize("value", ["1.0001", "-1.5", "nan", "inf"])
 def test_a_threshold_outside_the_cosine_range_stops_with_one_line(planted, capsys, value):
     root, _, _ = planted
-    status, _, stderr = _run(capsys, "overlap", "--train", root / "train", "--data", root / "eval",
+    status, _, stderr = run_cli(capsys, "overlap", "--train", root / "train", "--data", root / "eval",
                              "--out", root / "never", "--threshold", value, *FAST)
-    assert status == 2 and _errors(stderr) == [f"clipforge overlap: error: --threshold is a cosine in [-1, 1], "
+    assert status == 2 and error_lines(stderr) == [f"clipforge overlap: error: --threshold is a cosine in [-1, 1], "
                                                f"got {float(value)}"]
     assert not (root / "never").exists()
 
@@ -193,7 +178,7 @@ def test_embed_folders_are_reused_only_for_the_same_model_and_unchanged_files(pl
     root, duplicates, evaluation = planted
     train = tmp_path / "train"
     shutil.copytree(root / "train", train)
-    assert _run(capsys, "embed", train, tmp_path / "emb", "--model", "tiny-vit", "--workers", "0", "--quiet")[0] == 0
+    assert run_cli(capsys, "embed", train, tmp_path / "emb", "--model", "tiny-vit", "--workers", "0", "--quiet")[0] == 0
     embedded, encode = [], overlap_module.encode_images
 
     def recording(model, paths, *args, **kwargs):
@@ -208,11 +193,11 @@ def test_embed_folders_are_reused_only_for_the_same_model_and_unchanged_files(pl
         return {row["eval_image"]: (row["nearest_train_image"], float(row["cosine"]))
                 for row in csv.DictReader((out / "pairs.csv").open())}
 
-    status, _, stderr = _run(capsys, *base, "--train-embeddings", tmp_path / "emb", "--out", tmp_path / "reused")
+    status, _, stderr = run_cli(capsys, *base, "--train-embeddings", tmp_path / "emb", "--out", tmp_path / "reused")
     assert status == 0 and embedded == []  # every training image came from the embed folder
     assert "44 reused, 0 embedded here (0 changed since, 0 not in it)" in stderr
     assert json.loads((tmp_path / "reused" / "report.json").read_text())["train_embeddings"]["reused"] == 44
-    assert _run(capsys, *base, "--out", tmp_path / "fresh")[0] == 0
+    assert run_cli(capsys, *base, "--out", tmp_path / "fresh")[0] == 0
     fresh, reused = cosines(tmp_path / "fresh"), cosines(tmp_path / "reused")
     assert all(abs(reused[path][1] - fresh[path][1]) < 2e-3 for path in fresh)  # float16 parts
 
@@ -223,7 +208,7 @@ def test_embed_folders_are_reused_only_for_the_same_model_and_unchanged_files(pl
     os.utime(victim, ns=(victim.stat().st_atime_ns, (tmp_path / "emb").stat().st_mtime_ns + 10 ** 9))
     shutil.copyfile(evaluation[0], train / "added.png")
     embedded.clear()
-    status, _, stderr = _run(capsys, *base, "--train-embeddings", tmp_path / "emb", "--out", tmp_path / "stale")
+    status, _, stderr = run_cli(capsys, *base, "--train-embeddings", tmp_path / "emb", "--out", tmp_path / "stale")
     assert status == 0 and sorted(embedded) == sorted([str(victim), str(train / "added.png")])
     assert "43 reused, 2 embedded here (1 changed since, 1 not in it)" in stderr
     stale = cosines(tmp_path / "stale")
@@ -231,7 +216,7 @@ def test_embed_folders_are_reused_only_for_the_same_model_and_unchanged_files(pl
     assert stale[absolute_image_path(evaluation[0])][0] == absolute_image_path(train / "added.png")
 
     embedded.clear()  # another model's folder: nothing reused, and the reason is said
-    status, _, stderr = _run(capsys, *base, "--seed", "1", "--train-embeddings", tmp_path / "emb",
+    status, _, stderr = run_cli(capsys, *base, "--seed", "1", "--train-embeddings", tmp_path / "emb",
                              "--out", tmp_path / "other")
     assert status == 0 and len(embedded) == 45 and "not reused: made by another model (fingerprint" in stderr
 
@@ -239,15 +224,15 @@ def test_embed_folders_are_reused_only_for_the_same_model_and_unchanged_files(pl
 def test_bad_train_embeddings_stop_with_one_line(planted, tmp_path, capsys):
     root, _, _ = planted
     base = ["overlap", "--train", root / "train", "--data", root / "eval", "--out", tmp_path / "never", *FAST]
-    status, _, stderr = _run(capsys, *base, "--train-embeddings", tmp_path)
-    assert status == 2 and _errors(stderr) == ["clipforge overlap: error: --train-embeddings holds model embeddings: "
+    status, _, stderr = run_cli(capsys, *base, "--train-embeddings", tmp_path)
+    assert status == 2 and error_lines(stderr) == ["clipforge overlap: error: --train-embeddings holds model embeddings: "
                                                "it needs --features model (and --model, the checkpoint that made "
                                                "them); the default pixel descriptor embeds the images itself"]
-    status, _, stderr = _run(capsys, *base, "--features", "model", "--model", "tiny-vit", "--train-embeddings", tmp_path)
-    lines = _errors(stderr)
+    status, _, stderr = run_cli(capsys, *base, "--features", "model", "--model", "tiny-vit", "--train-embeddings", tmp_path)
+    lines = error_lines(stderr)
     assert status == 2 and len(lines) == 1 and "no readable manifest.json" in lines[0]
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "something-else"}))
-    status, _, stderr = _run(capsys, *base, "--features", "model", "--model", "tiny-vit", "--train-embeddings", tmp_path)
-    lines = _errors(stderr)
+    status, _, stderr = run_cli(capsys, *base, "--features", "model", "--model", "tiny-vit", "--train-embeddings", tmp_path)
+    lines = error_lines(stderr)
     assert status == 2 and len(lines) == 1 and "is not a clipforge embed manifest" in lines[0]
     assert not (tmp_path / "never").exists()

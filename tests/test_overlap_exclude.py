@@ -14,11 +14,11 @@ import pytest
 from PIL import Image
 
 import clipforge.evaluate.overlap as overlap_module
-from clipforge.cli import main
 from clipforge.evaluate import load_classification_data
 from clipforge.evaluate.overlap import drop_listed
 from clipforge.evaluate.report import write_zeroshot_report
 
+from _cli_errors import error_lines, run_cli
 from _protocol_layouts import demo_images, make_wds
 
 pytestmark = pytest.mark.slow  # runs the tiny model and the CLI end to end
@@ -41,35 +41,20 @@ def case(tmp_path):
     return tmp_path
 
 
-def run(capsys, *argv) -> tuple[int, str, str]:
-    """``(exit status, stdout, stderr)`` of ``clipforge argv``; argparse's exit counts as a status."""
-    try:
-        status = main([str(arg) for arg in argv])
-    except SystemExit as stop:
-        status = stop.code
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
-
-
-def error_lines(stderr: str) -> list[str]:
-    """stderr without the random-weights warning and progress bars."""
-    return [line for line in stderr.splitlines() if line.strip() and "RANDOM weights" not in line and "it/s" not in line]
-
-
 def overlap_args(case: Path, out, *extra) -> list:
     return ["overlap", "--train", case / "train.jsonl", "--data", case / "eval", "--out", out, *FAST, *extra]
 
 
 def test_overlap_list_is_absolute_and_excludes_from_another_folder(case, tmp_path_factory, monkeypatch, capsys):
     monkeypatch.chdir(case)  # --data and --out relative to the working folder
-    status, _, _ = run(capsys, "overlap", "--train", "train.jsonl", "--data", "eval", "--out", "ov", *FAST)
+    status, _, _ = run_cli(capsys, "overlap", "--train", "train.jsonl", "--data", "eval", "--out", "ov", *FAST)
     assert status == 0
     listed = (case / "ov" / "overlap.txt").read_text().split()
     assert sorted(listed) == sorted(os.path.realpath(case / "eval" / "copies" / f"copies{k}.png") for k in range(3))
     rows = (case / "ov" / "pairs.csv").read_text().splitlines()[1:]
     assert all(os.path.isabs(cell) for row in rows for cell in row.split(",")[:2])
     monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
-    status, out, err = run(capsys, "eval", "zeroshot", "--model", "tiny-vit", "--data", case / "eval", "--templates",
+    status, out, err = run_cli(capsys, "eval", "zeroshot", "--model", "tiny-vit", "--data", case / "eval", "--templates",
                            "none", "--exclude", case / "ov" / "overlap.txt", *FAST)
     assert status == 0 and "left out 3 images listed in" in out and "6 images" not in out
     assert not [line for line in error_lines(err) if line.startswith("warning")]
@@ -92,7 +77,7 @@ def test_relative_entries_are_read_against_the_list_folder_then_the_data_folder(
 def test_a_list_naming_no_image_stops_before_the_model_with_one_line(case, capsys):
     (case / "out").mkdir()
     (case / "out" / "stale.txt").write_text("eval/copies/copies0.png\n")  # relative to the working folder case/
-    status, _, err = run(capsys, "eval", "zeroshot", "--model", case / "no-model", "--data", case / "eval",
+    status, _, err = run_cli(capsys, "eval", "zeroshot", "--model", case / "no-model", "--data", case / "eval",
                          "--exclude", case / "out" / "stale.txt", *FAST)
     lines = error_lines(err)
     assert status == 2 and len(lines) == 1 and "Traceback" not in err
@@ -101,7 +86,7 @@ def test_a_list_naming_no_image_stops_before_the_model_with_one_line(case, capsy
 
 def test_a_list_partly_matching_warns_with_the_count(case, capsys):
     (case / "some.txt").write_text(f"{case / 'eval' / 'copies' / 'copies2.png'}\n/elsewhere/a.png\n/elsewhere/b.png\n")
-    status, out, err = run(capsys, "eval", "zeroshot", "--model", "tiny-vit", "--data", case / "eval", "--templates",
+    status, out, err = run_cli(capsys, "eval", "zeroshot", "--model", "tiny-vit", "--data", case / "eval", "--templates",
                            "none", "--exclude", case / "some.txt", "--out", case / "zs", *FAST)
     assert status == 0 and "left out 1 images listed in" in out
     assert "warning: 2 path(s) in" in err and "/elsewhere/a.png" in err
@@ -125,7 +110,7 @@ def wds_case(tmp_path):
 
 
 def test_webdataset_members_are_listed_excluded_and_drawn(wds_case, capsys):
-    status, _, _ = run(capsys, "overlap", "--train", wds_case / "train.jsonl", "--data", wds_case / "wds",
+    status, _, _ = run_cli(capsys, "overlap", "--train", wds_case / "train.jsonl", "--data", wds_case / "wds",
                        "--dataset", "wds", "--out", wds_case / "ov", *FAST)
     assert status == 0
     listed = (wds_case / "ov" / "overlap.txt").read_text().split()
@@ -156,7 +141,7 @@ def test_contact_sheet_reads_members_through_the_protocol(wds_case, tmp_path):
 
 def test_overlap_reads_the_model_from_clipforge_model(case, monkeypatch, capsys):
     monkeypatch.setenv("CLIPFORGE_MODEL", "tiny-vit")
-    status, out, _ = run(capsys, *overlap_args(case, case / "ov", "--templates", "none"))
+    status, out, _ = run_cli(capsys, *overlap_args(case, case / "ov", "--templates", "none"))
     report = json.loads((case / "ov" / "report.json").read_text())
     assert status == 0 and report["model"] == "tiny-vit" and report["accuracy_all"] is not None
     assert "zero-shot top-1 (tiny-vit)" in out
@@ -169,7 +154,7 @@ def test_overlap_reads_the_model_from_clipforge_model(case, monkeypatch, capsys)
     ("--workers", "two", "argument --workers: expected an integer, got 'two'"),
 ])
 def test_overlap_counts_are_validated(case, capsys, flag, value, message):
-    status, _, err = run(capsys, *overlap_args(case, case / "ov", flag, value))
+    status, _, err = run_cli(capsys, *overlap_args(case, case / "ov", flag, value))
     assert status == 2 and message in err and "Traceback" not in err
     assert not (case / "ov").exists()
 
@@ -203,7 +188,7 @@ def test_bad_out_folders_stop_with_one_line_before_any_compute(case, tmp_path, c
         argv = ["overlap", "--train", case / "train.jsonl", "--data", case / "eval"]
     else:
         argv = ["eval", "zeroshot", "--model", "tiny-vit", "--data", case / "eval"]
-    status, _, err = run(capsys, *argv, "--out", out, "--cache-dir", cache, "--workers", "0")
+    status, _, err = run_cli(capsys, *argv, "--out", out, "--cache-dir", cache, "--workers", "0")
     lines = error_lines(err)
     assert status == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert f"--out {out}: " in lines[0] and "expected a" in lines[0]
@@ -212,12 +197,12 @@ def test_bad_out_folders_stop_with_one_line_before_any_compute(case, tmp_path, c
 
 
 def test_1000way_needs_an_imagenet_family_dataset(case, wds_case, capsys):
-    status, _, err = run(capsys, "eval", "zeroshot", "--model", "tiny-vit", "--data", case / "eval",
+    status, _, err = run_cli(capsys, "eval", "zeroshot", "--model", "tiny-vit", "--data", case / "eval",
                          "--protocol", "1000way", *FAST)
     assert status == 2 and "--protocol 1000way applies only with --dataset" in err
     for argv in (["eval", "zeroshot", "--model", "tiny-vit"], ["overlap", "--train", wds_case / "train.jsonl",
                                                                "--out", wds_case / "ov"]):
-        status, _, err = run(capsys, *argv, "--data", wds_case / "wds", "--dataset", "wds", "--protocol", "1000way",
+        status, _, err = run_cli(capsys, *argv, "--data", wds_case / "wds", "--dataset", "wds", "--protocol", "1000way",
                              *FAST)
         assert status == 2 and "--protocol 1000way does not apply to --dataset wds" in err
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from clipforge.cli import main
 from clipforge.evaluate.overlap import absolute_image_path, training_images
 
+from _cli_errors import run_cli
 from _protocol_layouts import demo_images
 
 pytestmark = pytest.mark.slow  # runs the CLI end to end
@@ -52,12 +52,7 @@ def collection(tmp_path_factory):
 
 
 def _overlap(capsys, root: Path, train: str, out: Path) -> tuple[int, str, str]:
-    try:
-        status = main(["overlap", "--train", train, "--data", str(root / "eval"), "--out", str(out), *FAST])
-    except SystemExit as stop:
-        status = stop.code
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
+    return run_cli(capsys, "overlap", "--train", train, "--data", root / "eval", "--out", out, *FAST)
 
 
 def test_shards_find_the_same_duplicates_at_the_same_cosines_as_the_folder(collection, capsys):

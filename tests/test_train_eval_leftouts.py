@@ -9,7 +9,6 @@ longer than that.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from datetime import timedelta
@@ -17,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-DEMO = Path.home() / ".cache" / "clipforge" / "demo" / "data-64px"
+from _demo_subset import demo_subset
+
 PG_TIMEOUT_S = 4  # the process group's timeout in the torchrun tests
 EVAL_SLEEP_S = 10  # rank 0's first evaluation takes at least this long: more than the timeout
 
@@ -79,22 +79,8 @@ def test_every_steps_beyond_the_run_evaluates_after_the_last_step_only():
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """32 training rows, a held-out listing of 12 images and 4 Fluent 3D classes, from the demo's data."""
-    if not (DEMO / "train.jsonl").is_file():
-        pytest.skip(f"demo data not prepared under {DEMO}; run: clipforge demo --prepare-only")
-    root = tmp_path_factory.mktemp("leftouts")
-
-    def absolute(name: str, rows: int) -> Path:
-        records = [json.loads(line) for line in (DEMO / name).read_text(encoding="utf-8").splitlines()[:rows]]
-        for record in records:
-            record["image"] = str(DEMO / record["image"])
-        (root / name).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-        return root / name
-
-    fluent = root / "fluent"
-    for folder in sorted(p for p in (DEMO / "eval" / "fluent3d").iterdir() if p.is_dir())[:4]:
-        shutil.copytree(folder, fluent / folder.name)
-    return {"train": absolute("train.jsonl", 32), "heldout": absolute("heldout.jsonl", 12), "fluent": fluent}
+    """32 training rows, a held-out listing of 12 pairs and 4 Fluent 3D classes, from the demo's data."""
+    return demo_subset(tmp_path_factory.mktemp("leftouts"), 32, 12, 4)
 
 
 @pytest.mark.slow

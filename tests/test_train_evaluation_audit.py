@@ -14,41 +14,24 @@ from clipforge.evaluate import load_classification_data, load_retrieval_data
 from clipforge.evaluate.protocols import evaluate_protocol
 from clipforge.loss import Objective, contrastive_loss, sigmoid_loss
 from clipforge.models import CLIP, get_config
-from clipforge.runtime import cache_root
 from clipforge.train import TrainConfig, apply_overrides, train
 from clipforge.train.config import EvalSection
 from clipforge.train.distributed_setup import DistributedContext
 from clipforge.train.evaluation import PeriodicEvaluation
 from clipforge.train.log import read_metrics
 
+from _demo_subset import demo_subset
 from _kill_after_checkpoint import train_and_kill
 from _protocol_layouts import make_class_folders, make_wds, wnid_table
 
 pytestmark = pytest.mark.slow  # trains, spawns processes or serves: left out of -m 'not slow'
 
-DEMO = cache_root() / "demo" / "data-64px"
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """64 training rows, a held-out listing of 17 images and 12 Fluent 3D classes, from the demo's data."""
-    if not (DEMO / "train.jsonl").is_file():
-        pytest.skip(f"demo data not prepared under {DEMO}; run: clipforge demo --prepare-only")
-    root = tmp_path_factory.mktemp("demo-eval")
-
-    def absolute(name: str, rows: int) -> Path:
-        lines = (DEMO / name).read_text(encoding="utf-8").splitlines()[:rows]
-        records = [json.loads(line) for line in lines]
-        for record in records:
-            record["image"] = str(DEMO / record["image"])
-        (root / name).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-        return root / name
-
-    fluent = root / "fluent"
-    for folder in sorted(p for p in (DEMO / "eval" / "fluent3d").iterdir() if p.is_dir())[:12]:
-        shutil.copytree(folder, fluent / folder.name)
-    return {"train": absolute("train.jsonl", 64), "heldout": absolute("heldout.jsonl", 64), "fluent": fluent,
-            "root": root}
+    """64 training rows, a held-out listing of 64 pairs and 12 Fluent 3D classes, from the demo's data."""
+    return demo_subset(tmp_path_factory.mktemp("demo-eval"), 64, 64, 12)
 
 
 def _overrides(run_dir, demo, steps=4, every=2, zeroshot=None, retrieval=None, extra=()) -> list[str]:
