@@ -165,10 +165,14 @@ class _BatchStream(IterableDataset):
 def _let_ending_queue_threads_finish(timeout_s: float = 2.0) -> None:
     """Join the queue feeder threads of the last epoch's loader before forking the next one's workers.
 
-    Forking while another thread is ending can deadlock the child for good (CPython 3.11: the
-    child waits, after the fork, for a lock the ending thread held); the last epoch's feeder threads
-    end as its workers shut down, just as the next epoch forks. Seen as a 2-process run hanging at
-    an epoch boundary, its rank 0 waiting for a worker stuck in ``PyOS_AfterFork_Child``."""
+    A precaution, not a proven fix. A forked worker inherits every lock another thread holds at the
+    fork; CPython 3.11.7 hangs such a child for good in ``PyOS_AfterFork_Child`` when that lock is
+    the thread-state list lock (gh-112275). Python threads such as these feeders take that lock only
+    while holding the GIL, which the forking thread holds, so they cannot cause it; native threads
+    entering Python (``PyGILState_Ensure``) can. Without this join about one fork in six ran beside a
+    still-ending feeder thread, with no hang in 1,900 epoch boundaries (one and two gloo processes,
+    workers 1-2); the join takes under 2 ms. A 2-process CI run once hung at an epoch boundary with a
+    worker in ``PyOS_AfterFork_Child``: that hang was never reproduced and its cause is unknown."""
     deadline = time.monotonic() + timeout_s
     for thread in threading.enumerate():
         if thread.name == "QueueFeederThread" and thread is not threading.current_thread():
