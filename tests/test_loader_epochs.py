@@ -7,7 +7,6 @@ creating a Python thread state (gh-112275). The loader joins the last epoch's qu
 before forking (``_let_ending_queue_threads_finish``); the first test pins that down.
 """
 import functools
-import hashlib
 import json
 import os
 import subprocess
@@ -21,6 +20,7 @@ from clipforge.data import make_train_loader, open_dataset
 from clipforge.tokenizer import tokenize
 from clipforge.transforms import image_transform
 
+from _batch_digest import batch_digest
 from _data_helpers import make_pairs
 from _torchrun import failure, torchrun
 
@@ -36,16 +36,6 @@ def _record_threads_before_fork() -> None:
 os.register_at_fork(before=_record_threads_before_fork)
 
 
-def _digest(batches) -> str:
-    """One hash of the batches' pixels, tokens, keys and indices, in order."""
-    hashed = hashlib.sha256()
-    for batch in batches:
-        hashed.update(batch.images.numpy().tobytes())
-        hashed.update(batch.tokens.numpy().tobytes())
-        hashed.update(json.dumps([batch.index, batch.keys]).encode())
-    return hashed.hexdigest()
-
-
 @pytest.fixture(scope="module")
 def caption_file(tmp_path_factory) -> Path:
     return make_pairs(tmp_path_factory.mktemp("epochs"), SAMPLES)[0]
@@ -58,12 +48,12 @@ def test_no_feeder_thread_of_an_earlier_epoch_is_alive_when_the_next_epoch_forks
     epochs = range(12)
     _threads_at_fork = []
     try:
-        with_workers = [_digest(make_train_loader(dataset, preprocess, tokenizer, BATCH, epoch=e, num_workers=2))
+        with_workers = [batch_digest(make_train_loader(dataset, preprocess, tokenizer, BATCH, epoch=e, num_workers=2))
                         for e in epochs]
         forks = _threads_at_fork
     finally:
         _threads_at_fork = None
-    in_process = [_digest(make_train_loader(dataset, preprocess, tokenizer, BATCH, epoch=e)) for e in epochs]
+    in_process = [batch_digest(make_train_loader(dataset, preprocess, tokenizer, BATCH, epoch=e)) for e in epochs]
     assert with_workers == in_process
     assert len(set(in_process)) == len(epochs)  # each epoch has its own order and augmentation
     assert len(forks) == 2 * len(epochs)
@@ -71,19 +61,13 @@ def test_no_feeder_thread_of_an_earlier_epoch_is_alive_when_the_next_epoch_forks
 
 
 _RANK_SCRIPT = textwrap.dedent("""
-    import faulthandler, functools, hashlib, json, sys
+    import faulthandler, functools, json, sys
     import torch.distributed as dist
+    sys.path.insert(0, %r)  # the tests folder, for the shared digest
+    from _batch_digest import batch_digest as digest
     from clipforge.data import make_train_loader, open_dataset
     from clipforge.tokenizer import tokenize
     from clipforge.transforms import image_transform
-
-    def digest(batches):
-        hashed = hashlib.sha256()
-        for batch in batches:
-            hashed.update(batch.images.numpy().tobytes())
-            hashed.update(batch.tokens.numpy().tobytes())
-            hashed.update(json.dumps([batch.index, batch.keys]).encode())
-        return hashed.hexdigest()
 
     caption_file, epochs, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     faulthandler.dump_traceback_later(float(sys.argv[4]), exit=True)  # a hang prints this rank's stack
@@ -106,7 +90,7 @@ _RANK_SCRIPT = textwrap.dedent("""
     with open(f"{out}.{rank}", "w") as f:
         json.dump(digests, f)
     dist.destroy_process_group()
-""" % BATCH)
+""" % (str(Path(__file__).parent), BATCH))
 
 
 @pytest.mark.distributed
