@@ -66,12 +66,40 @@ def test_every_steps_beyond_the_run_evaluates_after_the_last_step_only():
     from clipforge.train.evaluation import PeriodicEvaluation
 
     evaluation = PeriodicEvaluation.__new__(PeriodicEvaluation)
-    evaluation.sets, evaluation.every_steps = [object()], 50
+    evaluation.sets, evaluation.every_steps, evaluation.times = [object()], 50, 0
     assert [step for step in range(1, 11) if evaluation.due(step, 10)] == [10]
     evaluation.every_steps = 0
     assert [step for step in range(1, 11) if evaluation.due(step, 10)] == [10]
     evaluation.every_steps = 3
     assert [step for step in range(1, 11) if evaluation.due(step, 10)] == [3, 6, 9, 10]
+
+
+def test_eval_times_spaces_evaluations_over_the_total_read_at_each_step():
+    from clipforge.train.evaluation import PeriodicEvaluation
+
+    evaluation = PeriodicEvaluation.__new__(PeriodicEvaluation)
+    evaluation.sets, evaluation.every_steps, evaluation.times = [object()], 0, 4
+    assert [step for step in range(1, 101) if evaluation.due(step, 100)] == [25, 50, 75, 100]
+    assert [step for step in range(1, 11) if evaluation.due(step, 10)] == [3, 5, 8, 10]  # crossings of 2.5, 5, 7.5, 10
+    # a minutes run that planned 400 steps and is re-planned to 240 after step 100: the evaluations
+    # follow the new length (the old spacing, every 100, would give 100 and 200 and the last only)
+    totals = {step: 400 if step <= 100 else 240 for step in range(1, 241)}
+    assert [step for step in range(1, 241) if evaluation.due(step, totals[step])] == [100, 120, 180, 240]
+
+
+def test_eval_times_is_validated_like_every_steps():
+    from clipforge.train import TrainConfig, apply_overrides
+    from clipforge.train.config import validate
+
+    base = ["data.train=train.csv"]
+    sets = base + ['eval.retrieval=[{"name": "val", "data": "val.csv"}]']
+    with pytest.raises(ValueError, match=r"eval.times=3 evaluates nothing: no eval.zeroshot"):
+        validate(apply_overrides(TrainConfig(), base + ["eval.times=3"]))
+    with pytest.raises(ValueError, match=r"eval.times must be >= 0 \(0: use eval.every_steps\), got -2"):
+        validate(apply_overrides(TrainConfig(), sets + ["eval.times=-2"]))
+    with pytest.raises(ValueError, match=r"eval.times=3 and eval.every_steps=5 both space the evaluations"):
+        validate(apply_overrides(TrainConfig(), sets + ["eval.times=3", "eval.every_steps=5"]))
+    validate(apply_overrides(TrainConfig(), sets + ["eval.times=3"]))
 
 
 # ---------------------------------------------------------------- a long evaluation under torchrun

@@ -90,6 +90,9 @@ class EvalSection:
     # Held-out image-caption listings: recall@k both ways and the held-out loss: [{name, data}]
     retrieval: list = field(default_factory=list)
     every_steps: int = 0  # evaluate every this many steps (0: only at the end), and always after the last step
+    # or: evaluate this many times, evenly over the run's steps (the last after the last step); a
+    # ``minutes`` run spaces them over its re-planned length, which every_steps cannot know in advance
+    times: int = 0
     batch_size: int = 64  # images per encoder pass while evaluating
     # torchrun: how long the other processes wait for rank 0's evaluation before the run stops (an
     # evaluation may outlast the process group's own timeout, 30 minutes, which does not apply to it)
@@ -321,10 +324,17 @@ def _validate_eval(section: EvalSection) -> None:
     """``eval.*``: a period needs something to evaluate (else the user would believe they evaluate)."""
     if section.every_steps < 0:
         raise ValueError(f"eval.every_steps must be >= 0 (0: only after the last step), got {section.every_steps}")
-    if section.every_steps and not (section.zeroshot or section.retrieval):
-        raise ValueError(f"eval.every_steps={section.every_steps} evaluates nothing: no eval.zeroshot or "
-                         "eval.retrieval set is given; add a set (e.g. --set 'eval.retrieval=[{\"name\": \"val\", "
-                         "\"data\": \"val.csv\"}]') or drop eval.every_steps")
+    if section.times < 0:
+        raise ValueError(f"eval.times must be >= 0 (0: use eval.every_steps), got {section.times}")
+    if section.times and section.every_steps:
+        raise ValueError(f"eval.times={section.times} and eval.every_steps={section.every_steps} both space the "
+                         "evaluations: set one of them")
+    for name in ("every_steps", "times"):
+        value = getattr(section, name)
+        if value and not (section.zeroshot or section.retrieval):
+            raise ValueError(f"eval.{name}={value} evaluates nothing: no eval.zeroshot or "
+                             "eval.retrieval set is given; add a set (e.g. --set 'eval.retrieval=[{\"name\": \"val\", "
+                             f"\"data\": \"val.csv\"}}]') or drop eval.{name}")
     if section.batch_size < 1:
         raise ValueError(f"eval.batch_size must be >= 1, got {section.batch_size}")
     if not (math.isfinite(section.wait_minutes) and section.wait_minutes > 0):

@@ -104,6 +104,7 @@ class PeriodicEvaluation:
         same loss (SigLIP's with its bias); without it the held-out loss is CLIP's contrastive loss."""
         self.sets = parse_eval_sets(section)
         self.every_steps, self.batch_size, self.context = section.every_steps, batch_size, context
+        self.times = section.times
         self.eval_batch_size = section.batch_size
         self.objective = objective if objective is not None else Objective("clip")
         self.wait_minutes = float(section.wait_minutes)
@@ -147,9 +148,13 @@ class PeriodicEvaluation:
             set_rng_state(saved)
 
     def due(self, step: int, total_steps: int) -> bool:
-        """Whether to evaluate after ``step``: every ``every_steps`` steps and at the last step."""
+        """Whether to evaluate after ``step``: every ``every_steps`` steps, or when ``step`` crosses one
+        of ``times`` even fractions of ``total_steps`` (read now: a ``minutes`` run re-plans it), and
+        at the last step."""
         if not self.sets:
             return False
+        if self.times > 0 and step < total_steps:
+            return step * self.times // total_steps > (step - 1) * self.times // total_steps
         return step == total_steps or (self.every_steps > 0 and step % self.every_steps == 0)
 
     def __call__(self, model: torch.nn.Module, step: int | None = None) -> dict[str, Any]:
