@@ -241,12 +241,17 @@ def test_shards_local_pipe_and_http_give_the_same_rows(tmp_path, demo_images, ch
         server.shutdown()
     local = collections["local"]
     assert local["manifest"]["count"] == 13 and [p["rows"] for p in local["manifest"]["parts"]] == [4, 5, 4]
-    assert [entry["input"] for entry in local["manifest"]["skipped"]] == ["shard-0.tar:000002"]
+    shard_0 = (tmp_path / "shards" / "shard-0.tar").resolve()
+    assert [entry["input"] for entry in local["manifest"]["skipped"]] == [f"{shard_0}#000002.png"]
     first = local["metadata"][0]
-    assert first["image_path"] == "shard-0.tar:000000" and first["caption"] == "sample 000000"
+    assert first["image_path"] == f"{shard_0}#000000.png" and first["caption"] == "sample 000000"  # as overlap names it
     assert first["width"] == 64 and first["source"] == demo_images[0].parent.name
-    for name in ("pipe", "http"):
-        assert collections[name]["bytes"] == local["bytes"] and collections[name]["metadata"] == local["metadata"]
+    for name in ("pipe", "http"):  # the same rows, each named <the shard as given>#<member>
+        assert collections[name]["bytes"] == local["bytes"]
+        for row, local_row in zip(collections[name]["metadata"], local["metadata"], strict=True):
+            assert {**row, "image_path": None} == {**local_row, "image_path": None}
+            assert row["image_path"].rsplit("/", 1)[1] == local_row["image_path"].rsplit("/", 1)[1]
+    assert collections["pipe"]["metadata"][0]["image_path"] == f"pipe:cat {tmp_path}/shards/shard-0.tar#000000.png"
     # A truncated shard: its readable samples are kept, the rest is listed, nothing hangs.
     data = shards[1].read_bytes()
     shards[1].write_bytes(data[: len(data) // 2 + 100])

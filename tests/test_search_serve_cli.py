@@ -81,15 +81,17 @@ def test_other_model_warns_once_per_collection(fixture, capsys):
     (["--port", "70000"], "--port must be 1..65535"),
 ])
 def test_serve_refuses_bad_arguments_in_one_line(fixture, capsys, argv, message):
-    assert main(["serve", str(fixture.shapes), "--model", str(fixture.model_dir), *argv]) == 2
+    # a free --port first: the port is bound before anything else is checked (argv's --port wins)
+    assert main(["serve", str(fixture.shapes), "--model", str(fixture.model_dir), "--port", str(free_port()),
+                 *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("clipforge serve: error:") and message in err
 
 
 def test_serve_refuses_missing_folder_and_name_clash(fixture, tmp_path, capsys):
-    assert main(["serve", str(tmp_path / "nope"), "--model", str(fixture.model_dir)]) == 2
+    assert main(["serve", str(tmp_path / "nope"), "--model", str(fixture.model_dir), "--port", str(free_port())]) == 2
     assert "nope: not a collection folder" in capsys.readouterr().err
     shutil.copytree(fixture.imageonly, tmp_path / "imageonly")
     assert main(["serve", str(fixture.imageonly), str(tmp_path / "imageonly"), "--model",
-                 str(fixture.model_dir)]) == 2
+                 str(fixture.model_dir), "--port", str(free_port())]) == 2
     assert "two collections are named 'imageonly'" in capsys.readouterr().err

@@ -19,7 +19,7 @@ import sys
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``embed``."""
-    from ._common import add_model_arguments
+    from ._common import add_model_arguments, non_negative_int, positive_int
 
     parser = subparsers.add_parser("embed", help="embed images and captions for search (clip-retrieval layout)",
                                    description="Embed an image folder, a CSV/TSV/JSONL listing or WebDataset "
@@ -30,10 +30,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(parser)
     parser.add_argument("--modalities", default=None, metavar="image[,text]",
                         help="what to embed (default: image,text when the source has captions, else image)")
-    parser.add_argument("--batch-size", type=int, default=256, metavar="N")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N",
+    parser.add_argument("--batch-size", type=positive_int, default=256, metavar="N")
+    parser.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1), metavar="N",
                         help="DataLoader processes reading and decoding images")
-    parser.add_argument("--part-size", type=int, default=10000, metavar="N",
+    parser.add_argument("--part-size", type=positive_int, default=10000, metavar="N",
                         help="rows per output part for folders and listings (shards: one part per shard)")
     parser.add_argument("--images", metavar="DIR", help="folder that a listing's relative paths are under "
                         "(default: the listing's folder)")

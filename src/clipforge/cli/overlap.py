@@ -17,8 +17,8 @@ clean and overlapping subsets.
 
 ``--features model --train-embeddings DIR`` reuses the image embeddings ``clipforge embed`` wrote
 for the training collection: only when the folder's model fingerprint and precision are this
-run's, and only for the training images it holds that have not changed since (a file modified
-after its part was written, or added to the collection since, is embedded again here).
+run's, and only for the training images it holds that have not changed since (same size and
+content digest; a file edited or added since is embedded again here).
 """
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(default: 0.98 for pixels, 0.995 for model; calibrated on the demo data)")
     parser.add_argument("--train-embeddings", metavar="DIR",
                         help="with --features model: reuse this `clipforge embed` folder of the --train images "
-                        "where it holds them, made by the same model and precision and newer than the files")
+                        "where it holds them unchanged, made by the same model and precision")
     parser.add_argument("--out", required=True, metavar="DIR")
     add_model_arguments(parser)  # optional here: without a model only the overlap is measured
     parser.add_argument("--batch-size", type=positive_int, default=64, metavar="N")

@@ -12,6 +12,8 @@ otherwise, and serves only indexed images, by id.
 from __future__ import annotations
 
 import argparse
+import errno
+import socket
 import sys
 
 from . import CliError
@@ -30,12 +32,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=1234, help="port (default: 1234)")
     parser.add_argument("--max-k", type=int, default=1000, metavar="K", help="most results per query (default: 1000)")
-    parser.add_argument("--batch-wait-ms", type=float, default=3.0, metavar="MS",
+    parser.add_argument("--batch-wait-ms", type=_milliseconds, default=3.0, metavar="MS",
                         help="how long the encoder waits to batch concurrent queries (default: 3)")
     parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                         help="allow browser pages from ORIGIN to call the API (e.g. a hosted clip-retrieval "
                         "front); repeatable; none by default")
     parser.set_defaults(func=run)
+
+
+def _milliseconds(text: str) -> float:
+    """argparse type of a finite wait of 0 ms or more (an infinite one would stall the encoder thread)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of milliseconds, got {text!r}") from None
+    if not 0 <= value < 60_000:
+        raise argparse.ArgumentTypeError(f"must be 0 to 60000 milliseconds, got {text}")
+    return value
 
 
 def build_app(args: argparse.Namespace):
@@ -48,8 +61,6 @@ def build_app(args: argparse.Namespace):
     from ..search.service import create_app
     from ._common import load_model_arg
 
-    if not 1 <= args.port <= 65535:
-        raise CliError(f"--port must be 1..65535, got {args.port}")
     if args.max_k < 1:
         raise CliError(f"--max-k must be at least 1, got {args.max_k}")
     collections = load_collections(args.collections)
@@ -78,16 +89,48 @@ def build_app(args: argparse.Namespace):
                       allowed_hosts=allowed_hosts)
 
 
+def bind_port(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (not yet listening), or CliError in one line saying why not:
+    checked before the model loads, so a taken port stops at once instead of after the announcement."""
+    if not 1 <= port <= 65535:
+        raise CliError(f"--port must be 1..65535, got {port}")
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a TIME_WAIT port is free
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        if error.errno == errno.EADDRINUSE:
+            raise CliError(f"{address} is taken (another program listens on it); pass --port with a free "
+                           "port") from None
+        if error.errno == errno.EACCES:
+            raise CliError(f"{address}: no permission to bind port {port}; pass --port 1024 or above") from None
+        raise CliError(f"--host {host}: cannot bind {address} ({error.strerror or error}); pass --host with "
+                       "an address of this machine") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def run(args: argparse.Namespace) -> int:
     """``clipforge serve``."""
     import uvicorn
 
-    app = build_app(args)
-    if args.host not in LOOPBACK:
-        print(f"warning: binding {args.host}: anyone who can reach this machine can search these collections "
-              "and read their indexed images", file=sys.stderr)
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    names = ", ".join(app.state.service.collections)
-    print(f"serving {names} on http://{host}:{args.port}/ (Ctrl-C to stop)", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
-    return 0
+    sock = bind_port(args.host, args.port)
+    try:
+        app = build_app(args)
+        if args.host not in LOOPBACK:
+            print(f"warning: binding {args.host}: anyone who can reach this machine can search these "
+                  "collections and read their indexed images", file=sys.stderr)
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        names = ", ".join(app.state.service.collections)
+        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                               access_log=False))
+        print(f"serving {names} on http://{host}:{args.port}/ (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:
+            pass
+    finally:
+        sock.close()
+    return 0 if server.started else 1

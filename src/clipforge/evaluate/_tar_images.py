@@ -1,5 +1,6 @@
 """Images read in place from local, uncompressed tar shards: each image member's byte range is
-indexed once from the headers, then read by offset. An image's path is ``<shard>#<member>``.
+indexed once from the headers, then read by offset. An image's path is ``<shard>#<member>``
+(:func:`member_path`, the one place that form is made; ``clipforge embed`` names shard samples so too).
 
 Used by CLIP_benchmark's webdataset sets (``protocols/clip_benchmark_wds.py``) and by
 ``clipforge overlap`` for a training collection in shards.
@@ -73,6 +74,12 @@ def shard_members(shard: Path) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInf
                              "the file was cut short or overwritten (download it again)")
 
 
+def member_path(shard: str | os.PathLike, member: str) -> str:
+    """The name of tar member ``member`` (its full name in the archive) of ``shard``: ``<shard>#<member>``,
+    what overlap's and embed's outputs hold, and what ``tar -xf <shard> <member>`` extracts."""
+    return f"{os.fspath(shard)}#{member}"
+
+
 def split_member_name(name: str) -> tuple[str, str] | None:
     """``(key, lower-case suffix)`` of a member name ``key.suffix``, or None without a suffix."""
     if "." not in Path(name).name:
@@ -89,7 +96,7 @@ def shard_images(shards: list[Path]) -> TarMemberImages:
         for _, member in shard_members(shard):
             parts = split_member_name(member.name)
             if parts is not None and parts[1] in IMAGE_SUFFIXES:
-                locations[f"{shard}#{member.name}"] = (member.offset_data, member.size)
+                locations[member_path(shard, member.name)] = (member.offset_data, member.size)
     return TarMemberImages(_unchanged, locations, [str(shard) for shard in shards])
 
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..files import atomic_path, read_utf8
+from ._tar_images import member_path
 from .datasets import ClassificationData
 from .features import encode_images
 
@@ -64,7 +65,7 @@ def absolute_image_path(path: str | os.PathLike) -> str:
     cut = path.find(_MEMBER_MARK)
     if cut >= 0:
         shard, member = path[:cut + len(_MEMBER_MARK) - 1], path[cut + len(_MEMBER_MARK):]
-        return f"{os.path.realpath(shard)}#{member}"
+        return member_path(os.path.realpath(shard), member)
     return os.path.realpath(path)
 
 

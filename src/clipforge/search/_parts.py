@@ -6,7 +6,14 @@ Layout of OUT (row ``i`` of the concatenated parts is metadata row ``i`` and FAI
     metadata/metadata_{N}.parquet                          image_path, caption[, captions, JSON fields]
     manifest.json                                          model, dim, counts, parts, skipped, complete
     .clipforge/run.json                                    what the parts were made with (resume check)
+    .clipforge/inputs_{N}.parquet                          part N's inputs, in order: name, metadata row
+                                                           (null: skipped), size, mtime_ns, digest
     .clipforge/part_{N}.json                               written last: part N is complete
+
+The inputs' fingerprints (``_fingerprints``) tell a run again over the same SOURCE which complete
+parts still hold what their inputs are now, and ``clipforge overlap --train-embeddings`` which rows
+it may reuse. Version 1 folders (before 2) have no inputs files and name a shard sample
+``shard.tar:key``; version 2 names it ``<shard>#<member>``.
 
 Every file is written under a temporary name beside it and moved into place with ``os.replace``;
 a part counts as done only once its marker exists, so a process killed mid-part leaves at most
@@ -24,7 +31,7 @@ import numpy as np
 from ..files import atomic_path
 
 FORMAT = "clipforge-embeddings"
-VERSION = 1
+VERSION = 2  # 2: shard samples named <shard>#<member>, inputs fingerprinted (.clipforge/inputs_N.parquet)
 STATE_DIR = ".clipforge"
 EMBEDDING_FOLDERS = {"image": ("img_emb", "img_emb"), "text": ("text_emb", "text_emb")}
 
@@ -63,6 +70,11 @@ def metadata_path(out: Path, part: int) -> Path:
     return out / "metadata" / f"metadata_{part}.parquet"
 
 
+def inputs_path(out: Path, part: int) -> Path:
+    """``OUT/.clipforge/inputs_{N}.parquet``: part N's inputs and their fingerprints."""
+    return out / STATE_DIR / f"inputs_{part}.parquet"
+
+
 def marker_path(out: Path, part: int) -> Path:
     """``OUT/.clipforge/part_{N}.json``: present once part N is complete."""
     return out / STATE_DIR / f"part_{part}.json"
@@ -95,10 +107,18 @@ def metadata_table(rows: list[dict], multi_caption: bool):
 
 
 def write_part(out: Path, part: int, embeddings: dict[str, np.ndarray], rows: list[dict],
-               skipped: list[dict], multi_caption: bool, rank: int = 0) -> None:
-    """Write part ``part`` (each modality's ``(rows, dim)`` float16, the metadata), then its marker,
-    which also records the torchrun ``rank`` that wrote it."""
+               skipped: list[dict], multi_caption: bool, rank: int = 0, inputs: list[dict] = (),
+               shard: dict | None = None) -> None:
+    """Write part ``part`` (each modality's ``(rows, dim)`` float16, the metadata, its ``inputs``:
+    ``{"input", "row", "size", "mtime_ns", "digest"}`` in order), then its marker, which also records
+    the torchrun ``rank`` that wrote it and the fingerprint of the ``shard`` it was read from."""
     pa = require_pyarrow()
+    columns = {"input": pa.string(), "row": pa.int64(), "size": pa.int64(), "mtime_ns": pa.int64(),
+               "digest": pa.string()}
+    table = pa.table({name: pa.array([entry[name] for entry in inputs], type=kind) for name, kind in columns.items()})
+    sink = pa.BufferOutputStream()
+    pa.parquet.write_table(table, sink)
+    write_atomic(inputs_path(out, part), sink.getvalue().to_pybytes())
     for modality, array in embeddings.items():
         buffer = io.BytesIO()
         np.save(buffer, np.ascontiguousarray(array, dtype=np.float16))
@@ -106,7 +126,24 @@ def write_part(out: Path, part: int, embeddings: dict[str, np.ndarray], rows: li
     sink = pa.BufferOutputStream()
     pa.parquet.write_table(metadata_table(rows, multi_caption), sink)
     write_atomic(metadata_path(out, part), sink.getvalue().to_pybytes())
-    write_json(marker_path(out, part), {"part": part, "rows": len(rows), "skipped": skipped, "rank": rank})
+    marker = {"part": part, "rows": len(rows), "skipped": skipped, "rank": rank, "version": VERSION}
+    if shard is not None:
+        marker["shard"] = shard
+    write_json(marker_path(out, part), marker)
+
+
+def read_inputs(out: Path, part: int) -> list[dict] | None:
+    """Part ``part``'s inputs as written by :func:`write_part`; None when absent or unreadable."""
+    pa = require_pyarrow()
+    try:
+        return pa.parquet.read_table(inputs_path(out, part)).to_pylist()
+    except (OSError, ValueError, pa.ArrowException):
+        return None
+
+
+def remove_marker(out: Path, part: int) -> None:
+    """Mark part ``part`` as not complete (its files are overwritten when it is done again)."""
+    marker_path(out, part).unlink(missing_ok=True)
 
 
 def read_marker(out: Path, part: int) -> dict | None:
@@ -118,16 +155,29 @@ def read_marker(out: Path, part: int) -> dict | None:
 
 
 def check_run(out: Path, run: dict) -> None:
-    """Record ``run`` in ``.clipforge/run.json``, or refuse when OUT holds parts of a different run."""
+    """Record ``run`` in ``.clipforge/run.json``, or refuse when OUT holds parts of a different run.
+
+    A folder of an older version is taken over (its parts, whose markers carry no ``version``, are
+    embedded again); one of a newer version is refused."""
     path = out / STATE_DIR / "run.json"
     if path.is_file():
-        previous = json.loads(path.read_text())
-        changed = [name for name in run if previous.get(name) != run[name]]
+        try:
+            previous = json.loads(path.read_text())
+            if not isinstance(previous, dict):
+                raise ValueError(previous)
+        except ValueError:
+            raise ValueError(f"{path}: not valid JSON (damaged); use a new output folder or delete this one") from None
+        before = previous.get("version", 1)
+        if not isinstance(before, int) or before > VERSION:
+            raise ValueError(f"{out} was written by a newer clipforge embed (folder version {before!r}, this one "
+                             f"writes {VERSION}); upgrade clipforge, use a new output folder or delete this one")
+        changed = [name for name in run if name != "version" and previous.get(name) != run[name]]
         if changed:
             details = "; ".join(f"{name}: {previous.get(name)!r} before, {run[name]!r} now" for name in changed)
             raise ValueError(f"{out} holds embeddings made differently ({details}); "
                              "use a new output folder or delete this one")
-        return
+        if before == run.get("version", 1):
+            return
     write_json(path, run)
 
 

@@ -10,7 +10,9 @@ kill. Files and listing rows are cut into parts of ``part_size`` rows; shards gi
 - A ``.csv``/``.tsv``/``.jsonl`` listing is read by :func:`clipforge.data.captions.read_listing`,
   paths relative to ``image_root`` (default: the listing's folder); one record per row.
 - Anything else is a shard pattern: a ``.tar`` path, a brace pattern, a folder of ``.tar`` files,
-  or the ``pipe:`` and ``http(s)://`` URLs that webdataset opens.
+  or the ``pipe:`` and ``http(s)://`` URLs that webdataset opens. A sample is named by its image
+  member, ``<shard>#<member>`` (``/data/cc3m-0000.tar#000017.jpg``: the shard's resolved path, or its
+  URL), as ``clipforge overlap`` names it (:func:`clipforge.evaluate._tar_images.member_path`).
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ from typing import Iterator
 from ..data.captions import CAPTION_FILE_SUFFIXES, CAPTION_KEYS, is_image_name, read_listing
 from ..data.webdataset import IMAGE_MEMBERS as SHARD_IMAGE_EXTENSIONS
 from ..data.webdataset import expand_shards, iter_shard_samples, require_webdataset, shard_sizes
+from ..evaluate._tar_images import member_path, shard_members
+from . import _fingerprints
 
 _REMOTE_PREFIXES = ("pipe:", "http://", "https://")
 
@@ -34,11 +38,12 @@ class Record:
     """One input before decoding: where its image is, its captions and the shard's JSON metadata."""
 
     key: str                     # the input's name in the skipped list
-    image_path: str | None       # the metadata column: absolute file path or ``shard.tar:key``
+    image_path: str | None       # the metadata column: absolute file path or ``<shard>#<member>``
     image: str | bytes | None    # a file path to read, the encoded bytes, or None (then ``error``)
     captions: list[str] = field(default_factory=list)
     meta: dict | None = None     # a shard sample's JSON object, for extra metadata columns
     error: str | None = None
+    mtime_ns: int | None = None  # a local shard sample's: its shard's modification time (fingerprint)
 
 
 class Source:
@@ -60,6 +65,10 @@ class Source:
     def part_inputs(self, part: int) -> int | None:
         """How many inputs ``part`` holds (None when only reading it can tell)."""
         raise NotImplementedError
+
+    def part_fingerprint(self, part: int) -> dict | None:
+        """The fingerprint of the one file ``part`` is read from (a local shard), else None."""
+        return None
 
 
 class FileSource(Source):
@@ -137,6 +146,9 @@ class ShardSource(Source):
     def part_inputs(self, part: int) -> int | None:
         return self.sizes[part] if self.sizes is not None else None
 
+    def part_fingerprint(self, part: int) -> dict | None:
+        return _fingerprints.of_file(self.urls[part]) if self.local else None
+
     def _first_has_caption(self) -> bool:
         for record in self.records(0):
             return bool(record.captions)
@@ -145,18 +157,22 @@ class ShardSource(Source):
     def records(self, part: int, rows: range | None = None) -> Iterator[Record]:
         """The shard's samples in file order; a damaged shard ends with one error record."""
         url = self.urls[part]
-        name = url.rstrip("/").rsplit("/", 1)[-1]
+        names, mtime_ns = _member_names(url) if self.local else ({}, None)
         try:  # closed early (a consumer stopped): the pipe ends, the connection closes
             with closing(iter_shard_samples(url)) as samples:
                 for sample in samples:
-                    yield self._record(sample, name)
+                    yield self._record(sample, url, names, mtime_ns)
         except Exception as err:  # a damaged or cut shard, a failed pipe or URL: the shard is damaged from here
             yield Record(key=f"{url} (after its last good sample)", image_path=None, image=None,
                          error=f"unreadable shard: {err}")
 
-    def _record(self, sample: dict, shard_name: str) -> Record:
-        key = f"{shard_name}:{sample['__key__']}"
-        image = next((sample[ext] for ext in SHARD_IMAGE_EXTENSIONS if ext in sample), None)
+    def _record(self, sample: dict, url: str, names: dict, mtime_ns: int | None) -> Record:
+        extension = next((ext for ext in SHARD_IMAGE_EXTENSIONS if ext in sample), None)
+        image = None if extension is None else sample[extension]
+        if extension is None:  # no member to name: the sample's key
+            key = member_path(url, sample["__key__"])
+        else:  # webdataset lower-cases the suffix; the header pass knows the member's own name
+            key = member_path(url, names.get((sample["__key__"], extension), f"{sample['__key__']}.{extension}"))
         captions, meta = [], None
         try:
             if "json" in sample:
@@ -173,7 +189,23 @@ class ShardSource(Source):
             members = ", ".join(k for k in sample if not k.startswith("__"))
             return Record(key=key, image_path=key, image=None, captions=captions, meta=meta,
                           error=f"no image (.{', .'.join(SHARD_IMAGE_EXTENSIONS)}); members: {members}")
-        return Record(key=key, image_path=key, image=image, captions=captions, meta=meta)
+        return Record(key=key, image_path=key, image=image, captions=captions, meta=meta, mtime_ns=mtime_ns)
+
+
+def _member_names(path: str) -> tuple[dict[tuple[str, str], str], int | None]:
+    """``({(sample key, lower-case suffix): member name}, the shard's mtime_ns)`` of a local shard, from
+    its tar headers (webdataset's grouping); what a damaged or compressed shard lets be read."""
+    base_plus_ext = require_webdataset().tariterators.base_plus_ext
+    names, mtime_ns = {}, None
+    try:
+        mtime_ns = os.stat(path).st_mtime_ns
+        for _, member in shard_members(Path(path)):
+            key, suffix = base_plus_ext(member.name)
+            if key is not None:
+                names[(key, suffix.lower())] = member.name
+    except (OSError, ValueError):
+        pass  # the samples read name their members by key and suffix; the damage is reported by the read
+    return names, mtime_ns
 
 
 def _shard_urls(source: str) -> list[str]:

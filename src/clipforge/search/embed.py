@@ -9,6 +9,10 @@ gets ``img_emb/``, ``text_emb/``, ``metadata/`` and ``manifest.json`` (see ``_pa
 - Parts are the unit of work and of resumption: a run continues after the last complete part, and
   a part is always computed from its first input with the same batches, so a resumed output equals
   an uninterrupted one byte for byte (same model, batch size, device and thread count).
+- A complete part is kept only while its inputs are what was embedded (``_fingerprints``: size and
+  content digest, not the modification time alone): a folder or listing part whose files were
+  edited, added, removed or shifted between parts, or a local shard that changed, is embedded again
+  (so is every part of a folder an older clipforge wrote).
 - Under ``torchrun`` part ``n`` goes to rank ``n % WORLD_SIZE``; every rank writes its own parts,
   no collective is needed, and whichever rank finds every part done writes the final manifest.
 - DataLoader workers read and decode; an input that cannot be read or decoded (missing, truncated,
@@ -30,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from . import _parts
+from . import _fingerprints, _parts
 from ._sources import FileSource, Record, Source, open_source
 
 # Test hook: the process SIGKILLs itself right after committing this part (resume tests).
@@ -41,18 +45,24 @@ class BadImage(Exception):
     """An input whose image cannot be used; the message is the reason listed in the manifest."""
 
 
-def decode_record(record: Record):
-    """The record's image as a fully decoded RGB PIL image; BadImage says why not."""
-    from PIL import Image
-
+def read_image_bytes(record: Record) -> tuple[bytes, dict]:
+    """The record's encoded image and the fingerprint of those bytes; BadImage says why not."""
     if record.image is None:
         raise BadImage(record.error or "no image")
-    data = record.image
-    if isinstance(data, str):
-        try:
-            data = Path(data).read_bytes()
-        except OSError as err:
-            raise BadImage(f"cannot read image file: {err.strerror or err}") from None
+    if isinstance(record.image, bytes):
+        return record.image, _fingerprints.of_bytes(record.image, record.mtime_ns)
+    try:
+        mtime_ns = os.stat(record.image).st_mtime_ns  # taken before the read: a change during it shows later
+        data = Path(record.image).read_bytes()
+    except OSError as err:
+        raise BadImage(f"cannot read image file: {err.strerror or err}") from None
+    return data, _fingerprints.of_bytes(data, mtime_ns)
+
+
+def decode_image(data: bytes):
+    """``data`` as a fully decoded RGB PIL image; BadImage says why not."""
+    from PIL import Image
+
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()  # decode every byte now: a truncated file fails here instead of hanging later
@@ -70,8 +80,13 @@ class _Batch:
     pixels: torch.Tensor | None  # (B, 3, H, W), None when every input of this batch was bad
     rows: list[dict]             # per pixel row: image_path, captions, meta
     skipped: list[dict]          # {"input", "reason"} of the inputs dropped since the previous batch
-    inputs: int                  # inputs read for this batch, good and bad (for the progress bar)
+    seen: list[dict]             # {"input", "kept", "fingerprint"} of every input read for this batch
     last: bool
+
+    @property
+    def inputs(self) -> int:
+        """Inputs read for this batch, good and bad (for the progress bar)."""
+        return len(self.seen)
 
 
 class _PartBatches(IterableDataset):
@@ -93,19 +108,22 @@ class _PartBatches(IterableDataset):
             yield from self._chunk_batches(part, chunk, rows)
 
     def _chunk_batches(self, part: int, chunk: int, rows: range | None) -> Iterator[_Batch]:
-        pixels, kept, skipped, inputs = [], [], [], 0
+        pixels, kept, skipped, seen = [], [], [], []
         for record in self.source.records(part, rows):
-            inputs += 1
+            fingerprint = None
             try:
-                pixels.append(self.preprocess(decode_record(record)))
+                data, fingerprint = read_image_bytes(record)
+                pixels.append(self.preprocess(decode_image(data)))
             except BadImage as err:
                 skipped.append({"input": record.key, "reason": str(err)})
+                seen.append({"input": record.key, "kept": False, "fingerprint": fingerprint})
                 continue
             kept.append({"image_path": record.image_path, "captions": record.captions, "meta": record.meta})
+            seen.append({"input": record.key, "kept": True, "fingerprint": fingerprint})
             if len(pixels) == self.batch_size:
-                yield _Batch(part, chunk, torch.stack(pixels), kept, skipped, inputs, last=False)
-                pixels, kept, skipped, inputs = [], [], [], 0
-        yield _Batch(part, chunk, torch.stack(pixels) if pixels else None, kept, skipped, inputs, last=True)
+                yield _Batch(part, chunk, torch.stack(pixels), kept, skipped, seen, last=False)
+                pixels, kept, skipped, seen = [], [], [], []
+        yield _Batch(part, chunk, torch.stack(pixels) if pixels else None, kept, skipped, seen, last=True)
 
 
 def _keep(batch):
@@ -209,20 +227,59 @@ def embed_collection(source: str | os.PathLike, out: str | os.PathLike, model, p
     run = {"model": {"spec": model_spec or loaded_spec, "fingerprint": model_fingerprint(model)},
            "source": collection.description, "num_parts": collection.num_parts,
            "part_size": part_size if isinstance(collection, FileSource) else None,
-           "modalities": modalities, "precision": precision}
+           "modalities": modalities, "precision": precision, "version": _parts.VERSION}
     out.mkdir(parents=True, exist_ok=True)
     _parts.require_pyarrow()
     _parts.check_run(out, run)
     dim = int(model.config.embed_dim)
+    mine = _pending_parts(collection, out, range(rank, collection.num_parts, world), progress)
     if rank == 0:
         _parts.write_manifest(out, run, collection.num_parts, dim, modalities)
-    mine = [part for part in range(rank, collection.num_parts, world) if _parts.read_marker(out, part) is None]
     if mine:
         _embed_parts(collection, out, mine, _Encoder(model, device, precision), preprocess, modalities,
                      batch_size, num_workers, progress and rank == 0)
     if all(_parts.read_marker(out, part) is not None for part in range(collection.num_parts)):
         return _parts.write_manifest(out, run, collection.num_parts, dim, modalities)
     return {**run, "complete": False}  # another rank still works; it writes the final manifest
+
+
+def _pending_parts(collection: Source, out: Path, parts: range, progress: bool) -> list[int]:
+    """Those of ``parts`` to embed: not complete, or complete but written by an older version or made
+    from inputs that changed since (whose markers are removed here, so a kill while redoing them
+    leaves them incomplete)."""
+    pending, changed = [], []
+    for part in parts:
+        marker = _parts.read_marker(out, part)
+        if marker is not None and (marker.get("version", 1) != _parts.VERSION  # an older folder's part
+                                   or not _inputs_unchanged(collection, out, part, marker)):
+            _parts.remove_marker(out, part)
+            changed.append(part)
+            marker = None
+        if marker is None:
+            pending.append(part)
+    if changed and progress:
+        listed = ", ".join(map(str, changed[:10])) + (", ..." if len(changed) > 10 else "")
+        print(f"embed: {len(changed)} complete part(s) ({listed}) changed since they were embedded (their inputs, "
+              "or an older clipforge wrote them); embedding them again", file=sys.stderr)
+    return pending
+
+
+def _inputs_unchanged(collection: Source, out: Path, part: int, marker: dict) -> bool:
+    """Whether complete part ``part`` was made from the inputs the source gives now, as they are now."""
+    if not isinstance(collection, FileSource):  # a shard: the file as a whole (a remote one: trusted)
+        return _fingerprints.unchanged(marker.get("shard"), collection.part_fingerprint(part))
+    recorded = _parts.read_inputs(out, part)
+    records = list(collection.records(part))
+    if recorded is None or [entry["input"] for entry in recorded] != [record.key for record in records]:
+        return False
+    now = _fingerprints.of_files(record.image if isinstance(record.image, str) else None for record in records)
+    return all(_fingerprints.unchanged(_recorded_fingerprint(entry), current)
+               for entry, current in zip(recorded, now))
+
+
+def _recorded_fingerprint(entry: dict) -> dict | None:
+    """The fingerprint in an inputs row (None for an input that could not be read)."""
+    return None if entry["digest"] is None else {key: entry[key] for key in ("size", "mtime_ns", "digest")}
 
 
 def _embed_parts(collection: Source, out: Path, parts: list[int], encoder: _Encoder, preprocess: Callable,
@@ -237,13 +294,14 @@ def _embed_parts(collection: Source, out: Path, parts: list[int], encoder: _Enco
                         num_workers=workers, worker_init_fn=_worker_init if workers else None,
                         pin_memory=encoder.device.type == "cuda")
     counts = [collection.part_inputs(part) for part in parts]
+    shards = {part: collection.part_fingerprint(part) for part in parts}  # before reading: a change shows later
     total = None if None in counts else sum(counts)
     kill_after = os.environ.get(KILL_AFTER_PART_ENV)
     open_parts: dict[int, dict] = {}  # part -> {(chunk, batch number): encoded batch} until all its chunks are in
     with tqdm(total=total, unit="img", desc="embed", file=sys.stderr, disable=not progress, smoothing=0.1) as bar:
         for batch in loader:
             received = open_parts.setdefault(batch.part, {})
-            encoded = {"rows": batch.rows, "skipped": batch.skipped}
+            encoded = {"rows": batch.rows, "skipped": batch.skipped, "seen": batch.seen}
             if batch.pixels is not None:
                 encoded["image"] = encoder.images(batch.pixels)
                 if "text" in modalities:
@@ -253,20 +311,28 @@ def _embed_parts(collection: Source, out: Path, parts: list[int], encoder: _Enco
             chunks_left[batch.part] -= batch.last
             if chunks_left[batch.part] == 0:
                 in_order = [received[key] for key in sorted(received)]
-                _write(out, batch.part, in_order, collection, modalities, int(encoder.model.config.embed_dim))
+                _write(out, batch.part, in_order, collection, modalities, int(encoder.model.config.embed_dim),
+                       shards[batch.part])
                 del open_parts[batch.part]
                 if kill_after is not None and int(kill_after) == batch.part:
                     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _write(out: Path, part: int, batches: list[dict], collection: Source, modalities: list[str], dim: int) -> None:
+def _write(out: Path, part: int, batches: list[dict], collection: Source, modalities: list[str], dim: int,
+           shard: dict | None) -> None:
     """Concatenate a part's encoded batches (in input order) and write the part."""
     rows = [row for batch in batches for row in batch["rows"]]
     skipped = [entry for batch in batches for entry in batch["skipped"]]
+    inputs, row = [], 0
+    for entry in (entry for batch in batches for entry in batch["seen"]):  # kept ones in metadata row order
+        fingerprint = entry["fingerprint"] or {"size": None, "mtime_ns": None, "digest": None}
+        inputs.append({"input": entry["input"], "row": row if entry["kept"] else None, **fingerprint})
+        row += entry["kept"]
     embeddings = {}
     for modality in modalities:
         arrays = [batch[modality] for batch in batches if modality in batch]
         embeddings[modality] = np.concatenate(arrays) if arrays else np.zeros((0, dim), np.float16)
     multi = collection.multi_caption if isinstance(collection, FileSource) else \
         any(len(row["captions"]) > 1 for row in rows)
-    _parts.write_part(out, part, embeddings, rows, skipped, multi, rank=rank_and_world()[0])
+    _parts.write_part(out, part, embeddings, rows, skipped, multi, rank=rank_and_world()[0], inputs=inputs,
+                      shard=shard)
