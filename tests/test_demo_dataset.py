@@ -42,6 +42,11 @@ def test_with_article_handles_vowels_plurals_and_determiners():
     assert with_article("chopsticks") == "chopsticks"
     assert with_article("face with tears of joy") == "a face with tears of joy"
     assert with_article("the letter A") == "the letter A"
+    # the sound decides, not the letter
+    assert with_article("hourglass not done") == "an hourglass not done"
+    assert with_article("one-piece swimsuit") == "a one-piece swimsuit"
+    assert with_article("euro banknote") == "a euro banknote"
+    assert with_article("one o'clock") == "one o'clock" and with_article("eleven-thirty") == "eleven-thirty"
 
 
 def test_emoji_key_ignores_variation_selector_and_case():

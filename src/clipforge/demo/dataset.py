@@ -38,10 +38,10 @@ from ..files import write_text_atomic
 from ..runtime import log_progress as _log
 from . import records as demo_records
 from .records import DemoRecord
-from .sources import (PACKAGES, SOURCES, DemoSourceError, install_commands, install_sources,
-                                         missing_packages, package_dir, packages_for)
+from .sources import (PACKAGES, SOURCES, DemoSourceError, default_cache_dir, install_commands, install_sources,
+                      missing_packages, package_dir, packages_for)
 
-FORMAT_VERSION = 2  # bump when the layout or the selection rules change: old caches are rebuilt
+FORMAT_VERSION = 3  # bump when the layout or the selection rules change: old caches are rebuilt
 TRAIN_SOURCES = ("noto", "twemoji", "tuxpaint", "openclipart", "openmoji")
 EMOJI_SOURCES = ("noto", "twemoji", "openmoji", "fluent3d")  # one image per emoji, named by its CLDR name
 EVAL_SOURCE = "fluent3d"
@@ -51,6 +51,7 @@ EVAL_GROUPS = ("animals & nature", "food & drink", "travel & places", "activitie
 MAX_SOURCE_PIXELS = 4096 * 4096
 # SVGs are rasterised at this side (at least 4x the output), then cropped and resized like the PNGs.
 SVG_RENDER_SIDE = 256
+TEMPORARY_SUFFIX = ".tmp.png"  # an image being written; renamed to <key>.png when complete
 
 
 @dataclass
@@ -61,6 +62,10 @@ class DemoDataConfig:
     openclipart_max: int = 1200  # cap on Open Clip Art drawings (the rest of the set is noisier)
     max_per_source: int | None = None  # cap on items per source, for quick tests; None: all
     seed: int = 0  # drives every random choice (selection, split); same seed, same dataset
+
+
+# ``clipforge demo --quick`` (and ``--prepare-only --quick``): a slice of every source, in its own folder.
+QUICK_DATA = DemoDataConfig(max_per_source=60, openclipart_max=60, eval_classes=20, heldout_fraction=0.2)
 
 
 @dataclass
@@ -77,6 +82,20 @@ class DemoDataset:
 def default_data_dir(cache_dir: str | os.PathLike, config: DemoDataConfig) -> Path:
     """``<cache_dir>/data-<size>px``: a folder per image size, so changing the size never mixes files."""
     return Path(cache_dir) / f"data-{config.image_size}px"
+
+
+def demo_data_plan(quick: bool = False, data_dir: str | os.PathLike | None = None,
+                   cache_dir: str | os.PathLike | None = None, data_config: DemoDataConfig | None = None
+                   ) -> tuple[Path, DemoDataConfig, Path]:
+    """``(cache_dir, data_config, data_dir)`` the demo prepares and trains on: the whole set in
+    ``<cache>/data-64px``, or with ``quick`` its slice in ``<cache>/data-64px-quick``."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    data_config = data_config or (QUICK_DATA if quick else DemoDataConfig())
+    if data_dir is None:
+        data_dir = default_data_dir(cache_dir, data_config)
+        if quick:
+            data_dir = data_dir.with_name(f"{data_dir.name}-quick")
+    return cache_dir, data_config, Path(data_dir)
 
 
 def prepare_demo_data(cache_dir: str | os.PathLike, config: DemoDataConfig | None = None,
@@ -276,10 +295,12 @@ def _render_source(root: Path, source: str, records: list[DemoRecord], config: D
     done = _read_json(marker)
     if done.get("fingerprint") == fingerprint:
         return done["unreadable"]
+    for leftover in folder.glob(f"*{TEMPORARY_SUFFIX}"):  # half-written by a build that was killed
+        leftover.unlink(missing_ok=True)
     unreadable = []
     for record in tqdm(records, desc=f"demo data: {source}", unit="img", disable=not progress, leave=False):
         target = folder / f"{record.key}.png"
-        if target.is_file():
+        if target.is_file() and target.stat().st_size > 0:  # an empty file: lost in a crash, rendered again
             continue
         try:
             image = render_square(record.path, config.image_size)
@@ -288,7 +309,7 @@ def _render_source(root: Path, source: str, records: list[DemoRecord], config: D
             # A broken or oversized file in a package must not stop the demo.
             unreadable.append(f"{record.path}: {err}")
             continue
-        temporary = target.with_suffix(".tmp.png")
+        temporary = target.with_suffix(TEMPORARY_SUFFIX)
         image.save(temporary, optimize=True)
         os.replace(temporary, target)
     if unreadable:
@@ -362,12 +383,19 @@ def _check_config(config: DemoDataConfig) -> None:
 
 
 def _check_image_size(root: Path, config: DemoDataConfig) -> None:
-    """Refuse to mix image sizes in one folder: files already rendered would be reused at the wrong size."""
+    """Refuse to mix image sizes in one folder: files already rendered would be reused at the wrong size.
+    The first readable image decides: a half-written or empty file (a killed build) is rendered again."""
     for rendered in (root / "images").glob("*/*.png"):
-        with Image.open(rendered) as image:
-            if image.size != (config.image_size, config.image_size):
-                raise ValueError(f"{root} holds {image.size[0]} px images but image_size={config.image_size}; "
-                                 f"choose another data folder or delete {root / 'images'}")
+        if rendered.name.endswith(TEMPORARY_SUFFIX):
+            continue
+        try:
+            with Image.open(rendered) as image:
+                size = image.size
+        except OSError:  # empty (a crash): not evidence of a size
+            continue
+        if size != (config.image_size, config.image_size):
+            raise ValueError(f"{root} holds {size[0]} px images but image_size={config.image_size}; "
+                             f"choose another data folder or delete {root / 'images'}")
         return
 
 

@@ -41,19 +41,26 @@ class DemoRecord:
     captions: list[str] = field(default_factory=list)
 
 
+# a leading determiner or clock time takes no article ("the letter A", "one o'clock", "twelve-thirty")
+_DETERMINERS = {"a", "an", "the", "some", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+                "ten", "eleven", "twelve"}
+
+
 def with_article(noun: str) -> str:
     """'apple' -> 'an apple', 'red car' -> 'a red car'; plurals and names with a determiner stay as they are."""
     words = noun.split()
     if not words:
         raise ValueError("with_article got an empty name")
     first = words[0].lower()
-    if first in {"a", "an", "the", "some", "two", "three"} or first[0].isdigit():
+    if first.removesuffix("-thirty") in _DETERMINERS or first[0].isdigit():
         return noun
     head = re.split(r" with | of | on | in |: |, ", noun)[0].split()[-1].lower()
     if head in {"people", "men", "women", "children", "feet", "teeth", "mice", "geese", "sheep", "fish"} or (
             head.endswith("s") and not head.endswith(("ss", "us", "is"))):
         return noun
-    vowel_sound = first[0] in "aeio" or (
+    # the sound, not the letter, decides: "a one-piece swimsuit", "a euro", "an hourglass"
+    vowel_sound = (first[0] in "aeio" and not first.startswith(("one", "eu", "ewe"))) or first.startswith(
+        ("hour", "honest", "honou", "heir")) or (
         first[0] == "u" and not first.startswith(("uni", "use", "usu", "usb", "usa", "uk", "ur", "ut")))
     return f"{'an' if vowel_sound else 'a'} {noun}"
 

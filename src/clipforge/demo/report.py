@@ -74,7 +74,7 @@ def format_results(results: dict) -> str:
         f"{zeroshot['ensemble']['top1']:6.1%}   {zeroshot['ensemble']['top5']:6.1%}",
         f"  ensemble minus class name only: {margin['top1'] * 100:+.1f} points (paired standard error "
         f"{margin['paired_standard_error'] * 100:.1f}; {_margin_reading(margin)} the noise of {NOISE_ERRORS:g} errors)",
-        f"  ensemble {'beats' if results['floor']['ensemble_beats_bare'] else 'does not beat'} bare names; "
+        f"  {_margin_sentence(margin)}; "
         + (f"quality floor (20x chance = {20 * chance:.0%} top-1) {'met' if results['floor']['met'] else 'NOT met'}"
            if 20 * chance < 1 else "too few classes for the 20x-chance floor"),
         "",
@@ -84,10 +84,31 @@ def format_results(results: dict) -> str:
     for direction, label in (("image_to_text", "image -> text"), ("text_to_image", "text -> image")):
         recalls = "  ".join(f"{retrieval[f'{direction}_recall@{k}']:6.1%}" for k in (1, 5, 10))
         lines.append(f"  {label:<56}{recalls}")
-    lines += ["", f"time: data {seconds['prepare']:.0f} s, training {seconds['calibrate'] + seconds['train']:.0f} s "
-                  f"(speed check {seconds['calibrate']:.0f} s), evaluation {seconds['evaluate']:.0f} s, "
-                  f"total {seconds['total']:.0f} s"]
+    lines += ["", f"time: data {seconds['prepare']:.0f} s, {_training_time(results)}, "
+                  f"evaluation {seconds['evaluate']:.0f} s, total {seconds['total']:.0f} s"]
     return "\n".join(lines)
+
+
+def _training_time(results: dict) -> str:
+    """What training took in this call: done by an earlier call, resumed, or trained now (of its budget)."""
+    if results.get("trained_by_earlier_call"):
+        return "training done by an earlier call"
+    seconds = results["seconds"]
+    spent = results.get("training_budget_spent_s", seconds["calibrate"] + seconds["train"])
+    budget = f" of its {results['training_budget_s']:.0f} s budget" if results.get("training_budget_s") else ""
+    step = results.get("resumed_from_step")
+    resumed = f", resumed at step {step}" if step is not None else ""
+    return f"training {spent:.0f} s{budget}{resumed} (speed check {seconds['calibrate']:.0f} s)"
+
+
+def _margin_sentence(margin: dict) -> str:
+    """The ensemble's top-1 against bare names', honest about the noise: 'ensemble top-1 above bare
+    names' (within the noise)'."""
+    if margin["top1"] == 0:
+        return "ensemble top-1 equal to bare names'"
+    side = "above" if margin["top1"] > 0 else "below"
+    noise = "within" if _margin_reading(margin) == "within" else "beyond"
+    return f"ensemble top-1 {side} bare names' ({noise} the noise)"
 
 
 def _margin_reading(margin: dict) -> str:

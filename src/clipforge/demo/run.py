@@ -12,18 +12,21 @@ calibration run of the real trainer measures samples/s on this machine: the firs
 count. The trainer then re-plans it from the speed it measures (``minutes``, see
 :mod:`clipforge.train.budget`), so the run ends within its budget however the machine's speed
 drifts; the budget spent is saved with each checkpoint, so a resumed run goes on with what is left. (3) ``clipforge.train.train`` trains, checkpointing about once a minute;
-running the demo again on the same run folder resumes from the newest checkpoint. (4) The
+running the demo again on the same run folder resumes from the newest checkpoint, and a run stopped
+before its first checkpoint starts again. A folder holding another run (another model, batch size,
+step plan or data folder, as ``demo_run.json`` records them) is refused before any work. (4) The
 evaluation code scores zero-shot top-1/top-5 on Fluent 3D emoji (a new style) with the bare class
 name and with a prompt ensemble, and image-text recall@k on held-out pairs.
 
 Run folder: ``results.json``, ``curves.png`` (loss and temperature, from the trainer),
 ``predictions.png`` (eval images with their top-3 labels), ``zeroshot/`` (per-class accuracy PNG
 and JSON for the ensemble; ``zeroshot_bare/`` for class names alone), ``retrieval.json``,
-``model/`` (the final weights, ``clipforge.load("runs/demo/model")``), and the trainer's
-``checkpoints/``, ``metrics.jsonl`` and ``train_config.json``.
+``model/`` (the final weights, ``clipforge.load("runs/demo/model")``), ``demo_run.json`` (what
+identifies the run), and the trainer's ``checkpoints/``, ``metrics.jsonl`` and ``train_config.json``.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -36,12 +39,12 @@ from pathlib import Path
 
 import torch
 
+from ..files import write_text_atomic
 from ..runtime import log_progress as _log
-from .dataset import DemoDataConfig, DemoDataset, default_data_dir, prepare_demo_data
+from .dataset import DemoDataConfig, DemoDataset, demo_data_plan, prepare_demo_data
 from .records import with_article
 from .report import NOISE_ERRORS, draw_prediction_grid
 from .search import index_demo_collections
-from .sources import default_cache_dir
 
 DEFAULT_MODEL = "demo-rn"  # beat demo-vit on the Fluent 3D set: 35% vs 16% top-1 at equal time
 DEFAULT_MINUTES = 8.0
@@ -60,9 +63,10 @@ ENSEMBLE_TEMPLATES = (
     "{}", "{}.", "an emoji of {}", "a picture of {}", "a clip art of {}",
     "an icon of {}", "a drawing of {}", "a 3D render of {}",
 )
-# ``--quick``: a slice of every source and a short fixed run, to check a set-up in about a minute.
-QUICK_DATA = DemoDataConfig(max_per_source=60, openclipart_max=60, eval_classes=20, heldout_fraction=0.2)
+# ``--quick``: a slice of every source (dataset.QUICK_DATA) and a short fixed run, to check a set-up in a minute.
 QUICK_STEPS, QUICK_BATCH = 40, 32
+DEFAULT_RUN_DIR, QUICK_RUN_DIR = "runs/demo", "runs/demo-quick"  # a quick check never touches the real run
+RUN_FILE = "demo_run.json"  # what identifies the run in its folder: model, batch size, step plan, data folder
 BUSY_LOAD = 1.0  # 1-minute load average from which other programs count as busy (see pick_threads)
 CPU_LOADER_WORKERS = 1  # loader processes on the CPU; pick_threads leaves them a core each
 
@@ -75,7 +79,11 @@ class DemoResult:
     dataset: DemoDataset = field(repr=False)
 
 
-def run_demo(run_dir: str | os.PathLike = "runs/demo", minutes: float = DEFAULT_MINUTES, model: str = DEFAULT_MODEL,
+class DemoRunFolderError(ValueError):
+    """The run folder cannot hold this run (a file, or another run's checkpoints); one line."""
+
+
+def run_demo(run_dir: str | os.PathLike | None = None, minutes: float = DEFAULT_MINUTES, model: str = DEFAULT_MODEL,
              data_dir: str | os.PathLike | None = None, device: str = "cpu", *, threads: int | str | None = "auto",
              quick: bool = False, steps: int | None = None, batch_size: int | None = None,
              cache_dir: str | os.PathLike | None = None, data_config: DemoDataConfig | None = None,
@@ -85,37 +93,41 @@ def run_demo(run_dir: str | os.PathLike = "runs/demo", minutes: float = DEFAULT_
     ``threads``: torch CPU threads while the demo runs; "auto" times a step with the cores the
     loader worker leaves free and with one and keeps the faster (see :func:`pick_threads`); None leaves torch's setting. ``quick``: a data slice
     and a short fixed run. ``steps`` fixes the step count instead of measuring speed, which makes
-    a run deterministic. Running again on a run folder resumes unfinished training, or only
-    re-evaluates a finished one. Raises ``DemoSourceError`` when the sources cannot be installed.
+    a run deterministic. ``run_dir`` defaults to ``runs/demo`` (``runs/demo-quick`` with ``quick``).
+    Running again on a run folder resumes unfinished training, or only re-evaluates a finished one;
+    a folder holding another run raises :class:`DemoRunFolderError` before any work. Raises
+    ``DemoSourceError`` when the sources cannot be installed.
     """
-    if not minutes > 0 and steps is None:
-        raise ValueError(f"minutes must be > 0, got {minutes}")
+    if steps is None and not (math.isfinite(minutes) and minutes > 0):
+        raise ValueError(f"minutes must be a finite number above 0, got {minutes}")
     if steps is not None and steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    run_dir = Path(run_dir)
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    data_config = data_config or (QUICK_DATA if quick else DemoDataConfig())
-    if data_dir is None and quick:
-        data_dir = default_data_dir(cache_dir, data_config).with_name(f"data-{data_config.image_size}px-quick")
+    check_model(model)
+    run_dir = Path(run_dir if run_dir is not None else QUICK_RUN_DIR if quick else DEFAULT_RUN_DIR)
+    cache_dir, data_config, data_dir = demo_data_plan(quick, data_dir, cache_dir, data_config)
     if quick:
         steps = steps or QUICK_STEPS
         batch_size = batch_size or QUICK_BATCH
+    batch_size = batch_size or BATCH_SIZE
     if isinstance(threads, str) and threads != "auto" or isinstance(threads, int) and threads < 1:
         raise ValueError(f"threads must be a positive number, 'auto' or None, got {threads!r}")
+    identity = {"model": model, "data_dir": str(data_dir.resolve()), "batch_size": batch_size, "steps": steps,
+                "minutes": None if steps is not None else minutes}
+    check_run_folder(run_dir, identity)  # before the data is prepared: a refusal costs nothing
     saved_threads, load_before = torch.get_num_threads(), _load_average()
     try:
         started = time.perf_counter()
         dataset = prepare_demo_data(cache_dir, data_config, data_dir=data_dir, install=install, progress=progress)
         prepared = time.perf_counter()
         if threads == "auto":  # counted as part of the training budget, like the speed check
-            threads = pick_threads(model, batch_size or BATCH_SIZE, workers=CPU_LOADER_WORKERS) if device == "cpu" else None
+            threads = pick_threads(model, batch_size, workers=CPU_LOADER_WORKERS) if device == "cpu" else None
             _log(progress and threads is not None, f"demo: training with {threads} torch thread(s) "
                                                    f"(load average {_load_average()}, {os.cpu_count()} cores)")
         if threads is not None:
             torch.set_num_threads(threads)
         picked = time.perf_counter()
-        training, calibrate_seconds = _train(run_dir, dataset, model, minutes - (picked - prepared) / 60, steps,
-                                             batch_size or BATCH_SIZE, device, progress)
+        training, calibrate_seconds = _train(run_dir, dataset, identity, minutes - (picked - prepared) / 60, device,
+                                             progress)
         calibrate_seconds += picked - prepared
         trained = time.perf_counter()
         _log(progress, "demo: evaluating")
@@ -126,6 +138,9 @@ def run_demo(run_dir: str | os.PathLike = "runs/demo", minutes: float = DEFAULT_
     finally:
         torch.set_num_threads(saved_threads)
     results = {**training, **results, "device": device,
+               # the budget (None for a fixed step count) and what training took of it in this call
+               "training_budget_s": None if steps is not None else round(minutes * 60, 1),
+               "training_budget_spent_s": round(trained - prepared, 1),
                "threads": torch.get_num_threads() if threads is None else threads,
                "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
                            "load_average_before": load_before},
@@ -134,8 +149,62 @@ def run_demo(run_dir: str | os.PathLike = "runs/demo", minutes: float = DEFAULT_
                            "train": round(trained - prepared - calibrate_seconds, 1),
                            "evaluate": round(evaluated - trained, 1), "search_index": round(finished - evaluated, 1),
                            "total": round(finished - started, 1)}}
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_text_atomic(run_dir / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     return DemoResult(run_dir, run_dir / "model", results, dataset)
+
+
+def check_model(model: str) -> None:
+    """Raise a one-line ``ValueError`` naming the demo presets when ``model`` is not a registered preset."""
+    from ..models import available_models
+
+    if model not in available_models():
+        others = [name for name in available_models() if name.startswith("demo-") and name != DEFAULT_MODEL]
+        raise ValueError(f"unknown model {model!r}; the demo presets are {DEFAULT_MODEL} (the default), "
+                         f"{', '.join(others)}; any other preset that `clipforge models` lists also trains")
+
+
+# ---------------------------------------------------------------------------------- run folder
+def check_run_folder(run_dir: Path, identity: dict) -> None:
+    """Refuse ``run_dir`` when it is a file or its checkpoints belong to another run than ``identity``
+    (model, batch size, step plan, data folder); a folder without checkpoints has nothing to resume."""
+    from ..train.resume import list_checkpoints
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise DemoRunFolderError(f"--run-dir {run_dir}: is a file; expected a folder for the demo's run")
+    found = list_checkpoints(run_dir)
+    if not found:
+        return
+    saved, wanted = _describe(_saved_identity(run_dir, found[-1], identity)), _describe(identity)
+    differences = [f"{saved[key]} (this call: {wanted[key]})" for key in wanted if saved[key] != wanted[key]]
+    if differences:
+        raise DemoRunFolderError(f"{run_dir} holds a run of {', '.join(differences)}; use another --run-dir, "
+                                 f"or delete {run_dir} to start this one there")
+
+
+def _describe(identity: dict) -> dict:
+    steps, minutes = identity["steps"], identity["minutes"]
+    return {"model": f"model {identity['model']!r}", "batch_size": f"batch size {identity['batch_size']}",
+            "plan": f"{steps} steps" if steps is not None else f"a budget of {minutes:g} minutes",
+            "data_dir": f"data from {identity['data_dir']}"}
+
+
+def _saved_identity(run_dir: Path, checkpoint: Path, identity: dict) -> dict:
+    """What identifies the run in ``run_dir``: its ``demo_run.json``, else (a folder of an older demo)
+    what its training config says, with the minutes asked for now (the config does not hold them)."""
+    from ..train.main import CONFIG_FILE
+    from ..train.resume import read_training_state
+
+    with contextlib.suppress(OSError, ValueError):
+        saved = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
+        if isinstance(saved, dict) and identity.keys() <= saved.keys():
+            return saved
+    path = run_dir / CONFIG_FILE
+    config = (json.loads(path.read_text(encoding="utf-8")) if path.is_file()
+              else read_training_state(checkpoint)["config"])
+    steps = None if config.get("minutes") else config["steps"]
+    return {"model": config["model"]["name"], "batch_size": config["batch_size"], "steps": steps,
+            "minutes": identity["minutes"] if steps is None else None,
+            "data_dir": str(Path(str(config["data"].get("train"))).resolve().parent)}
 
 
 # ------------------------------------------------------------------------------------- training
@@ -169,7 +238,7 @@ def add_demo_evaluation(config, dataset: DemoDataset, evaluations: int = EVALUAT
     config.eval.zeroshot = [{"name": "fluent3d", "data": str(dataset.eval_dir), "templates": list(ENSEMBLE_TEMPLATES),
                              "classnames": {name: with_article(name) for name in classes}}]
     config.eval.retrieval = [{"name": "heldout", "data": str(dataset.heldout_captions)}]
-    config.eval.every_steps = max(1, config.steps // evaluations)
+    config.eval.times = evaluations  # spread over the re-planned length of a minutes run
     config.eval.batch_size = 256
 
 
@@ -248,27 +317,29 @@ def measure_speed(config, run_dir: Path, progress: bool = True) -> tuple[float, 
     return samples_per_s, startup
 
 
-def _train(run_dir: Path, dataset: DemoDataset, model: str, minutes: float, steps: int | None,
-           batch_size: int, device: str, progress: bool) -> tuple[dict, float]:
-    """Train (or resume, or skip a finished run); returns what results.json records about it and
-    the seconds the speed check took."""
+def _train(run_dir: Path, dataset: DemoDataset, identity: dict, minutes: float, device: str,
+           progress: bool) -> tuple[dict, float]:
+    """Train (or resume, or skip a finished run) the run ``identity`` describes (``check_run_folder``
+    has accepted the folder); returns what results.json records about it and the seconds the speed
+    check took."""
     from ..checkpoints import load_model, save
     from ..train.resume import list_checkpoints
     from ..train.config import TrainConfig
     from ..train.main import CONFIG_FILE, train
     from ..train.log import read_metrics
+    from ..train.run_folder import stopped_before_first_checkpoint
 
+    model, steps, batch_size = identity["model"], identity["steps"], identity["batch_size"]
     saved_path = run_dir / CONFIG_FILE
     found = list_checkpoints(run_dir)
     calibrate_seconds, samples_per_s, resumed_from, saved_state = 0.0, None, None, None
-    if found and saved_path.is_file():
-        config = TrainConfig.from_dict(json.loads(saved_path.read_text(encoding="utf-8")))
-        if config.model.name != model:
-            raise ValueError(f"{run_dir} holds a run of model {config.model.name!r}, not {model!r}; "
-                             "choose another --run-dir or the same --model")
+    if found:
         saved_state = _saved_progress(found[-1])
+        config = TrainConfig.from_dict(json.loads(saved_path.read_text(encoding="utf-8")) if saved_path.is_file()
+                                       else saved_state["config"])
         resumed_from = saved_state["step"]
     else:
+        write_text_atomic(run_dir / RUN_FILE, json.dumps(identity, indent=2) + "\n")
         if steps is None:
             started = time.perf_counter()
             _log(progress, f"demo: measuring training speed ({CALIBRATION_STEPS} steps of {model})")
@@ -285,7 +356,8 @@ def _train(run_dir: Path, dataset: DemoDataset, model: str, minutes: float, step
             config.minutes = max(budget, 1.0) / 60
             config.run.checkpoint_every = max(10, round(CHECKPOINT_SECONDS * samples_per_s / batch_size))
     planned_epochs = config.steps * config.batch_size / dataset.counts["train_images"]
-    if saved_state is not None and saved_state["step"] >= saved_state["total_steps"]:
+    finished_before = saved_state is not None and saved_state["step"] >= saved_state["total_steps"]
+    if finished_before:
         _log(progress, f"demo: training already finished in {run_dir} ({resumed_from} steps); evaluating again")
     else:
         if saved_state is not None:
@@ -294,11 +366,13 @@ def _train(run_dir: Path, dataset: DemoDataset, model: str, minutes: float, step
                     "minutes left)" if config.minutes and saved_state["spent_s"] is not None else "")
             _log(progress, f"demo: resuming {run_dir} at step {resumed_from} of {saved_state['total_steps']}{left}")
         else:
+            _log(progress and stopped_before_first_checkpoint(run_dir), f"demo: {run_dir} stopped before its first "
+                 "checkpoint: starting it again (its logs move into replaced-*/)")
             planned = f"about {config.minutes:.1f} minutes, planned at " if config.minutes else ""
             _log(progress, f"demo: training {model} for {planned}{config.steps} steps of {config.batch_size} pairs "
                            f"({planned_epochs:.1f} epochs) in {run_dir}")
         config.run.progress = progress
-        train(config)
+        train(config, overwrite=saved_state is None)  # no checkpoint (a Ctrl-C before it): nothing to resume
     final = list_checkpoints(run_dir)[-1]
     save(load_model(final), run_dir / "model")  # weights only: the folder a user loads
     losses = [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r and math.isfinite(r["loss"])]
@@ -307,6 +381,7 @@ def _train(run_dir: Path, dataset: DemoDataset, model: str, minutes: float, step
     return {"model": model, "steps": steps_done, "planned_steps": config.steps, "batch_size": config.batch_size,
             "epochs": round(epochs, 2),
             "measured_samples_per_s": samples_per_s and round(samples_per_s, 1), "resumed_from_step": resumed_from,
+            "trained_by_earlier_call": finished_before,
             "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None}, calibrate_seconds
 
 
@@ -317,7 +392,7 @@ def _saved_progress(checkpoint: Path) -> dict:
 
     state = read_training_state(checkpoint)
     return {"step": state["step"], "total_steps": state.get("total_steps") or state["config"]["steps"],
-            "spent_s": state.get("budget_spent_s")}
+            "spent_s": state.get("budget_spent_s"), "config": state["config"]}
 
 
 # ----------------------------------------------------------------------------------- evaluation
