@@ -11,6 +11,12 @@ included. Medians over pairs, and the median of per-pair ratios.
 
     PYTHONPATH=$PWD/src /work/peers/bin/python benchmarks/bench_train_e2e.py \\
         --shards '/tmp/shards/data-{000000..000004}.tar' --steps 8 --pairs 2
+
+The venv needs open_clip_torch's ``training`` extra too: ``pip install pandas 'webdataset==0.2.86'``
+(the extra caps webdataset at 0.2.86; 0.2.111 and 1.0.2 end each shard with an empty sample that
+``open_clip_train``'s ``group_by_keys_nothrow`` fails on with ``KeyError: 'fname'``). Shards for
+a short run, from the demo dataset: ``clipforge shards DATA_DIR DATA_DIR/heldout.jsonl /tmp/shards
+--max-count 300``.
 """
 from __future__ import annotations
 
