@@ -78,13 +78,34 @@ def test_eval_times_spaces_evaluations_over_the_total_read_at_each_step():
     from clipforge.train.evaluation import PeriodicEvaluation
 
     evaluation = PeriodicEvaluation.__new__(PeriodicEvaluation)
-    evaluation.sets, evaluation.every_steps, evaluation.times = [object()], 0, 4
+    evaluation.sets, evaluation.every_steps, evaluation.times, evaluation._reached = [object()], 0, 4, None
     assert [step for step in range(1, 101) if evaluation.due(step, 100)] == [25, 50, 75, 100]
+    evaluation._reached = None
     assert [step for step in range(1, 11) if evaluation.due(step, 10)] == [3, 5, 8, 10]  # crossings of 2.5, 5, 7.5, 10
     # a minutes run that planned 400 steps and is re-planned to 240 after step 100: the evaluations
     # follow the new length (the old spacing, every 100, would give 100 and 200 and the last only)
     totals = {step: 400 if step <= 100 else 240 for step in range(1, 241)}
+    evaluation._reached = None  # a new run
     assert [step for step in range(1, 241) if evaluation.due(step, totals[step])] == [100, 120, 180, 240]
+
+
+def test_eval_times_keeps_its_count_when_the_total_shrinks_at_every_step():
+    from clipforge.train.evaluation import PeriodicEvaluation
+
+    # a fresh-clone demo run: planned 5,709 steps, re-planned a little lower after each step of a
+    # machine that kept slowing, ended at 3,378; comparing each step with the one before under the
+    # current total missed two of the eight evaluations
+    def total(step: int) -> int:
+        return max(step, round(5709 - 2331 * step / 3378))
+
+    evaluation = PeriodicEvaluation.__new__(PeriodicEvaluation)
+    evaluation.sets, evaluation.every_steps, evaluation.times, evaluation._reached = [object()], 0, 8, None
+    steps = [step for step in range(1, 3379) if evaluation.due(step, total(step))]
+    assert len(steps) == 8 and steps[-1] == 3378, steps
+    # resumed at step 2,000: the fractions passed before are not evaluated again
+    evaluation._reached = None
+    resumed = [step for step in range(2001, 3379) if evaluation.due(step, total(step))]
+    assert resumed == [step for step in steps if step > 2000]
 
 
 def test_eval_times_is_validated_like_every_steps():

@@ -105,6 +105,7 @@ class PeriodicEvaluation:
         self.sets = parse_eval_sets(section)
         self.every_steps, self.batch_size, self.context = section.every_steps, batch_size, context
         self.times = section.times
+        self._reached: int | None = None  # eval.times: how many of the even fractions the run has passed
         self.eval_batch_size = section.batch_size
         self.objective = objective if objective is not None else Objective("clip")
         self.wait_minutes = float(section.wait_minutes)
@@ -148,13 +149,19 @@ class PeriodicEvaluation:
             set_rng_state(saved)
 
     def due(self, step: int, total_steps: int) -> bool:
-        """Whether to evaluate after ``step``: every ``every_steps`` steps, or when ``step`` crosses one
-        of ``times`` even fractions of ``total_steps`` (read now: a ``minutes`` run re-plans it), and
-        at the last step."""
+        """Whether to evaluate after ``step``: every ``every_steps`` steps, or when the run has passed
+        one more of ``times`` even fractions of ``total_steps`` (read now: a ``minutes`` run re-plans
+        it) since the last evaluation, and at the last step. Call it after every step."""
         if not self.sets:
             return False
         if self.times > 0 and step < total_steps:
-            return step * self.times // total_steps > (step - 1) * self.times // total_steps
+            if self._reached is None:  # this process's first step (resumed: the fractions passed before)
+                self._reached = (step - 1) * self.times // total_steps
+            reached = step * self.times // total_steps
+            # passed since the last evaluation, against a count kept here: a total that shrinks at
+            # every step (a slowing machine) moves the fractions past steps never compared with them
+            due, self._reached = reached > self._reached, max(reached, self._reached)
+            return due
         return step == total_steps or (self.every_steps > 0 and step % self.every_steps == 0)
 
     def __call__(self, model: torch.nn.Module, step: int | None = None) -> dict[str, Any]:
