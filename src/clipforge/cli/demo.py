@@ -17,7 +17,6 @@ import argparse
 import errno
 import importlib.util
 import math
-import socket
 from pathlib import Path
 
 from . import CliError
@@ -145,14 +144,14 @@ def _check_port_free(port: int) -> None:
     """Bind ``port`` on 127.0.0.1 (where ``clipforge serve`` will listen) and let it go again."""
     if not 1 <= port <= 65535:
         raise CliError(f"--port {port}: expected 1..65535")
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is no obstacle
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError as error:
-            why = "is in use" if error.errno == errno.EADDRINUSE else f"cannot be bound ({error.strerror or error})"
-            raise CliError(f"--port {port}: 127.0.0.1:{port} {why}; expected a free port for --serve "
-                           "(pass another --port, or stop what listens there)") from None
+    from .serve import open_bound_socket
+
+    try:
+        open_bound_socket("127.0.0.1", port).close()
+    except OSError as error:
+        why = "is in use" if error.errno == errno.EADDRINUSE else f"cannot be bound ({error.strerror or error})"
+        raise CliError(f"--port {port}: 127.0.0.1:{port} {why}; expected a free port for --serve "
+                       "(pass another --port, or stop what listens there)") from None
 
 
 def _prepare_only(data_dir: str | None, quick: bool) -> int:

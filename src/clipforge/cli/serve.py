@@ -95,12 +95,9 @@ def bind_port(host: str, port: int) -> socket.socket:
     if not 1 <= port <= 65535:
         raise CliError(f"--port must be 1..65535, got {port}")
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a TIME_WAIT port is free
     try:
-        sock.bind((host, port))
+        sock = open_bound_socket(host, port)
     except OSError as error:
-        sock.close()
         if error.errno == errno.EADDRINUSE:
             raise CliError(f"{address} is taken (another program listens on it); pass --port with a free "
                            "port") from None
@@ -109,6 +106,18 @@ def bind_port(host: str, port: int) -> socket.socket:
         raise CliError(f"--host {host}: cannot bind {address} ({error.strerror or error}); pass --host with "
                        "an address of this machine") from None
     sock.set_inheritable(True)
+    return sock
+
+
+def open_bound_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` as uvicorn binds it; OSError (the socket closed) when it cannot be."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a TIME_WAIT port is free
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 
