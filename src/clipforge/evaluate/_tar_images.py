@@ -80,6 +80,12 @@ def member_path(shard: str | os.PathLike, member: str) -> str:
     return f"{os.fspath(shard)}#{member}"
 
 
+def split_member_path(path: str) -> tuple[str, str] | None:
+    """``(shard, member)`` of a :func:`member_path` ``<shard>.tar#<member>``; None for a plain file path."""
+    cut = path.find(".tar#")
+    return None if cut < 0 else (path[:cut + 4], path[cut + 5:])
+
+
 def split_member_name(name: str) -> tuple[str, str] | None:
     """``(key, lower-case suffix)`` of a member name ``key.suffix``, or None without a suffix."""
     if "." not in Path(name).name:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..files import atomic_path, read_utf8
-from ._tar_images import member_path
+from ._tar_images import member_path, split_member_path
 from .datasets import ClassificationData
 from .features import encode_images
 
@@ -44,7 +44,6 @@ THUMBNAIL_GRID = 16
 _CHUNK = 4096  # training images compared per step
 TRAIN_BLOCK = 32768  # training images embedded at a time (pixels: 96 MiB of float32 descriptors)
 SIMILARITY_BLOCK = 1 << 24  # similarities held at once: (rows, keys) with rows * keys <= this (64 MiB)
-_MEMBER_MARK = ".tar#"  # <shard>.tar#<member>: an image inside a webdataset shard
 
 
 def read_path_list(path: str | os.PathLike) -> list[str]:
@@ -62,10 +61,9 @@ def absolute_image_path(path: str | os.PathLike) -> str:
     """``path`` absolute with symbolic links resolved; a webdataset member ``shard.tar#member`` keeps
     its member name and has its shard resolved. The form ``overlap.txt`` and ``pairs.csv`` hold."""
     path = os.fspath(path)
-    cut = path.find(_MEMBER_MARK)
-    if cut >= 0:
-        shard, member = path[:cut + len(_MEMBER_MARK) - 1], path[cut + len(_MEMBER_MARK):]
-        return member_path(os.path.realpath(shard), member)
+    parts = split_member_path(path)
+    if parts is not None:
+        return member_path(os.path.realpath(parts[0]), parts[1])
     return os.path.realpath(path)
 
 

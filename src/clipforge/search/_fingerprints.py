@@ -57,6 +57,12 @@ def of_file(path: str | os.PathLike) -> dict | None:
         return None
 
 
+def from_row(row: dict) -> dict | None:
+    """The fingerprint an inputs row (``.clipforge/inputs_N.parquet``) holds; None for an input that
+    could not be read when it was embedded."""
+    return None if row["digest"] is None else {key: row[key] for key in ("size", "mtime_ns", "digest")}
+
+
 def unchanged(recorded: dict | None, current: dict | None) -> bool:
     """Whether ``current`` is the content ``recorded`` was taken of (both None: still unreadable)."""
     if recorded is None or current is None:

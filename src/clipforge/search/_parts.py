@@ -116,20 +116,24 @@ def write_part(out: Path, part: int, embeddings: dict[str, np.ndarray], rows: li
     columns = {"input": pa.string(), "row": pa.int64(), "size": pa.int64(), "mtime_ns": pa.int64(),
                "digest": pa.string()}
     table = pa.table({name: pa.array([entry[name] for entry in inputs], type=kind) for name, kind in columns.items()})
-    sink = pa.BufferOutputStream()
-    pa.parquet.write_table(table, sink)
-    write_atomic(inputs_path(out, part), sink.getvalue().to_pybytes())
+    _write_parquet(inputs_path(out, part), table)
     for modality, array in embeddings.items():
         buffer = io.BytesIO()
         np.save(buffer, np.ascontiguousarray(array, dtype=np.float16))
         write_atomic(embedding_path(out, modality, part), buffer.getvalue())
-    sink = pa.BufferOutputStream()
-    pa.parquet.write_table(metadata_table(rows, multi_caption), sink)
-    write_atomic(metadata_path(out, part), sink.getvalue().to_pybytes())
+    _write_parquet(metadata_path(out, part), metadata_table(rows, multi_caption))
     marker = {"part": part, "rows": len(rows), "skipped": skipped, "rank": rank, "version": VERSION}
     if shard is not None:
         marker["shard"] = shard
     write_json(marker_path(out, part), marker)
+
+
+def _write_parquet(path: Path, table) -> None:
+    """``table`` as a parquet file at ``path``, moved into place whole."""
+    pa = require_pyarrow()
+    sink = pa.BufferOutputStream()
+    pa.parquet.write_table(table, sink)
+    write_atomic(path, sink.getvalue().to_pybytes())
 
 
 def read_inputs(out: Path, part: int) -> list[dict] | None:

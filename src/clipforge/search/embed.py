@@ -273,13 +273,8 @@ def _inputs_unchanged(collection: Source, out: Path, part: int, marker: dict) ->
     if recorded is None or [entry["input"] for entry in recorded] != [record.key for record in records]:
         return False
     now = _fingerprints.of_files(record.image if isinstance(record.image, str) else None for record in records)
-    return all(_fingerprints.unchanged(_recorded_fingerprint(entry), current)
+    return all(_fingerprints.unchanged(_fingerprints.from_row(entry), current)
                for entry, current in zip(recorded, now))
-
-
-def _recorded_fingerprint(entry: dict) -> dict | None:
-    """The fingerprint in an inputs row (None for an input that could not be read)."""
-    return None if entry["digest"] is None else {key: entry[key] for key in ("size", "mtime_ns", "digest")}
 
 
 def _embed_parts(collection: Source, out: Path, parts: list[int], encoder: _Encoder, preprocess: Callable,

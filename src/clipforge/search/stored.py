@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..evaluate._tar_images import shard_images
+from ..evaluate._tar_images import shard_images, split_member_path
 from ..evaluate.overlap import absolute_image_path
 from . import _fingerprints, _parts
 
@@ -124,7 +124,7 @@ def _recorded_rows(out: Path, part: int, folder) -> dict[int, dict]:
     inputs = _parts.read_inputs(out, part)
     if inputs is None:
         raise ValueError(f"{folder}: part {part} has no readable {_parts.inputs_path(Path(''), part)}; embed it again")
-    return {entry["row"]: {key: entry[key] for key in ("size", "mtime_ns", "digest")}
+    return {entry["row"]: _fingerprints.from_row(entry)
             for entry in inputs if entry["row"] is not None and entry["digest"] is not None}
 
 
@@ -191,5 +191,5 @@ class _CurrentInputs:
 
 def _shard_of(key: str) -> str | None:
     """The shard of a member path ``<shard>.tar#<member>``; None for a file."""
-    cut = key.find(".tar#")
-    return None if cut < 0 else key[:cut + 4]
+    parts = split_member_path(key)
+    return None if parts is None else parts[0]
