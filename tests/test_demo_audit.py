@@ -168,6 +168,19 @@ def test_the_same_command_again_only_evaluates_and_says_so(restarted, again):
     assert "training done by an earlier call" in format_results(result.results)
 
 
+
+@slow
+def test_a_finished_run_is_evaluated_without_timing_thread_counts(restarted, again, cache_dir: Path, data_dir: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch):
+    def no_timing(*args, **kwargs):
+        raise AssertionError("pick_threads timed training steps of a run that has nothing left to train")
+
+    monkeypatch.setattr(demo, "pick_threads", no_timing)
+    result = _run(restarted[0], cache_dir, data_dir, threads="auto")
+    assert result.results["trained_by_earlier_call"] is True and result.results["steps"] == STEPS
+    assert result.results["threads"] == demo.torch.get_num_threads()  # torch's own setting evaluated
+    assert result.results["zeroshot"] == again[0].results["zeroshot"]
+
 # ---------------------------------------------------------------------------------- 3. --quick
 def test_quick_defaults_its_run_folder_to_runs_demo_quick(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys):
     monkeypatch.chdir(tmp_path)

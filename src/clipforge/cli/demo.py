@@ -82,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     errors, raised before any data preparation or training."""
     from ..demo.sources import DemoSourceError
     from ..demo import format_results, run_demo
-    from ..demo.run import QUICK_RUN_DIR, DemoRunFolderError
+    from ..demo.run import QUICK_RUN_DIR
+    from ..demo.run_folder import DemoRunFolderError
     from ..train.main import TrainingStopped
 
     if args.device == "cuda":

@@ -26,7 +26,6 @@ identifies the run), and the trainer's ``checkpoints/``, ``metrics.jsonl`` and `
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -44,6 +43,7 @@ from ..runtime import log_progress as _log
 from .dataset import DemoDataConfig, DemoDataset, demo_data_plan, prepare_demo_data
 from .records import with_article
 from .report import NOISE_ERRORS, draw_prediction_grid
+from .run_folder import RUN_FILE, check_run_folder, saved_progress, training_finished
 from .search import index_demo_collections
 
 DEFAULT_MODEL = "demo-rn"  # beat demo-vit on the Fluent 3D set: 35% vs 16% top-1 at equal time
@@ -66,7 +66,6 @@ ENSEMBLE_TEMPLATES = (
 # ``--quick``: a slice of every source (dataset.QUICK_DATA) and a short fixed run, to check a set-up in a minute.
 QUICK_STEPS, QUICK_BATCH = 40, 32
 DEFAULT_RUN_DIR, QUICK_RUN_DIR = "runs/demo", "runs/demo-quick"  # a quick check never touches the real run
-RUN_FILE = "demo_run.json"  # what identifies the run in its folder: model, batch size, step plan, data folder
 BUSY_LOAD = 1.0  # 1-minute load average from which other programs count as busy (see pick_threads)
 CPU_LOADER_WORKERS = 1  # loader processes on the CPU; pick_threads leaves them a core each
 
@@ -79,10 +78,6 @@ class DemoResult:
     dataset: DemoDataset = field(repr=False)
 
 
-class DemoRunFolderError(ValueError):
-    """The run folder cannot hold this run (a file, or another run's checkpoints); one line."""
-
-
 def run_demo(run_dir: str | os.PathLike | None = None, minutes: float = DEFAULT_MINUTES, model: str = DEFAULT_MODEL,
              data_dir: str | os.PathLike | None = None, device: str = "cpu", *, threads: int | str | None = "auto",
              quick: bool = False, steps: int | None = None, batch_size: int | None = None,
@@ -91,7 +86,8 @@ def run_demo(run_dir: str | os.PathLike | None = None, minutes: float = DEFAULT_
     """Prepare the demo data, train ``model`` for about ``minutes`` (or ``steps``), evaluate, write reports.
 
     ``threads``: torch CPU threads while the demo runs; "auto" times a step with the cores the
-    loader worker leaves free and with one and keeps the faster (see :func:`pick_threads`); None leaves torch's setting. ``quick``: a data slice
+    loader worker leaves free and with one and keeps the faster (see :func:`pick_threads`), except for a
+    finished run, which is only evaluated; None leaves torch's setting. ``quick``: a data slice
     and a short fixed run. ``steps`` fixes the step count instead of measuring speed, which makes
     a run deterministic. ``run_dir`` defaults to ``runs/demo`` (``runs/demo-quick`` with ``quick``).
     Running again on a run folder resumes unfinished training, or only re-evaluates a finished one;
@@ -114,6 +110,8 @@ def run_demo(run_dir: str | os.PathLike | None = None, minutes: float = DEFAULT_
     identity = {"model": model, "data_dir": str(data_dir.resolve()), "batch_size": batch_size, "steps": steps,
                 "minutes": None if steps is not None else minutes}
     check_run_folder(run_dir, identity)  # before the data is prepared: a refusal costs nothing
+    if threads == "auto" and training_finished(run_dir):
+        threads = None  # only evaluation is left: no training step to time; torch's setting evaluates
     saved_threads, load_before = torch.get_num_threads(), _load_average()
     try:
         started = time.perf_counter()
@@ -161,50 +159,6 @@ def check_model(model: str) -> None:
         others = [name for name in available_models() if name.startswith("demo-") and name != DEFAULT_MODEL]
         raise ValueError(f"unknown model {model!r}; the demo presets are {DEFAULT_MODEL} (the default), "
                          f"{', '.join(others)}; any other preset that `clipforge models` lists also trains")
-
-
-# ---------------------------------------------------------------------------------- run folder
-def check_run_folder(run_dir: Path, identity: dict) -> None:
-    """Refuse ``run_dir`` when it is a file or its checkpoints belong to another run than ``identity``
-    (model, batch size, step plan, data folder); a folder without checkpoints has nothing to resume."""
-    from ..train.resume import list_checkpoints
-
-    if run_dir.exists() and not run_dir.is_dir():
-        raise DemoRunFolderError(f"--run-dir {run_dir}: is a file; expected a folder for the demo's run")
-    found = list_checkpoints(run_dir)
-    if not found:
-        return
-    saved, wanted = _describe(_saved_identity(run_dir, found[-1], identity)), _describe(identity)
-    differences = [f"{saved[key]} (this call: {wanted[key]})" for key in wanted if saved[key] != wanted[key]]
-    if differences:
-        raise DemoRunFolderError(f"{run_dir} holds a run of {', '.join(differences)}; use another --run-dir, "
-                                 f"or delete {run_dir} to start this one there")
-
-
-def _describe(identity: dict) -> dict:
-    steps, minutes = identity["steps"], identity["minutes"]
-    return {"model": f"model {identity['model']!r}", "batch_size": f"batch size {identity['batch_size']}",
-            "plan": f"{steps} steps" if steps is not None else f"a budget of {minutes:g} minutes",
-            "data_dir": f"data from {identity['data_dir']}"}
-
-
-def _saved_identity(run_dir: Path, checkpoint: Path, identity: dict) -> dict:
-    """What identifies the run in ``run_dir``: its ``demo_run.json``, else (a folder of an older demo)
-    what its training config says, with the minutes asked for now (the config does not hold them)."""
-    from ..train.main import CONFIG_FILE
-    from ..train.resume import read_training_state
-
-    with contextlib.suppress(OSError, ValueError):
-        saved = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
-        if isinstance(saved, dict) and identity.keys() <= saved.keys():
-            return saved
-    path = run_dir / CONFIG_FILE
-    config = (json.loads(path.read_text(encoding="utf-8")) if path.is_file()
-              else read_training_state(checkpoint)["config"])
-    steps = None if config.get("minutes") else config["steps"]
-    return {"model": config["model"]["name"], "batch_size": config["batch_size"], "steps": steps,
-            "minutes": identity["minutes"] if steps is None else None,
-            "data_dir": str(Path(str(config["data"].get("train"))).resolve().parent)}
 
 
 # ------------------------------------------------------------------------------------- training
@@ -334,7 +288,7 @@ def _train(run_dir: Path, dataset: DemoDataset, identity: dict, minutes: float, 
     found = list_checkpoints(run_dir)
     calibrate_seconds, samples_per_s, resumed_from, saved_state = 0.0, None, None, None
     if found:
-        saved_state = _saved_progress(found[-1])
+        saved_state = saved_progress(found[-1])
         config = TrainConfig.from_dict(json.loads(saved_path.read_text(encoding="utf-8")) if saved_path.is_file()
                                        else saved_state["config"])
         resumed_from = saved_state["step"]
@@ -356,7 +310,7 @@ def _train(run_dir: Path, dataset: DemoDataset, identity: dict, minutes: float, 
             config.minutes = max(budget, 1.0) / 60
             config.run.checkpoint_every = max(10, round(CHECKPOINT_SECONDS * samples_per_s / batch_size))
     planned_epochs = config.steps * config.batch_size / dataset.counts["train_images"]
-    finished_before = saved_state is not None and saved_state["step"] >= saved_state["total_steps"]
+    finished_before = saved_state is not None and saved_state["finished"]
     if finished_before:
         _log(progress, f"demo: training already finished in {run_dir} ({resumed_from} steps); evaluating again")
     else:
@@ -383,16 +337,6 @@ def _train(run_dir: Path, dataset: DemoDataset, identity: dict, minutes: float, 
             "measured_samples_per_s": samples_per_s and round(samples_per_s, 1), "resumed_from_step": resumed_from,
             "trained_by_earlier_call": finished_before,
             "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None}, calibrate_seconds
-
-
-def _saved_progress(checkpoint: Path) -> dict:
-    """``step``, ``total_steps`` and budget ``spent_s`` as ``checkpoint`` recorded them (a ``minutes``
-    run re-plans its total, so the checkpoint's own record decides whether the run is finished)."""
-    from ..train.resume import read_training_state
-
-    state = read_training_state(checkpoint)
-    return {"step": state["step"], "total_steps": state.get("total_steps") or state["config"]["steps"],
-            "spent_s": state.get("budget_spent_s"), "config": state["config"]}
 
 
 # ----------------------------------------------------------------------------------- evaluation
