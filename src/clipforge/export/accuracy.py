@@ -29,7 +29,7 @@ def compare_precisions(folder: str | os.PathLike, calibration: CalibrationSet, t
     report: dict = {"images": 0, "texts": len(calibration.prompts), "source": calibration.source}
     features, text_features, models = {}, {}, {}
     for precision in ("fp32", "int8"):
-        model, preprocess = load_export(folder, threads=threads, precision=precision)
+        model, preprocess = load_export(folder, threads=threads, precision=precision, allow_unfinished=True)
         models[precision] = model
         encoded = encode_images(model, calibration.paths, preprocess, batch_size, progress=progress,
                                 desc=f"{precision} images")
@@ -44,7 +44,8 @@ def compare_precisions(folder: str | os.PathLike, calibration: CalibrationSet, t
     if calibration.classes:
         names = [" ".join(c.replace("_", " ").split()) for c in calibration.classes]
         targets = torch.tensor(calibration.labels)[features["fp32"].indices]
-        report.update(classes=len(names), templates=templates if isinstance(templates, str) else "custom")
+        label = "none" if templates is None else templates if isinstance(templates, str) else "custom"
+        report.update(classes=len(names), templates=label)
         for precision, model in models.items():
             classifier = zero_shot_classifier(model, names, templates)  # (D, C)
             logits = zero_shot_logits(features[precision].features, classifier, logit_scale_of(model))  # (N, C)

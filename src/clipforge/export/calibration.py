@@ -34,6 +34,8 @@ def read_calibration_folder(folder: str | os.PathLike) -> CalibrationSet:
     from ..evaluate import load_image_folder
 
     root = Path(folder)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"--calibration {root}: is a file; expected a folder of images (or of class sub-folders)")
     if not root.is_dir():
         raise FileNotFoundError(f"--calibration {root}: no such folder")
     if any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):
@@ -59,17 +61,32 @@ def read_calibration_folder(folder: str | os.PathLike) -> CalibrationSet:
 CALIBRATION_LIMIT = 256
 
 
+def spread(count: int, limit: int) -> list[int]:
+    """All of ``range(count)``, the ``limit`` evenly spaced indices first (so a calibration sample of a
+    class-sorted folder covers every class, not the first few), then the rest in order."""
+    if count <= limit:
+        return list(range(count))
+    first = [i * count // limit for i in range(limit)]  # distinct, since count > limit
+    chosen = set(first)
+    return first + [i for i in range(count) if i not in chosen]
+
+
 def image_batches(paths: list[str], preprocess: Callable, batch_size: int = 32,
-                  limit: int = CALIBRATION_LIMIT) -> list[np.ndarray]:
-    """Preprocessed float32 batches ``(B, 3, S, S)`` of the first ``limit`` readable images."""
+                  limit: int = CALIBRATION_LIMIT, source: str | None = None) -> list[np.ndarray]:
+    """Preprocessed float32 batches ``(B, 3, S, S)`` of up to ``limit`` readable images, spread evenly
+    over ``paths`` (an unreadable one is replaced by the next readable path); ``ValueError`` naming
+    ``source`` (the ``--calibration`` folder) when none can be read."""
     tensors = []
-    for path in paths[:limit]:
+    for index in spread(len(paths), limit):
+        if len(tensors) == limit:
+            break
         try:
-            tensors.append(preprocess(path))
+            tensors.append(preprocess(paths[index]))
         except Exception:  # an unreadable file only costs one calibration sample
             continue
     if not tensors:
-        raise ValueError(f"none of the {min(len(paths), limit)} calibration images could be read, e.g. {paths[0]}")
+        where = f"--calibration {source}: " if source else ""
+        raise ValueError(f"{where}none of the {len(paths)} images could be read as an image, e.g. {paths[0]}")
     return [torch.stack(tensors[i:i + batch_size]).numpy() for i in range(0, len(tensors), batch_size)]
 
 

@@ -86,8 +86,12 @@ def write_meta(folder: Path, meta: dict) -> Path:
     return write_text_atomic(folder / META_NAME, json.dumps(meta, indent=2) + "\n")
 
 
-def read_meta(folder: str | os.PathLike) -> dict:
-    """The parsed ``onnx_export.json`` of an export folder; ``ValueError`` naming the file when bad."""
+def read_meta(folder: str | os.PathLike, allow_unfinished: bool = False) -> dict:
+    """The parsed ``onnx_export.json`` of an export folder; ``ValueError`` naming the file when bad.
+
+    An export still being quantised (or killed while it was) carries ``unfinished``; it is refused
+    unless ``allow_unfinished`` (the quantiser's own reads), so it never loads as a whole export.
+    """
     path = Path(folder) / META_NAME
     try:
         meta = json.loads(path.read_text())
@@ -96,21 +100,59 @@ def read_meta(folder: str | os.PathLike) -> dict:
     if meta.get("format") != "clipforge-onnx" or meta.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{path}: expected clipforge-onnx metadata of format_version <= {FORMAT_VERSION}, "
                          f"got {meta.get('format')!r} version {meta.get('format_version')!r}")
+    if meta.get("unfinished") and not allow_unfinished:
+        raise ValueError(f"{path}: an unfinished export ({meta['unfinished']} did not complete, or the run was "
+                         f"killed); run clipforge convert again")
     return meta
 
 
-def export_onnx(model: CLIP, folder: str | os.PathLike, opset: int = DEFAULT_OPSET) -> Path:
-    """Write ``model``'s towers as fp32 ONNX graphs and their metadata to ``folder``; returns ``folder``."""
+def check_opset(opset: int) -> None:
+    """Refuse an ONNX opset the export cannot target, in one line."""
+    if not 14 <= opset <= 21:
+        raise ValueError(f"--opset must be between 14 and 21 (scaled dot-product attention needs 14), got {opset}")
+
+
+# Every name an export writes (and the hidden temporaries of files.atomic_path): the only entries an
+# existing output folder may hold, so that an export never lands in (and shadows) a checkpoint folder.
+EXPORT_FILES = (META_NAME, "image.onnx", "text.onnx", "image.int8.onnx", "text.int8.onnx")
+
+
+def _is_export_file(name: str) -> bool:
+    """Whether ``name`` is one an export writes, or ``files.atomic_path``'s temporary of one (``.NAME.tmp-PID``)."""
+    return name in EXPORT_FILES or any(name.startswith(f".{ours}.tmp-") for ours in EXPORT_FILES)
+
+
+def _prepare_folder(folder: Path) -> None:
+    """Make ``folder`` (or check that an existing one holds only an earlier export's files), then remove
+    those files, metadata first, so that nothing of the earlier export survives beside the new one."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder}: exists and is not a folder; expected an output folder for the ONNX export")
+    if folder.is_dir():
+        foreign = sorted(p.name for p in folder.iterdir() if not _is_export_file(p.name))
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise ValueError(f"{folder}: holds {shown}, not an ONNX export; expected a new or empty output "
+                             f"folder (or an earlier export's, which is replaced)")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / META_NAME).unlink(missing_ok=True)  # a half-rewritten folder must not look whole
+    for path in folder.iterdir():  # an earlier export's int8 graphs do not match the new fp32 ones; a killed
+        if _is_export_file(path.name) and path.is_file():  # run's temporaries are of no use either
+            path.unlink(missing_ok=True)
+
+
+def export_onnx(model: CLIP, folder: str | os.PathLike, opset: int = DEFAULT_OPSET,
+                unfinished: str | None = None) -> Path:
+    """Write ``model``'s towers as fp32 ONNX graphs and their metadata to ``folder``; returns ``folder``.
+
+    ``folder`` must be new, empty or an earlier export (which is replaced). ``unfinished`` (say
+    ``"int8 quantisation"``) marks the metadata as not yet loadable, for a caller with more to write.
+    """
     from ..evaluate import model_fingerprint
 
     require_onnx()
-    if not 14 <= opset <= 21:
-        raise ValueError(f"--opset must be between 14 and 21 (scaled dot-product attention needs 14), got {opset}")
+    check_opset(opset)
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{folder}: exists and is not a folder; expected an output folder for the ONNX export")
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / META_NAME).unlink(missing_ok=True)  # a half-rewritten folder must not look whole
+    _prepare_folder(folder)
     if model.dtype != torch.float32 or model.text_projection.device.type != "cpu":
         model = copy.deepcopy(model).float().cpu()  # export fp32 on the CPU, leave the caller's model be
     was_training = model.training
@@ -142,5 +184,7 @@ def export_onnx(model: CLIP, folder: str | os.PathLike, opset: int = DEFAULT_OPS
         "source_fingerprint": model_fingerprint(model),
         "config": config.to_dict(),
     }
+    if unfinished:
+        meta["unfinished"] = unfinished
     write_meta(folder, meta)
     return folder

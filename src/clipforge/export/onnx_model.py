@@ -33,10 +33,10 @@ class OnnxCLIP(nn.Module):
     """``encode_image``, ``encode_text`` and ``forward`` of an exported CLIP, on onnxruntime sessions."""
 
     def __init__(self, folder: str | os.PathLike, threads: int | None = None, device: str = "cpu",
-                 graphs: dict[str, str] | None = None):
+                 graphs: dict[str, str] | None = None, allow_unfinished: bool = False):
         super().__init__()
         self.folder = Path(folder)
-        self.meta = read_meta(self.folder)
+        self.meta = read_meta(self.folder, allow_unfinished)  # an unfinished export only for convert's own checks
         self.config = ClipConfig.from_dict(self.meta["config"])
         self.context_length = int(self.meta["context_length"])
         self.vocab_size = self.config.text.vocab_size
@@ -64,9 +64,14 @@ class OnnxCLIP(nn.Module):
         return torch.float32
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """Image embeddings ``(N, embed_dim)`` from pixels ``(N, 3, H, W)``, on the input's device."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must have shape (N, 3, H, W), got {tuple(images.shape)}")
+        """Image embeddings ``(N, embed_dim)`` from pixels ``(N, 3, S, S)`` (``S`` the export's image size),
+        on the input's device."""
+        size = self.config.vision.image_size  # the graph's fixed input size
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
+            raise ValueError(f"images must have shape (N, 3, {size}, {size}) for this export (its preprocess "
+                             f"gives that), got {tuple(images.shape)}")
+        if images.shape[0] == 0:  # a ResNet graph's attention pool cannot reshape an empty batch
+            return torch.zeros(0, self.config.embed_dim, device=images.device)
         pixels = images.detach().float().cpu().contiguous().numpy()
         (features,) = self._image_session.run(None, {self.meta["inputs"]["image"]: pixels})
         features = torch.from_numpy(features).to(images.device)  # (N, D)
@@ -94,15 +99,17 @@ class OnnxCLIP(nn.Module):
 
 
 def load_export(folder: str | os.PathLike, device: str | torch.device = "cpu",
-                threads: int | None = None, precision: str | None = None) -> tuple[OnnxCLIP, Callable]:
+                threads: int | None = None, precision: str | None = None,
+                allow_unfinished: bool = False) -> tuple[OnnxCLIP, Callable]:
     """``(OnnxCLIP, preprocess)`` for an export folder, as :func:`clipforge.load` returns for a checkpoint.
 
     ``precision`` ``fp32`` or ``int8`` picks those graphs (default: the folder's ``graphs``, int8 when
-    it was quantised). ``threads`` defaults to ``torch.get_num_threads()``.
+    it was quantised). ``threads`` defaults to ``torch.get_num_threads()``. ``allow_unfinished`` lets
+    the converter measure an export it has not finished writing (anyone else gets a ``ValueError``).
     """
     from ..transforms import image_transform
 
-    meta = read_meta(folder)
+    meta = read_meta(folder, allow_unfinished)
     graphs = None
     if precision is not None:
         key = {"fp32": "fp32_graphs", "int8": "int8_graphs"}.get(precision)
@@ -110,5 +117,5 @@ def load_export(folder: str | os.PathLike, device: str | torch.device = "cpu",
             raise ValueError(f"{folder}: no {precision} graphs; this export has "
                              f"{', '.join(k.split('_')[0] for k in ('fp32_graphs', 'int8_graphs') if k in meta)}")
         graphs = meta[key]
-    model = OnnxCLIP(folder, threads, torch.device(device).type, graphs)
+    model = OnnxCLIP(folder, threads, torch.device(device).type, graphs, allow_unfinished)
     return model.eval(), image_transform(model.config.vision.image_size)

@@ -99,7 +99,7 @@ def quantize_export(folder: str | os.PathLike, mode: str = "static", image_batch
     if mode not in MODES:
         raise ValueError(f"quantisation mode must be one of {', '.join(MODES)}, got {mode!r}")
     folder = Path(folder)
-    meta = read_meta(folder)
+    meta = read_meta(folder, allow_unfinished=True)  # convert_to_onnx quantises before it marks the export whole
     fp32 = meta["fp32_graphs"]
     int8 = {"image": "image.int8.onnx", "text": "text.int8.onnx"}
     feeds = {"image": [{meta["inputs"]["image"]: batch} for batch in image_batches or []],
