@@ -1,10 +1,17 @@
 """Tiny models, CLIP-like inputs and comparisons shared by the checkpoint tests."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file
 
 import clipforge
 from clipforge import CLIP
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+HF_TOLERANCE = 1e-5  # max abs difference to transformers' outputs, fp32 CPU
 
 
 def tiny_model(name: str = "tiny-vit", seed: int = 0) -> CLIP:
@@ -39,3 +46,15 @@ def assert_same_weights(expected: dict[str, torch.Tensor], actual: dict[str, tor
     for key, tensor in expected.items():
         assert actual[key].dtype == tensor.dtype, key
         assert torch.equal(actual[key], tensor), key
+
+
+def assert_matches_transformers(model: CLIP, variant: str) -> None:
+    """``model`` gives the embeddings and logits ``transformers.CLIPModel`` gave for fixture ``variant``."""
+    io = load_file(FIXTURES / f"{variant}_io.safetensors")
+    with torch.no_grad():
+        image_features = model.encode_image(io["pixel_values"])
+        text_features = model.encode_text(io["input_ids"])
+        logits_per_image, _ = model(io["pixel_values"], io["input_ids"])
+    assert (image_features - io["image_features"]).abs().max() <= HF_TOLERANCE
+    assert (text_features - io["text_features"]).abs().max() <= HF_TOLERANCE
+    assert (logits_per_image - io["logits_per_image"]).abs().max() <= 10 * HF_TOLERANCE  # scaled by exp(logit_scale)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,22 +15,10 @@ from safetensors.torch import load_file
 from clipforge import checkpoints
 from clipforge.checkpoints import CheckpointError
 
-from _checkpoint_helpers import assert_same_weights, embeddings, sample_inputs, tiny_model
+from _checkpoint_helpers import (FIXTURES, HF_TOLERANCE as TOLERANCE, assert_matches_transformers,
+                                 assert_same_weights, embeddings, sample_inputs, tiny_model)
 
-FIXTURES = Path(__file__).parent / "fixtures"
 VARIANTS = ["hf_tiny_quickgelu", "hf_tiny_gelu"]
-TOLERANCE = 1e-5  # max abs, fp32 CPU
-
-
-def assert_matches_transformers(model, variant: str) -> None:
-    io = load_file(FIXTURES / f"{variant}_io.safetensors")
-    with torch.no_grad():
-        image_features = model.encode_image(io["pixel_values"])
-        text_features = model.encode_text(io["input_ids"])
-        logits_per_image, _ = model(io["pixel_values"], io["input_ids"])
-    assert (image_features - io["image_features"]).abs().max() <= TOLERANCE
-    assert (text_features - io["text_features"]).abs().max() <= TOLERANCE
-    assert (logits_per_image - io["logits_per_image"]).abs().max() <= 10 * TOLERANCE  # scaled by exp(logit_scale)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

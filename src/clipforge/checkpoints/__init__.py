@@ -4,7 +4,7 @@
 clipforge checkpoints; ``architecture.py`` infers the :class:`~clipforge.models.ClipConfig` from
 weight shapes; ``write.py`` saves clipforge folders and exports OpenAI and Hugging Face layouts.
 The private helpers read files safely (``_files.py``), TorchScript archives (``_torchscript.py``)
-and map Hugging Face key names (``_hf_keys.py``).
+and open_clip's Hub config (``_open_clip.py``), and map Hugging Face key names (``_hf_keys.py``).
 """
 from ._files import FORMAT_VERSION, CheckpointError
 from .architecture import infer_config

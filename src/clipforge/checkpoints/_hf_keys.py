@@ -103,8 +103,42 @@ def hf_to_openai(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def _sub_config(hf: dict[str, Any], tower: str) -> dict[str, Any]:
-    sub = hf.get(f"{tower}_config") or hf.get(f"{tower}_config_dict") or {}
-    return dict(sub)
+    """One tower's settings: ``<tower>_config``, updated by the older ``<tower>_config_dict`` where both
+    are there, as transformers' ``CLIPConfig`` reads them."""
+    merged: dict[str, Any] = {}
+    for name in (f"{tower}_config", f"{tower}_config_dict"):
+        sub = hf.get(name) or {}
+        if not isinstance(sub, dict):
+            raise ValueError(f"{name} is a JSON {type(sub).__name__}, expected an object")
+        merged.update(sub)
+    return merged
+
+
+def hf_config_mismatches(hf: dict[str, Any], config: ClipConfig) -> list[str]:
+    """The sizes an HF ``CLIPConfig`` states that its weights contradict, as ``"field X, weights Y"``.
+
+    ``config`` is what the weights' shapes say; a size the config leaves out is not checked (the
+    weights decide). Only the top-level ``projection_dim`` is read: ``CLIPModel`` ignores the towers'.
+    """
+    vision, text = config.vision, config.text
+    stated = {
+        "projection_dim": (hf.get("projection_dim"), config.embed_dim),
+        **{f"vision_config.{name}": (_sub_config(hf, "vision").get(name), value) for name, value in (
+            ("hidden_size", vision.width), ("num_hidden_layers", vision.layers),
+            ("intermediate_size", round(vision.width * vision.mlp_ratio)), ("image_size", vision.image_size),
+            ("patch_size", vision.patch_size))},
+        **{f"text_config.{name}": (_sub_config(hf, "text").get(name), value) for name, value in (
+            ("hidden_size", text.width), ("num_hidden_layers", text.layers),
+            ("intermediate_size", round(text.width * text.mlp_ratio)), ("vocab_size", text.vocab_size),
+            ("max_position_embeddings", text.context_length))},
+    }
+    found = [f"{field} {said!r}, weights {actual}" for field, (said, actual) in stated.items()
+             if said is not None and said != actual]
+    eos = _sub_config(hf, "text").get("eos_token_id")
+    if eos is not None and eos not in (2, text.vocab_size - 1):  # 2: transformers' legacy argmax pooling
+        found.append(f"text_config.eos_token_id {eos!r}: transformers pools at that token, clipforge at the "
+                     f"highest id ({text.vocab_size - 1})")
+    return found
 
 
 def hf_config_overrides(hf: dict[str, Any]) -> dict[str, Any]:

@@ -4,8 +4,11 @@ Sources ``load`` understands (the layout is detected from the content, not the f
 
 - OpenAI's released ``.pt`` files: TorchScript archives, read as data by :mod:`._torchscript`;
 - plain OpenAI-format state dicts (``torch.save`` or ``.safetensors``), e.g. from :func:`export_openai`;
-- open_clip checkpoints: a bare state dict or ``{"state_dict": ...}``, optional ``module.`` prefix;
-- Hugging Face CLIP folders: ``config.json`` + ``model.safetensors`` (or shards, or ``pytorch_model.bin``);
+- open_clip checkpoints: a bare state dict or ``{"state_dict": ...}``, optional ``module.`` prefix, or
+  its Hub files (``open_clip_config.json`` beside ``open_clip_model.safetensors``), whose config gives
+  the activation and head counts;
+- Hugging Face CLIP folders: ``config.json`` + ``model.safetensors`` (or its shards with their index,
+  or ``pytorch_model.bin``, or its shards); a config that contradicts the weights is refused;
 - clipforge folders written by :func:`save`: ``config.json`` + ``model.safetensors``.
 
 The architecture is read from the config where there is one, else inferred from the weights'
@@ -17,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +32,10 @@ from torch.overrides import TorchFunctionMode
 from ..models import CLIP, ClipConfig, available_models, get_config
 from ..files import why_missing
 from ..runtime import cache_root, resolve_device
-from ._files import (FORMAT_VERSION, CheckpointError, read_safetensors, safetensors_metadata, sniff,
+from ._files import (FORMAT_VERSION, CheckpointError, read_safetensors, read_sharded, safetensors_metadata, sniff,
                      torch_load_safely, unwrap_state_dict)
-from ._hf_keys import hf_config_overrides, hf_to_openai
+from ._hf_keys import hf_config_mismatches, hf_config_overrides, hf_to_openai
+from ._open_clip import CONFIG_NAME as OPEN_CLIP_CONFIG, apply_open_clip_config, open_clip_config_beside, open_clip_weights
 from ._torchscript import read_torchscript_state_dict
 from .architecture import infer_config
 
@@ -47,9 +52,12 @@ OPENAI_URLS = {
     "ViT-L/14": f"{_OPENAI_BASE}/b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
     "ViT-L/14@336px": f"{_OPENAI_BASE}/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
 }
+# A Hugging Face Hub model id, ``org/name``, looked up in the local Hub cache (never downloaded).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Tensors some checkpoints carry that are not weights: OpenAI's TorchScript archives keep these
 # three sizes as attributes; older open_clip saved the causal mask.
 _NOT_WEIGHTS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass
@@ -84,14 +92,41 @@ def _resolve(name_or_path: str | os.PathLike) -> Path:
                               "randomly initialised model, or pass a checkpoint path")
     if path.is_symlink():
         raise CheckpointError(f"{name}: {why_missing(path)}")
-    raise CheckpointError(f"{name}: no such file or folder, and not a released model name ({', '.join(OPENAI_URLS)})")
+    message = f"{name}: no such file or folder, and not a released model name ({', '.join(OPENAI_URLS)})"
+    repo = name.removeprefix("hf-hub:")  # open_clip's spelling of a Hub id
+    if _HUB_ID.match(repo):
+        cache, snapshot = _hub_snapshot(repo)
+        if snapshot is not None:
+            return snapshot
+        raise CheckpointError(
+            f"{message}; as a Hugging Face Hub id it is not in the local Hub cache ({cache}), and clipforge "
+            f"never downloads at load time: fetch it once (`hf download {repo}`, or "
+            "huggingface_hub.snapshot_download) and pass the id or the folder"
+        )
+    raise CheckpointError(message)
+
+
+def _hub_snapshot(repo: str) -> tuple[Path, Path | None]:
+    """``(hub cache, snapshot folder or None)`` of a Hub model in the local cache, read offline as
+    huggingface_hub lays it out: ``models--org--name/refs/main`` names a ``snapshots/`` folder."""
+    cache = Path(os.environ.get("HF_HUB_CACHE")
+                 or Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "hub").expanduser()
+    repo_dir = cache / f"models--{repo.replace('/', '--')}"
+    ref = repo_dir / "refs" / "main"
+    if ref.is_file():
+        snapshot = repo_dir / "snapshots" / ref.read_text().strip()
+        return cache, snapshot if snapshot.is_dir() else None
+    snapshots = sorted(p for p in (repo_dir / "snapshots").glob("*") if p.is_dir())
+    return cache, snapshots[0] if len(snapshots) == 1 else None
 
 
 def _read_folder(folder: Path) -> _Checkpoint:
     config_path = folder / "config.json"
+    if not config_path.is_file() and (weights := open_clip_weights(folder)) is not None:
+        return _read(weights)
     if not config_path.is_file():
-        raise CheckpointError(f"{folder}: no config.json; expected a clipforge folder (clipforge.save) "
-                              "or a Hugging Face CLIP folder")
+        raise CheckpointError(f"{folder}: no config.json; expected a clipforge folder (clipforge.save), a Hugging "
+                              f"Face CLIP folder, or an open_clip one ({OPEN_CLIP_CONFIG} + open_clip_model.safetensors)")
     try:
         meta = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -121,6 +156,13 @@ def _read_folder(folder: Path) -> _Checkpoint:
     except ValueError as err:
         raise CheckpointError(f"{folder}: {err}") from None
     config = infer_config(state_dict, source=str(folder), match_presets=False)
+    try:
+        mismatches = hf_config_mismatches(meta, config)
+    except ValueError as err:
+        raise CheckpointError(f"{config_path}: {err}") from None
+    if mismatches:
+        raise CheckpointError(f"{config_path}: disagrees with the weights beside it: {'; '.join(mismatches)}; "
+                              "expected the config.json saved with these weights")
     config = dataclasses.replace(
         config, quick_gelu=overrides["quick_gelu"], init_logit_scale=overrides["init_logit_scale"],
         vision=dataclasses.replace(config.vision, heads=overrides["vision_heads"]),
@@ -129,17 +171,23 @@ def _read_folder(folder: Path) -> _Checkpoint:
     return _Checkpoint(state_dict, "hf", config)
 
 
+def _torch_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict of a ``torch.save`` file (mapped, not read, when it is zip-format)."""
+    return unwrap_state_dict(torch_load_safely(path), path)[0]
+
+
 def _hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The weights of an HF folder, in transformers' order of preference (safetensors before bin)."""
     if (folder / "model.safetensors").is_file():
         return read_safetensors(folder / "model.safetensors")
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in read_safetensors(folder / shard).items()}
+    if (folder / "model.safetensors.index.json").is_file():
+        return read_sharded(folder / "model.safetensors.index.json", read_safetensors)
     if (folder / "pytorch_model.bin").is_file():
-        return unwrap_state_dict(torch_load_safely(folder / "pytorch_model.bin"), folder / "pytorch_model.bin")[0]
-    raise CheckpointError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin; "
-                          f"found {sorted(p.name for p in folder.iterdir())[:10]}")
+        return _torch_weights(folder / "pytorch_model.bin")
+    if (folder / "pytorch_model.bin.index.json").is_file():
+        return read_sharded(folder / "pytorch_model.bin.index.json", _torch_weights)
+    raise CheckpointError(f"{folder}: no model.safetensors, model.safetensors.index.json, pytorch_model.bin or "
+                          f"pytorch_model.bin.index.json; found {sorted(p.name for p in folder.iterdir())[:10]}")
 
 
 def _read(path: Path) -> _Checkpoint:
@@ -153,7 +201,10 @@ def _read(path: Path) -> _Checkpoint:
         if kind == "safetensors":
             state_dict, source_kind, run_name = read_safetensors(path), "openai", None
             if "clipforge_config" in (metadata := safetensors_metadata(path)):
-                config = ClipConfig.from_dict(json.loads(metadata["clipforge_config"]))
+                try:
+                    config = ClipConfig.from_dict(json.loads(metadata["clipforge_config"]))
+                except ValueError as err:
+                    raise CheckpointError(f"{path}: bad clipforge_config metadata ({err})") from None
         else:
             state_dict, source_kind, run_name = unwrap_state_dict(torch_load_safely(path), path)
         if "text_model.embeddings.token_embedding.weight" in state_dict:  # HF weights without their folder
@@ -162,6 +213,13 @@ def _read(path: Path) -> _Checkpoint:
         raise
     except (ValueError, TypeError) as err:  # a bad embedded config, incomplete q/k/v projections
         raise CheckpointError(f"{path}: {err}") from None
+    if config is None and (open_clip_config := open_clip_config_beside(path)) is not None:
+        try:
+            config = apply_open_clip_config(open_clip_config, infer_config(state_dict, source=str(path),
+                                                                           match_presets=False))
+        except ValueError as err:
+            raise CheckpointError(f"{open_clip_config}: {err}") from None
+        source_kind = "open_clip"
     return _Checkpoint(state_dict, source_kind, config, run_name)
 
 
@@ -169,7 +227,8 @@ def load_state_dict_any(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor
     """``(state_dict, source_kind)`` from any supported checkpoint, with OpenAI key names.
 
     ``source_kind`` is one of ``openai_torchscript``, ``openai``, ``open_clip``, ``hf``, ``clipforge``.
-    Tensors keep the file's dtypes. Raises :class:`CheckpointError` naming the file on bad input.
+    Tensors keep the file's dtypes and own their memory (files are read, not memory-mapped).
+    Raises :class:`CheckpointError` naming the file on bad input.
     """
     checkpoint = _read(_resolve(path))
     return checkpoint.state_dict, checkpoint.kind
@@ -187,14 +246,23 @@ class _SkipInit(TorchFunctionMode):
 
 
 def _fill(config: ClipConfig, state_dict: dict[str, torch.Tensor], source: str) -> CLIP:
-    """A :class:`CLIP` holding exactly ``state_dict`` (cast to fp32), or one error listing what differs."""
+    """A :class:`CLIP` holding exactly ``state_dict`` (cast to fp32), or one error listing what differs
+    (or which weights hold NaN or inf: such a model answers, but every answer is meaningless).
+
+    The weights are copied into the model's own memory, one tensor at a time, and each is dropped
+    from ``state_dict`` once copied (the dict is consumed), so loading holds about one copy at a
+    time; the model never views the file (a memory map would crash it, SIGBUS, once the file is
+    overwritten in place).
+    """
     try:
         with _SkipInit():
             model = CLIP(config)
     except ValueError as err:  # sizes that do not fit together (heads, patch size)
         raise CheckpointError(f"{source}: cannot build the model its config describes ({err})") from None
-    expected = model.state_dict()
-    given = {k: v for k, v in state_dict.items() if k.rsplit(".", 1)[-1] not in _NOT_WEIGHTS}
+    expected = model.state_dict(keep_vars=True)
+    for key in [k for k in state_dict if k.rsplit(".", 1)[-1] in _NOT_WEIGHTS]:
+        del state_dict[key]
+    given = state_dict
     for key in expected:
         if key.endswith("num_batches_tracked") and key not in given:
             given[key] = torch.tensor(0)
@@ -204,23 +272,28 @@ def _fill(config: ClipConfig, state_dict: dict[str, torch.Tensor], source: str) 
     unexpected = [f"{k} {tuple(v.shape)}" for k, v in given.items() if k not in expected]
     wrong = [f"{k}: file {tuple(given[k].shape)} vs model {tuple(v.shape)}"
              for k, v in expected.items() if k in given and given[k].shape != v.shape]
-    if missing or unexpected or wrong:
+    # Weights must be real floating point: an integer, complex or fp8 tensor cast to fp32 is not the weight.
+    not_float = [f"{k} {str(given[k].dtype).removeprefix('torch.')}" for k, v in expected.items()
+                 if k in given and v.is_floating_point() and given[k].dtype not in _FLOAT_DTYPES]
+    if missing or unexpected or wrong or not_float:
         problems = [f"{label} ({len(keys)}): {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
-                    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong))
-                    if keys]
+                    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong),
+                                        ("not fp16/bf16/fp32/fp64", not_float)) if keys]
         tower = "ModifiedResNet" if config.vision.is_resnet else "ViT"
         raise CheckpointError(f"{source}: weights do not fit the {tower} CLIP architecture "
                               f"(embed_dim {config.embed_dim}); " + "; ".join(problems))
-    seen_storages: set[int] = set()
-    tensors = {}
-    for key, value in given.items():
-        value = value.to(expected[key].dtype).contiguous()
-        if value.numel():  # one storage per tensor, so the model can be saved with safetensors
-            if value.untyped_storage().data_ptr() in seen_storages:
-                value = value.clone()
-            seen_storages.add(value.untyped_storage().data_ptr())
-        tensors[key] = value
-    model.load_state_dict(tensors, strict=True, assign=True)
+    not_finite = []
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(given.pop(key))  # casts to the model's dtype (fp32)
+            if target.is_floating_point() and target.numel():
+                low, high = torch.aminmax(target)  # NaN propagates to both; an inf shows in one of them
+                if not (low.isfinite() and high.isfinite()):
+                    not_finite.append(key)
+    if not_finite:
+        raise CheckpointError(f"{source}: {len(not_finite)} weights hold NaN or inf ({', '.join(not_finite[:4])}"
+                              f"{' ...' if len(not_finite) > 4 else ''}); expected finite weights (was the run that "
+                              "saved them diverging, or a cast to fp16 overflowing?)")
     return model.eval()
 
 
@@ -252,8 +325,9 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
 
 def load(name_or_path: str | os.PathLike, device: str | torch.device = "cpu", jit: bool = False, *,
          quick_gelu: bool | None = None, config: ClipConfig | str | None = None) -> tuple[CLIP, Callable]:
-    """``(model, preprocess)`` as ``clip.load`` returns: a path or a released model name (looked up in
-    :func:`cache_dir`). ``preprocess`` maps a PIL image to the model's input tensor ``(3, H, W)``.
+    """``(model, preprocess)`` as ``clip.load`` returns: a path, a released model name (looked up in
+    :func:`cache_dir`) or a Hugging Face Hub id ``org/name`` (looked up in the local Hub cache, never
+    downloaded). ``preprocess`` maps a PIL image to the model's input tensor ``(3, H, W)``.
 
     ``jit=True`` is refused: it would run the TorchScript code stored in the file.
     """

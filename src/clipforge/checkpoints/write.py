@@ -5,8 +5,10 @@ write leaves the previous file intact and no partial file.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,6 +19,9 @@ from ..models import CLIP, ClipConfig
 from ._files import FORMAT_VERSION, CheckpointError
 from ._hf_files import preprocessor_config, tokenizer_files
 from ._hf_keys import clip_to_hf_config, openai_to_hf
+from .architecture import infer_config
+
+_ONNX_META = "onnx_export.json"  # marks an ONNX export folder, which clipforge.load reads first
 
 
 def _cpu_tensors(model: CLIP) -> dict[str, torch.Tensor]:
@@ -26,10 +31,31 @@ def _cpu_tensors(model: CLIP) -> dict[str, torch.Tensor]:
 
 
 def _check_folder(folder: Path) -> None:
-    """An output folder must be a folder (made when missing), not an existing file."""
+    """An output folder must be a folder (made when missing), not an existing file, and not an ONNX
+    export: :func:`clipforge.load` would go on reading the old graphs instead of these weights."""
     if folder.exists() and not folder.is_dir():
         raise CheckpointError(f"{folder}: is a file; expected a folder to write the model into")
+    if (folder / _ONNX_META).is_file():
+        raise CheckpointError(f"{folder}: holds an ONNX export ({_ONNX_META}), which clipforge.load reads instead "
+                              "of any weights beside it; expected an empty folder or one holding a checkpoint")
     folder.mkdir(parents=True, exist_ok=True)
+
+
+def _warn_lost_config(model: CLIP, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Warn when a weights-only file cannot give back ``model``'s config: loading it infers the
+    architecture from shapes and assumes QuickGELU, as for OpenAI's releases."""
+    config = model.config
+    inferred = dataclasses.replace(infer_config(tensors, source=str(path)), init_logit_scale=config.init_logit_scale)
+    if inferred == config:
+        return
+    gelu = {True: "QuickGELU", False: "exact GELU"}
+    changes = [f"{what}: {ours} -> {theirs}" for what, ours, theirs in (
+        ("activation", gelu[config.quick_gelu], gelu[inferred.quick_gelu]),
+        ("text heads", config.text.heads, inferred.text.heads),
+        ("vision heads", config.vision.num_heads, inferred.vision.num_heads)) if ours != theirs]
+    warnings.warn(f"{path}: an OpenAI-format {path.suffix} file holds weights only, and loading it infers a "
+                  f"different config ({', '.join(changes) or 'other settings'}); write a .safetensors file, which "
+                  "keeps the config, or pass quick_gelu= / config= to clipforge.load", stacklevel=3)
 
 
 def save(model: CLIP, folder: str | os.PathLike) -> Path:
@@ -46,7 +72,10 @@ def save(model: CLIP, folder: str | os.PathLike) -> Path:
 
 def export_openai(model: CLIP, path: str | os.PathLike) -> Path:
     """Write an OpenAI-format state dict: ``.pt``/``.pth`` (``torch.save`` of a dict of tensors) or
-    ``.safetensors`` (with the :class:`ClipConfig` as metadata, read back by :func:`load`)."""
+    ``.safetensors`` (with the :class:`ClipConfig` as metadata, read back by :func:`load`).
+
+    A ``.pt`` keeps no config: a ``UserWarning`` says when loading it would infer a different one
+    (exact GELU read back as QuickGELU, head counts other than a preset's or ``width // 64``)."""
     path = Path(path)
     tensors = _cpu_tensors(model)
     if path.suffix not in (".pt", ".pth", ".bin", ".safetensors"):
@@ -59,6 +88,8 @@ def export_openai(model: CLIP, path: str | os.PathLike) -> Path:
                       metadata={"format": "pt", "clipforge_config": json.dumps(model.config.to_dict())})
         else:
             torch.save(tensors, temporary)
+    if path.suffix != ".safetensors":
+        _warn_lost_config(model, tensors, path)
     return path
 
 
