@@ -4,6 +4,7 @@ Images are crops of real photos that ship with matplotlib and scikit-learn, tint
 green or blue and saved as JPEG or PNG. ``ColorCLIP`` embeds an image as its mean (normalised)
 R, G, B and a text as the counts of the words "red", "green", "blue" in its tokens, so a tinted
 image is nearest to the prompts naming its colour: any metric it yields can be computed by hand.
+``RecordingBar`` stands in for tqdm, so a test can see which progress bars were shown and counted.
 """
 from __future__ import annotations
 
@@ -70,3 +71,26 @@ class ColorCLIP(nn.Module):
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         counts = (tokens[:, :, None] == self.color_ids).sum(dim=1).float()  # (N, 3)
         return counts + 1e-3  # never a zero vector
+
+
+class RecordingBar:
+    """Stands in for tqdm: records each bar's ``desc``, ``disable`` and how far it counted."""
+
+    made: list = []
+
+    def __init__(self, *args, desc=None, disable=None, **kwargs):
+        self.desc, self.disable, self.count = desc, disable, 0
+        RecordingBar.made.append(self)
+
+    def update(self, n=1):
+        """Count ``n`` more steps."""
+        self.count += n
+
+    def set_postfix_str(self, *args, **kwargs):
+        """Ignored: only the counts are checked."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

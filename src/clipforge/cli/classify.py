@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device_arg(args.device)
     model, preprocess = load_model_arg(args.model, device, args.seed)
     results = classify(model, args.images, labels, args.templates, preprocess, args.top_k, args.batch_size,
-                       device, args.precision)
+                       device, args.precision, progress=not args.json)
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -62,7 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                  description="Recall@1/5/10 of image-to-text and text-to-image retrieval.")
     retrieval.add_argument("--data", required=True, metavar="CAPTIONS",
                            help="CSV/TSV/JSONL of image,caption rows, COCO captions JSON or a Karpathy split JSON")
-    retrieval.add_argument("--split", default="test", help="Karpathy split to use (default: test)")
+    retrieval.add_argument("--split", default="test", help="with a Karpathy split JSON, the split to score (default: "
+                           "test); the other formats have no splits, so every pair is scored")
     retrieval.add_argument("--skip-missing", action="store_true",
                            help="drop listed images that do not exist (and their captions) instead of stopping")
     retrieval.set_defaults(func=run_retrieval)
@@ -72,8 +73,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "features, C chosen on a validation split by the paper's sweep.")
     probe.add_argument("--train", required=True, metavar="DIR|CSV")
     probe.add_argument("--test", required=True, metavar="DIR|CSV")
-    probe.add_argument("--few-shot", type=int, metavar="K", help="train on K images per class")
-    probe.add_argument("--val-fraction", type=float, default=0.2, help="share of train held out to choose C")
+    probe.add_argument("--few-shot", type=int, metavar="K", help="train on K images per class, C chosen on up to K "
+                       "others per class")
+    probe.add_argument("--val-fraction", type=float, default=0.2, metavar="F",
+                       help="share of each class's training images held out to choose C, then trained on too "
+                       "(default 0.2; not used with --few-shot)")
     probe.set_defaults(func=run_linear_probe)
 
     from .eval_suite import register_suite
@@ -82,13 +86,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     for task in (zeroshot, retrieval, probe):
         add_model_arguments(task)
+        outputs = "report.json and plots (per-class accuracy, confusion matrix)" if task is zeroshot else "report.json"
         task.add_argument("--images", metavar="DIR", help="folder that relative paths in a listing are under "
                           "(default: the listing's folder)")
         task.add_argument("--batch-size", type=positive_int, default=64, metavar="N")
         task.add_argument("--workers", type=non_negative_int, default=min(4, os.cpu_count() or 1), metavar="N",
                           help="DataLoader processes decoding images")
         add_cache_arguments(task)
-        task.add_argument("--out", metavar="DIR", help="write report.json (and plots) here")
+        task.add_argument("--out", metavar="DIR", help=f"write {outputs} here, replacing an earlier run's")
         task.add_argument("--json", action="store_true", help="print the report as JSON instead of a summary")
 
 
@@ -101,14 +106,31 @@ def _common(args: argparse.Namespace) -> dict:
                 cache_dir=feature_cache_dir(args), progress=not args.json)
 
 
-def _finish(args: argparse.Namespace, report: dict, summary: list[str], written: list[Path]) -> int:
-    """Print the summary (or JSON), the files written and the skipped images; exit 1 if any."""
+def _earlier_report(args: argparse.Namespace) -> str | None:
+    """The task of the ``report.json`` already in ``--out`` (``"a report"`` when unreadable), or None."""
+    path = Path(args.out) / "report.json" if args.out else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        task = json.loads(path.read_text(encoding="utf-8")).get("task")
+    except (OSError, ValueError, AttributeError):
+        task = None
+    return f"a {task} report" if isinstance(task, str) else "a report"
+
+
+def _finish(args: argparse.Namespace, report: dict, summary: list[str], written: list[Path],
+            replaced: str | None = None) -> int:
+    """Print the summary (or JSON), the files written (and the report they replaced) and the
+    skipped images; exit 1 if any."""
     if args.json:
         print(json.dumps(report, indent=2))
+        if written and replaced:
+            print(f"note: {written[0]} replaced {replaced} written there before", file=sys.stderr)
     else:
         print("\n".join(summary))
         if written:
-            print("wrote " + ", ".join(str(path) for path in written))
+            print("wrote " + ", ".join(str(path) for path in written)
+                  + (f" (replacing {replaced} written there before)" if replaced else ""))
     for note in report.get("notes", []):
         print(f"note: {note}", file=sys.stderr)
     return warn_skipped(report.get("skipped", []), "path", "image(s)", "the report")
@@ -175,6 +197,7 @@ def run_zeroshot(args: argparse.Namespace) -> int:
                                      "num_skipped": len(normal.skipped)}
     if args.exclude:
         report["excluded"] = {"list": args.exclude, "num_images": len(excluded), "num_unmatched": len(unmatched)}
+    replaced = _earlier_report(args)
     written = write_zeroshot_report(report, args.out) if args.out else []
     summary = [f"zero-shot on {args.data}: {report['num_images']} images, {report['num_classes']} classes, "
                f"{report['num_templates']} templates"]
@@ -187,7 +210,7 @@ def run_zeroshot(args: argparse.Namespace) -> int:
     labels = {"top1": "top-1", "top5": "top-5", "mean_per_class_recall": "mean per-class recall",
               "aupr": "AUPR (ImageNet-O)"}
     summary += [f"{labels.get(name, name):<22} {value:.4f}" for name, value in result.metrics.items()]
-    return _finish(args, report, summary, written)
+    return _finish(args, report, summary, written, replaced)
 
 
 def _is_imagenet_o(dataset: str | None) -> bool:
@@ -208,7 +231,7 @@ def _templates_used(args: argparse.Namespace, data) -> str:
 def run_retrieval(args: argparse.Namespace) -> int:
     """``clipforge eval retrieval``."""
     from ..evaluate import evaluate_retrieval, load_retrieval_data
-    from ..evaluate.report import write_json
+    from ..evaluate.report import write_report
 
     started = time.time()
     common = _common(args)
@@ -216,19 +239,20 @@ def run_retrieval(args: argparse.Namespace) -> int:
     model, preprocess = load_model_arg(args.model, common["device"], args.seed)
     result = evaluate_retrieval(model, data, preprocess, batch_size=args.batch_size, **common)
     report = {**_header(args, "retrieval", started), "data": args.data, **result}
-    written = [write_json(report, Path(args.out) / "report.json")] if args.out else []
+    replaced = _earlier_report(args)
+    written = write_report(report, args.out) if args.out else []
     metrics = result["metrics"]
     summary = [f"retrieval on {args.data}: {result['num_images']} images, {result['num_texts']} captions"]
     for direction, label in (("image_to_text", "image->text"), ("text_to_image", "text->image")):
         recalls = "  ".join(f"R@{k} {metrics[f'{direction}_recall@{k}']:.4f}" for k in (1, 5, 10))
         summary.append(f"{label}  {recalls}")
-    return _finish(args, report, summary, written)
+    return _finish(args, report, summary, written, replaced)
 
 
 def run_linear_probe(args: argparse.Namespace) -> int:
     """``clipforge eval linear-probe``."""
     from ..evaluate import evaluate_linear_probe, load_classification_data
-    from ..evaluate.report import write_json
+    from ..evaluate.report import write_report
 
     if args.few_shot is not None and args.few_shot < 1:
         raise CliError(f"--few-shot must be at least 1, got {args.few_shot}")
@@ -242,7 +266,8 @@ def run_linear_probe(args: argparse.Namespace) -> int:
     result = evaluate_linear_probe(model, train, test, preprocess, args.few_shot, args.val_fraction, args.seed,
                                    args.batch_size, **common)
     report = {**_header(args, "linear-probe", started), "train": args.train, "test": args.test, **result}
-    written = [write_json(report, Path(args.out) / "report.json")] if args.out else []
+    replaced = _earlier_report(args)
+    written = write_report(report, args.out) if args.out else []
     if args.few_shot:
         sizes = (f"{args.few_shot}-shot: {result['num_train']} training images, C chosen on "
                  f"{result['num_val']} others")
@@ -251,4 +276,4 @@ def run_linear_probe(args: argparse.Namespace) -> int:
     summary = [f"linear probe, {sizes}, {result['num_test']} test images",
                f"accuracy  {result['accuracy']:.4f}",
                f"C         {result['C']:.4g}" + ("" if result["sweep"] else " (not tuned, see the note)")]
-    return _finish(args, report, summary, written)
+    return _finish(args, report, summary, written, replaced)

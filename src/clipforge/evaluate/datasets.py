@@ -97,10 +97,13 @@ def _read_table(path: Path, value_keys: tuple[str, ...]) -> tuple[list[str] | No
 
     The first row is a header when it names an image column or a ``value_keys`` column.
     """
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    # A TSV is read without quoting, as caption listings are: a label such as `"big dog` or `12" ruler`
+    # is text, not the start of a quoted field that would swallow the rows after it.
+    tsv = path.suffix.lower() == ".tsv"
+    options = dict(delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else dict(delimiter=",")
     try:
         with open(path, newline="", encoding="utf-8-sig") as file:
-            rows = [(n, row) for n, row in enumerate(csv.reader(file, delimiter=delimiter), 1) if any(row)]
+            rows = [(n, row) for n, row in enumerate(csv.reader(file, **options), 1) if any(row)]
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
     if not rows:
@@ -119,16 +122,18 @@ def _resolve(image_root: Path, name: str) -> str:
     return name if os.path.isabs(name) else str(image_root / name)
 
 
-def _check_exist(paths: list[str], listing: Path, image_root: Path) -> None:
+def _check_exist(paths: list[str], listing: Path, image_root: Path, remedy: str) -> None:
+    """Raise ``FileNotFoundError`` naming the listing, how many images are missing, and ``remedy``."""
     missing = [p for p in dict.fromkeys(paths) if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(
             f"{listing}: {len(missing)} of {len(set(paths))} listed images are missing under {image_root}, "
-            f"e.g. {missing[0]!r}; pass the image folder (--images) or drop them (--skip-missing)")
+            f"e.g. {missing[0]!r}; {remedy}")
 
 
 def load_labels_csv(path: str | os.PathLike, image_root: str | os.PathLike | None = None) -> ClassificationData:
-    """A CSV/TSV of ``path,label`` (header optional); relative paths are under ``image_root``."""
+    """A CSV/TSV of ``path,label`` (header optional); relative paths are under ``image_root``. A TSV is
+    read without quoting (quotes are part of the text); an image may not be listed under two labels."""
     path = Path(path)
     image_root = Path(image_root) if image_root else path.parent
     header, rows = _read_table(path, LABEL_KEYS)
@@ -137,14 +142,21 @@ def load_labels_csv(path: str | os.PathLike, image_root: str | os.PathLike | Non
         raise ValueError(f"{path}: header {header} needs an image column ({', '.join(IMAGE_KEYS)}) "
                          f"and a label column ({', '.join(LABEL_KEYS)})")
     names, raw_labels = [], []
+    first_seen: dict[str, tuple[int, str]] = {}  # image -> (line, label) where it was first listed
     for line, row in rows:
         if len(row) <= max(image_col, label_col) or not row[image_col].strip() or not row[label_col].strip():
             raise ValueError(f"{path}:{line}: expected an image path and a label, got {row}")
-        names.append(_resolve(image_root, row[image_col].strip()))
-        raw_labels.append(row[label_col].strip())
+        image, label = _resolve(image_root, row[image_col].strip()), row[label_col].strip()
+        earlier_line, earlier_label = first_seen.setdefault(os.path.normpath(os.path.abspath(image)), (line, label))
+        if earlier_label != label:  # the image would be scored wrong under one of its rows, whatever the model
+            raise ValueError(f"{path}:{line}: {row[image_col].strip()!r} is labelled {label!r} here but "
+                             f"{earlier_label!r} on line {earlier_line}; classification takes one label per image")
+        names.append(image)
+        raw_labels.append(label)
     if not names:
         raise ValueError(f"{path}: no rows after the header")
-    _check_exist(names, path, image_root)
+    # Classification has no --skip-missing: a class's missing images would silently shift its recall.
+    _check_exist(names, path, image_root, "pass the image folder (--images) or remove their rows")
     classes = sorted(set(raw_labels))
     index = {name: i for i, name in enumerate(classes)}
     return ClassificationData(names, [index[label] for label in raw_labels], classes, str(path))
@@ -167,6 +179,14 @@ def load_classification_data(path: str | os.PathLike, image_root: str | os.PathL
     return load_labels_csv(path, image_root)
 
 
+def _text(value, path: Path, where: str, what: str) -> str:
+    """``value`` when it is a string; otherwise a ``ValueError`` naming the file, the entry and the field
+    (``str()`` of a number or null would make captions such as "None")."""
+    if not isinstance(value, str):
+        raise ValueError(f"{path}: {where}: {what} must be a string, got {json.dumps(value)[:60]}")
+    return value
+
+
 def _pairs_from_records(records: list[dict], path: Path) -> list[tuple[str, str]]:
     pairs = []
     for number, record in enumerate(records, 1):
@@ -183,7 +203,34 @@ def _pairs_from_records(records: list[dict], path: Path) -> list[tuple[str, str]
                                  f"({', '.join(CAPTION_KEYS)} or captions)")
             value = record[caption_key]
             captions = value if isinstance(value, list) else [value]
-        pairs += [(str(record[image_key]), str(caption)) for caption in captions]
+        elif not isinstance(captions, list):
+            captions = [captions]  # refused below unless a string
+        image = _text(record[image_key], path, f"record {number}", f"{image_key!r} (an image path)")
+        pairs += [(image, _text(caption, path, f"record {number}", "a caption")) for caption in captions]
+    return pairs
+
+
+def _pairs_from_karpathy(images: list, path: Path, split: str | None) -> list[tuple[str, str]]:
+    """Karpathy split: ``images[] {filepath?, filename, split, sentences[] {raw}}``, filtered to ``split``."""
+    for number, image in enumerate(images, 1):
+        if not isinstance(image, dict) or not isinstance(image.get("sentences"), list) or "filename" not in image:
+            found = sorted(image) if isinstance(image, dict) else type(image).__name__
+            raise ValueError(f"{path}: images entry {number} needs 'filename' and a 'sentences' list (Karpathy "
+                             f"split), got {found}")
+    if split:
+        splits = sorted({str(image.get("split", "")) for image in images})
+        images = [image for image in images if image.get("split") == split]
+        if not images:
+            raise ValueError(f"{path}: no images in split {split!r}; splits present: {splits}")
+    pairs = []
+    for image in images:
+        where = f"image {image['filename']!r}"
+        name = str(Path(_text(image.get("filepath", ""), path, where, "'filepath'"))
+                   / _text(image["filename"], path, where, "'filename'"))
+        for sentence in image["sentences"]:
+            if not isinstance(sentence, dict) or "raw" not in sentence:
+                raise ValueError(f"{path}: {where}: each sentence needs a 'raw' caption, got {json.dumps(sentence)[:60]}")
+            pairs.append((name, _text(sentence["raw"], path, where, "a sentence's 'raw'")))
     return pairs
 
 
@@ -193,16 +240,7 @@ def _pairs_from_json(data, path: Path, split: str | None) -> list[tuple[str, str
     if isinstance(data, dict) and "annotations" in data and "images" in data:  # COCO captions
         return _pairs_from_coco(data, path)
     if isinstance(data, dict) and isinstance(data.get("images"), list):  # Karpathy split
-        images = data["images"]
-        if split:
-            splits = sorted({image.get("split", "") for image in images})
-            images = [image for image in images if image.get("split") == split]
-            if not images:
-                raise ValueError(f"{path}: no images in split {split!r}; splits present: {splits}")
-        return [
-            (str(Path(image.get("filepath", "")) / image["filename"]), sentence["raw"])
-            for image in images for sentence in image["sentences"]
-        ]
+        return _pairs_from_karpathy(data["images"], path, split)
     raise ValueError(f"{path}: unrecognised JSON; expected a list of {{image, caption}} objects, "
                      "COCO captions (images + annotations) or a Karpathy split (images[].sentences)")
 
@@ -222,7 +260,9 @@ def _pairs_from_coco(data: dict, path: Path) -> list[tuple[str, str]]:
             raise ValueError(f"{path}: annotations entry {number} needs 'image_id' and 'caption' (COCO captions), "
                              f"got {found}")
         if annotation["image_id"] in files:
-            pairs.append((files[annotation["image_id"]], annotation["caption"]))
+            caption = _text(annotation["caption"], path, f"annotations entry {number}", "'caption'")
+            pairs.append((_text(files[annotation["image_id"]], path, f"image {annotation['image_id']!r}",
+                                "'file_name'"), caption))
     return pairs
 
 
@@ -234,7 +274,8 @@ def _read_caption_pairs(path: Path, split: str | None) -> list[tuple[str, str]]:
         for image, captions in zip(listing.images, listing.captions):
             if not image:
                 raise ValueError(f"{path}: a row has captions {captions} but no image path")
-            pairs += [(image, caption) for caption in captions]
+            # A row whose caption is null has none: counted with the blank captions, not dropped unseen.
+            pairs += [(image, caption) for caption in captions] or [(image, "")]
         return pairs
     if suffix == ".json":
         try:
@@ -275,14 +316,19 @@ def load_retrieval_data(path: str | os.PathLike, image_root: str | os.PathLike |
         if not pairs:
             raise FileNotFoundError(f"{path}: none of the listed images exist under {image_root}")
     else:
-        _check_exist([image for image, _ in pairs], path, image_root)
-    image_index: dict[str, int] = {}
+        _check_exist([image for image, _ in pairs], path, image_root,
+                     "pass the image folder (--images) or drop them (--skip-missing)")
+    # One image however its rows spell it (img/a.jpg, img/../img/a.jpg, /abs/img/a.jpg): two entries for
+    # one file would tie in every ranking and turn half of its captions into misses.
+    image_index: dict[str, int] = {}  # normalised absolute path -> image number
+    image_paths: list[str] = []  # as first listed
     for image, _ in pairs:
-        image_index.setdefault(image, len(image_index))
+        if image_index.setdefault(os.path.normpath(os.path.abspath(image)), len(image_paths)) == len(image_paths):
+            image_paths.append(image)
     return RetrievalData(
-        image_paths=list(image_index),
+        image_paths=image_paths,
         texts=[caption for _, caption in pairs],
-        text_to_image=[image_index[image] for image, _ in pairs],
+        text_to_image=[image_index[os.path.normpath(os.path.abspath(image))] for image, _ in pairs],
         source=str(path),
         notes=notes,
     )

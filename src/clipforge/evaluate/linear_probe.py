@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -51,14 +51,18 @@ def fit_logistic(features: np.ndarray, labels: np.ndarray, C: float, max_iter: i
 
 def sweep_c(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
             low: float = -6, high: float = 6, steps_per_decade: int = 8,
-            max_iter: int = 1000) -> tuple[float, list[tuple[float, float]]]:
-    """``(best C, [(C, validation accuracy), ...])`` by the paper's parametric binary search."""
+            max_iter: int = 1000, on_fit: Optional[Callable[[float, float], None]] = None
+            ) -> tuple[float, list[tuple[float, float]]]:
+    """``(best C, [(C, validation accuracy), ...])`` by the paper's parametric binary search;
+    ``on_fit(C, accuracy)`` is called after each fit (a progress bar)."""
     scores: dict[float, float] = {}  # log10 C -> validation accuracy
 
     def score(log_c: float) -> float:
         if log_c not in scores:
             model = fit_logistic(train_x, train_y, 10.0 ** log_c, max_iter)
             scores[log_c] = float((model.predict(val_x) == val_y).mean())
+            if on_fit is not None:
+                on_fit(10.0 ** log_c, scores[log_c])
         return scores[log_c]
 
     def best_of(candidates) -> float:
@@ -125,15 +129,30 @@ def _test_scores(model, test_x: np.ndarray, test_y: np.ndarray) -> dict:
     return {"accuracy": float(top1.mean()), "top5": top5, "mean_per_class_recall": float(np.mean(recalls))}
 
 
+def _untuned_note(train_y: np.ndarray, class_names: list[str] | None) -> str:
+    """Why C kept its default: the classes with a single training image, or no validation images."""
+    labels, counts = np.unique(train_y, return_counts=True)
+    single = [class_names[label] if class_names else str(label) for label, n in zip(labels, counts) if n < 2]
+    shown = ", ".join(repr(name) for name in single[:5]) + (" ..." if len(single) > 5 else "")
+    why = (f"{len(single)} class(es) have a single training image ({shown}), so none could be held out"
+           if single else "no validation images were left")
+    return (f"C was not tuned: {why} to choose C on; used C=1.0. Give each class at least 2 "
+            "training images (or --few-shot K with 2K per class) to tune it")
+
+
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
                  few_shot: int | None = None, val_fraction: float = 0.2, seed: int = 0,
-                 max_iter: int = 1000, class_names: list[str] | None = None) -> dict:
+                 max_iter: int = 1000, class_names: list[str] | None = None, progress: bool = False) -> dict:
     """Choose C on a validation split, refit on train + validation, score the test set
     (``accuracy``, ``top5``, ``mean_per_class_recall``).
 
     When no image can be held out (one training image per class), C stays 1.0 and the report's
     ``notes`` say so, naming the classes (``class_names[label]``, else the label numbers).
+    ``progress``: a bar counting the fits (up to 15 for the sweep, then the final one), each of which
+    can take minutes on ImageNet-sized features.
     """
+    from tqdm.auto import tqdm
+
     train_x, test_x = np.asarray(train_x, dtype=np.float32), np.asarray(test_x, dtype=np.float32)
     train_y, test_y = np.asarray(train_y), np.asarray(test_y)
     notes: list[str] = []
@@ -143,20 +162,21 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
         fit_idx, val_idx = few_shot_split(train_y, few_shot, seed, class_names)
     else:
         fit_idx, val_idx = stratified_split(train_y, val_fraction, seed)
-    if len(val_idx) and len(np.unique(train_y[fit_idx])) > 1:
-        C, sweep = sweep_c(train_x[fit_idx], train_y[fit_idx], train_x[val_idx], train_y[val_idx], max_iter=max_iter)
-        val_accuracy = max(accuracy for _, accuracy in sweep)
-    else:
-        C, sweep, val_accuracy = 1.0, [], None  # nothing to validate on: keep the default C
-        labels, counts = np.unique(train_y, return_counts=True)
-        single = [class_names[label] if class_names else str(label) for label, n in zip(labels, counts) if n < 2]
-        shown = ", ".join(repr(name) for name in single[:5]) + (" ..." if len(single) > 5 else "")
-        why = (f"{len(single)} class(es) have a single training image ({shown}), so none could be held out"
-               if single else "no validation images were left")
-        notes.append(f"C was not tuned: {why} to choose C on; used C=1.0. Give each class at least 2 "
-                     "training images (or --few-shot K with 2K per class) to tune it")
-    final_idx = np.concatenate([fit_idx, val_idx]) if not few_shot else fit_idx
-    model = fit_logistic(train_x[final_idx], train_y[final_idx], C, max_iter)
+    with tqdm(desc="linear probe fits", unit="fit", disable=None if progress else True) as bar:
+        def on_fit(C: float, accuracy: float) -> None:
+            bar.set_postfix_str(f"C={C:.3g} val {accuracy:.4f}", refresh=False)
+            bar.update(1)
+
+        if len(val_idx) and len(np.unique(train_y[fit_idx])) > 1:
+            C, sweep = sweep_c(train_x[fit_idx], train_y[fit_idx], train_x[val_idx], train_y[val_idx],
+                               max_iter=max_iter, on_fit=on_fit)
+            val_accuracy = max(accuracy for _, accuracy in sweep)
+        else:
+            C, sweep, val_accuracy = 1.0, [], None  # nothing to validate on: keep the default C
+            notes.append(_untuned_note(train_y, class_names))
+        final_idx = np.concatenate([fit_idx, val_idx]) if not few_shot else fit_idx
+        model = fit_logistic(train_x[final_idx], train_y[final_idx], C, max_iter)
+        bar.update(1)
     return {
         **_test_scores(model, test_x, test_y), "C": C, "val_accuracy": val_accuracy, "sweep": sweep,
         "num_train": int(len(final_idx)), "num_val": int(len(val_idx)), "num_test": int(len(test_y)),
@@ -190,10 +210,11 @@ def evaluate_linear_probe(model: torch.nn.Module, train: ClassificationData, tes
         labels = to_train_label[np.asarray(data.labels)[features.indices.numpy()]]
         require_finite(features.features, f"image embeddings for {data.source}")
         arrays.append((features.features.numpy(), labels))
-        skipped += [{"path": path, "reason": reason} for path, reason in features.skipped]
+        listed = {entry["path"] for entry in skipped}  # a file in both sets is one unreadable image
+        skipped += [{"path": path, "reason": reason} for path, reason in features.skipped if path not in listed]
     (train_x, train_y), (test_x, test_y) = arrays
     report = linear_probe(train_x, train_y, test_x, test_y, few_shot, val_fraction, seed,
-                          class_names=list(train.classes))
+                          class_names=list(train.classes), progress=progress)
     report["skipped"] = skipped
     report["notes"] = [*report["notes"], *([overlap] if overlap else [])]
     return report

@@ -56,7 +56,8 @@ def topk_accuracy(scores: torch.Tensor, targets: torch.Tensor, ks: Sequence[int]
     ranks = target_ranks(scores, targets)
     if len(ranks) == 0:
         raise ValueError("no samples to score")
-    return {k: float((ranks < k).float().mean()) for k in ks if k <= scores.shape[1]}
+    # Counted in integers, divided in Python: a float32 mean would report 3/200 as 0.01499999966.
+    return {k: int((ranks < k).sum()) / len(ranks) for k in ks if k <= scores.shape[1]}
 
 
 def paired_difference(hits_a: torch.Tensor, hits_b: torch.Tensor) -> tuple[float, float]:
@@ -158,7 +159,7 @@ def recall_at_k(ranks: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[int
     """Fraction of queries whose first correct item ranks within the top k, for each k."""
     if len(ranks) == 0:
         raise ValueError("no queries to score")
-    return {k: float((ranks < k).float().mean()) for k in ks}
+    return {k: int((ranks < k).sum()) / len(ranks) for k in ks}  # exact fractions, not float32 means
 
 
 def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
@@ -189,5 +190,16 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
         ranks = first_positive_ranks(queries, keys, positives, memory_budget_bytes)
         for k, value in recall_at_k(ranks, ks).items():
             results[f"{direction}_recall@{k}"] = value
-        results[f"{direction}_median_rank"] = float(ranks.float().median()) + 1
+        results[f"{direction}_median_rank"] = median_rank(ranks)
     return results
+
+
+def median_rank(ranks: torch.Tensor) -> float:
+    """1-based median rank of 0-based ``ranks`` as the retrieval literature reports it (VSE++, Karpathy's
+    evaluation): ``floor(median) + 1``, the median of an even count being the mean of the middle two
+    (``torch.median`` would give the lower one: 225 where numpy's median gives 226)."""
+    if len(ranks) == 0:
+        raise ValueError("no queries to score")
+    ordered = ranks.sort().values  # (Q,)
+    middle = (int(ordered[(len(ordered) - 1) // 2]) + int(ordered[len(ordered) // 2])) // 2  # floor of the mean
+    return float(middle + 1)

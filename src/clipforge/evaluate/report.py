@@ -180,3 +180,12 @@ def write_zeroshot_report(report: dict, out_dir: str | os.PathLike) -> list[Path
             report.setdefault("notes", []).append(f"no plots: {error}")
         write_json(report, staging / REPORT_NAME)
     return [out_dir / REPORT_NAME, *(out_dir / path.name for path in made)]
+
+
+def write_report(report: dict, out_dir: str | os.PathLike) -> list[Path]:
+    """``report.json`` of a task without plots (retrieval, the linear probe), as one set
+    (:func:`output_set`): zero-shot plots an earlier run left in ``out_dir`` are removed, since they
+    would otherwise sit beside a report they do not belong to."""
+    with output_set(out_dir, ZEROSHOT_PLOTS) as staging:
+        write_json(report, staging / REPORT_NAME)
+    return [Path(out_dir) / REPORT_NAME]

@@ -46,22 +46,45 @@ def evaluate_retrieval(model: torch.nn.Module, data: RetrievalData, preprocess: 
     metrics = retrieval_metrics(images.features, texts[kept_texts], text_to_image[kept_texts].tolist(),
                                 ks, memory_budget_bytes)
     num_images, num_texts = len(images.indices), int(kept_texts.sum())
+    fewest_captions = int(torch.bincount(text_to_image[kept_texts], minlength=num_images).min())
+    scored_texts = [text for text, kept in zip(data.texts, kept_texts.tolist()) if kept]
     return {
         "metrics": metrics,
         "num_images": num_images,
         "num_texts": num_texts,
         "skipped": [{"path": path, "reason": reason} for path, reason in images.skipped],
-        "notes": list(data.notes) + _trivial_recall_notes(ks, num_images, num_texts),
+        "notes": list(data.notes) + _cut_captions_notes(model, scored_texts)
+        + _trivial_recall_notes(ks, num_images, num_texts, fewest_captions),
     }
 
 
-def _trivial_recall_notes(ks: Sequence[int], num_images: int, num_texts: int) -> list[str]:
-    """Notes naming the recalls that are 100% whatever the model, because k reaches the number of
-    candidates to rank (a listing of 5 images has text-to-image R@5 = 100%)."""
+def _cut_captions_notes(model: torch.nn.Module, texts: Sequence[str]) -> list[str]:
+    """A note counting the captions longer than the model's context, which the text tower saw cut to
+    their first tokens (as CLIP and CLIP_benchmark cut them), so a long-caption set is read in part."""
+    from ..tokenizer import get_tokenizer
+
+    context_length = int(getattr(model, "context_length", 77))
+    encode = get_tokenizer().encode
+    cut = sum(1 for text in texts if len(encode(text)) + 2 > context_length)  # + start and end tokens
+    if not cut:
+        return []
+    return [f"{cut} of {len(texts)} captions are longer than the model's context of {context_length} tokens and "
+            f"were cut to their first {context_length - 2}"]
+
+
+def _trivial_recall_notes(ks: Sequence[int], num_images: int, num_texts: int, fewest_captions: int = 1) -> list[str]:
+    """Notes naming the recalls that are 100% whatever the model, because k reaches past every wrong
+    candidate: a listing of 5 images has text-to-image R@5 = 100%, and with 6 captions, 3 per image,
+    an image's best caption ranks 4th at worst, so image-to-text R@5 = 100%."""
     notes = []
-    for direction, candidates, noun in (("text-to-image", num_images, "images"), ("image-to-text", num_texts, "captions")):
-        trivial = [k for k in ks if k >= candidates]
-        if trivial:
-            notes.append(f"{direction} recall@{', @'.join(map(str, trivial))} is 100% by construction: only "
-                         f"{candidates} {noun if candidates != 1 else noun[:-1]} to rank")
+    for direction, candidates, right, noun in (("text-to-image", num_images, 1, "images"),
+                                               ("image-to-text", num_texts, fewest_captions, "captions")):
+        trivial = [k for k in ks if k > candidates - right]  # beyond the wrong candidates: always a hit
+        if not trivial:
+            continue
+        why = f"only {candidates} {noun if candidates != 1 else noun[:-1]} to rank"
+        if right > 1 and candidates > min(trivial):
+            why = (f"{candidates} {noun} to rank and every image has at least {right} of them, so its best "
+                   f"caption ranks {candidates - right + 1} or better")
+        notes.append(f"{direction} recall@{', @'.join(map(str, trivial))} is 100% by construction: {why}")
     return notes

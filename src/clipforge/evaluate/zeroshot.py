@@ -76,16 +76,18 @@ def _default_preprocess(model: torch.nn.Module) -> Callable:
 def classify(model: torch.nn.Module, images: Sequence, labels: Sequence, templates="imagenet",
              preprocess: Callable | None = None, top_k: int = 5, batch_size: int = 32,
              device: str | torch.device | None = None, precision: str = "fp32",
-             num_workers: int = 0) -> list[dict]:
+             num_workers: int = 0, progress: bool = False) -> list[dict]:
     """Zero-shot labels for images (paths or PIL images), like transformers' pipeline.
 
     Returns per image ``{"image": ..., "predictions": [{"label", "score"}, ...]}`` with the
     ``top_k`` softmax probabilities (``logit_scale * cosine`` over ``labels``), best first, or
-    ``{"image": ..., "error": reason}`` for an image that could not be read.
+    ``{"image": ..., "error": reason}`` for an image that could not be read. ``progress``: bars
+    (on stderr, when it is a terminal) for the prompts and the images.
     """
-    classifier = zero_shot_classifier(model, labels, templates, device=device, precision=precision)
+    classifier = zero_shot_classifier(model, labels, templates, device=device, precision=precision,
+                                      progress=progress)
     features = encode_images(model, list(images), preprocess or _default_preprocess(model), batch_size,
-                             num_workers, device, precision, progress=False)
+                             num_workers, device, precision, progress=progress)
     results = [{"image": str(image) if isinstance(image, (str, os.PathLike)) else index}
                for index, image in enumerate(images)]
     # The loader runs in order, so skipped images come in ascending position.
