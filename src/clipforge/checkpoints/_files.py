@@ -109,15 +109,21 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: truncated or damaged safetensors file ({_first_line(err)})") from None
 
 
-def _read_safetensors_tensors(file, size: int) -> dict[str, torch.Tensor]:
-    """The tensors of an open ``.safetensors`` file of ``size`` bytes; ``ValueError`` on a bad layout."""
+def _read_safetensors_header(file, size: int) -> tuple[dict, int]:
+    """``(header, offset of the data)`` of an open ``.safetensors`` file of ``size`` bytes."""
     (header_len,) = struct.unpack("<Q", file.read(8))
     if not 2 <= header_len <= size - 8:
         raise ValueError(f"header of {header_len} bytes in a file of {size}")
     header = json.loads(file.read(header_len))
     if not isinstance(header, dict):
         raise ValueError("the header is not a JSON object")
-    start, tensors, end_of_last = 8 + header_len, {}, 0
+    return header, 8 + header_len
+
+
+def _read_safetensors_tensors(file, size: int) -> dict[str, torch.Tensor]:
+    """The tensors of an open ``.safetensors`` file of ``size`` bytes; ``ValueError`` on a bad layout."""
+    header, start = _read_safetensors_header(file, size)
+    tensors, end_of_last = {}, 0
     entries = [(name, entry) for name, entry in header.items() if name != "__metadata__"]
     for name, entry in sorted(entries, key=lambda item: item[1]["data_offsets"][0]):  # in file order
         dtype, shape, (begin, end) = _SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
@@ -138,9 +144,8 @@ def _read_safetensors_tensors(file, size: int) -> dict[str, torch.Tensor]:
 
 def safetensors_metadata(path: Path) -> dict[str, str]:
     """The string metadata in a ``.safetensors`` header (empty if none)."""
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
+    with open(path, "rb") as file:
+        header, _ = _read_safetensors_header(file, path.stat().st_size)
     return header.get("__metadata__") or {}
 
 

@@ -172,7 +172,7 @@ def _read_folder(folder: Path) -> _Checkpoint:
 
 
 def _torch_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The state dict of a ``torch.save`` file (mapped, not read, when it is zip-format)."""
+    """The state dict of a ``torch.save`` file, read into memory (see :func:`torch_load_safely`)."""
     return unwrap_state_dict(torch_load_safely(path), path)[0]
 
 
