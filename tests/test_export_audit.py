@@ -221,3 +221,40 @@ def test_graphs_that_do_not_match_pytorch_are_an_error_not_a_printed_number(tmp_
     parity = convert_to_onnx(tiny_model("tiny-vit"), tmp_path / "out", progress=False)["parity"]
     assert max(parity["image_max_abs"], parity["text_max_abs"]) <= parity["tolerance"]
     assert 1e-4 <= parity["tolerance"] <= 1e-3  # 1e-4 per unit of the largest embedding entry
+
+
+def test_a_graph_changed_after_export_is_refused_on_load(tmp_path):
+    model = tiny_model("tiny-vit")
+    first = export_onnx(model, tmp_path / "first")
+    other_model = tiny_model("tiny-vit")
+    with torch.no_grad():
+        other_model.visual.proj.mul_(2.0)  # another image tower with the same graph shape
+    second = export_onnx(other_model, tmp_path / "second")
+    (first / "image.onnx").write_bytes((second / "image.onnx").read_bytes())  # swapped behind the metadata
+    with pytest.raises(ValueError, match=r"first/image\.onnx: its SHA-256 is not the one onnx_export\.json recorded"):
+        clipforge.load(first)
+    assert clipforge.load(second)[0].precision == "fp32"  # an untouched export still loads
+
+
+def test_a_calibration_folder_with_an_empty_class_says_why_it_has_no_top1(capsys, tmp_path):
+    checkpoint = clipforge.save(tiny_model("tiny-vit"), tmp_path / "ckpt")
+    images = make_color_folder(tmp_path / "calib", CLASSES)
+    (images / "purple").mkdir()  # a class folder the user has not filled yet
+    status, _, err = run(capsys, "convert", checkpoint, tmp_path / "out", "--to", "onnx", "--quantize", "int8",
+                         "--quantize-mode", "dynamic", "--calibration", images, "--templates", "none")
+    assert status == 0, err
+    assert "its sub-folders are not read as classes" in err and "'purple'" in err, err
+    meta = json.loads((tmp_path / "out" / "onnx_export.json").read_text())
+    assert "top1" not in json.dumps(meta["quantization"]["accuracy"])  # measured on images alone, as said
+
+
+@pytest.mark.parametrize("to", ["onnx", "openai", "clipforge"])
+def test_converting_from_an_export_folder_says_it_is_one(capsys, tmp_path, to):
+    export = export_onnx(tiny_model("tiny-vit"), tmp_path / "export")
+    status, _, err = run(capsys, "convert", export, tmp_path / "out.pt" if to == "openai" else tmp_path / "out",
+                         "--to", to)
+    assert status == 2 and len(err.strip().splitlines()) == 1, err
+    assert "export: is an ONNX export, which holds graphs, not PyTorch weights" in err, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.pt").exists()
+    with pytest.raises(clipforge.checkpoints.CheckpointError, match="is an ONNX export"):
+        clipforge.checkpoints.load_model(export)

@@ -27,6 +27,7 @@ class CalibrationSet:
     classes: list[str] | None  # class folder names, in label order
     prompts: list[str]
     source: str
+    note: str | None = None  # why class sub-folders were not read as classes, when they were not
 
 
 def read_calibration_folder(folder: str | os.PathLike) -> CalibrationSet:
@@ -38,11 +39,13 @@ def read_calibration_folder(folder: str | os.PathLike) -> CalibrationSet:
         raise ValueError(f"--calibration {root}: is a file; expected a folder of images (or of class sub-folders)")
     if not root.is_dir():
         raise FileNotFoundError(f"--calibration {root}: no such folder")
+    note = None
     if any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):
         try:
             data = load_image_folder(root)
-        except ValueError:
-            data = None  # sub-folders that are not classes (some empty): fall back to every image
+        except ValueError as error:  # sub-folders that are not classes (some empty): fall back to every image
+            data = None
+            note = f"its sub-folders are not read as classes ({error}), so the report has no zero-shot top-1"
         if data is not None and len(data.classes) > 1:
             names = [" ".join(c.replace("_", " ").split()) for c in data.classes]
             return CalibrationSet(data.paths, data.labels, data.classes,
@@ -52,7 +55,7 @@ def read_calibration_folder(folder: str | os.PathLike) -> CalibrationSet:
     if not paths:
         raise ValueError(f"--calibration {root}: no images found (expected image files or one sub-folder per class)")
     stems = [" ".join(Path(p).stem.replace("_", " ").replace("-", " ").split()) for p in paths]
-    return CalibrationSet(paths, None, None, [CALIBRATION_TEMPLATE.format(s) for s in stems], str(root))
+    return CalibrationSet(paths, None, None, [CALIBRATION_TEMPLATE.format(s) for s in stems], str(root), note)
 
 
 # onnxruntime's MinMax calibrator keeps every intermediate tensor of every calibration batch in

@@ -75,6 +75,9 @@ def convert_to_onnx(model: CLIP, folder: str | os.PathLike, opset: int = DEFAULT
     calibration_set = images = tokens = None
     if quantize:
         calibration_set = read_calibration_folder(calibration)  # a bad folder fails before the export
+        if calibration_set.note:  # said whether or not progress is on: the report will lack what the user expects
+            print(f"convert: note: --calibration {calibration_set.source}: {calibration_set.note}",
+                  file=sys.stderr, flush=True)
         if mode == "static":
             log(f"reading calibration images of {calibration_set.source}")
             preprocess = image_transform(model.config.vision.image_size)
