@@ -36,13 +36,17 @@ def test_convert_errors_are_one_line_with_exit_status_2(tmp_path, capsys):
     assert "ModifiedResNet" in capsys.readouterr().err
 
 
-def test_models_prints_every_architecture_with_reference_parameter_counts(capsys):
+def test_models_prints_every_architecture_with_reference_parameter_counts(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("CLIPFORGE_CACHE", str(tmp_path))
+    (tmp_path / checkpoints.OPENAI_URLS["RN50"].rsplit("/", 1)[1]).write_bytes(b"")  # RN50's file is in the cache
     assert main(["models"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["model", "parameters", "image", "size", "embed", "dim"]
+    table, footer = capsys.readouterr().out.split("\n\n")
+    lines = table.splitlines()
+    assert lines[0].split() == ["model", "parameters", "image", "size", "embed", "dim", "weights"]
     rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
-    assert rows["ViT-B/32"] == ["151,277,313", "224", "512"]
-    assert rows["RN50"] == ["102,007,137", "224", "1024"]
-    assert rows["ViT-L/14@336px"] == ["427,944,193", "336", "768"]
-    assert {"tiny-vit", "tiny-rn"} <= set(rows)
+    assert rows["ViT-B/32"] == ["151,277,313", "224", "512", "not", "cached"]
+    assert rows["RN50"] == ["102,007,137", "224", "1024", "cached"]
+    assert rows["ViT-L/14@336px"] == ["427,944,193", "336", "768", "not", "cached"]
+    assert rows["tiny-vit"][-1] == "-" and {"tiny-vit", "tiny-rn"} <= set(rows)  # no released weights
+    assert f"loaded by name from {tmp_path}" in footer
     assert not any(p.is_meta for p in torch.nn.Linear(1, 1).parameters())  # meta device did not leak

@@ -8,8 +8,8 @@ and open_clip's Hub config (``_open_clip.py``), and map Hugging Face key names (
 """
 from ._files import FORMAT_VERSION, CheckpointError
 from .architecture import infer_config
-from .read import OPENAI_URLS, cache_dir, load, load_model, load_state_dict_any
+from .read import OPENAI_URLS, cache_dir, load, load_model, load_state_dict_any, released_weights_file
 from .write import export_hf, export_openai, save
 
 __all__ = ["CheckpointError", "FORMAT_VERSION", "OPENAI_URLS", "cache_dir", "export_hf", "export_openai",
-           "infer_config", "load", "load_model", "load_state_dict_any", "save"]
+           "infer_config", "load", "load_model", "load_state_dict_any", "released_weights_file", "save"]

@@ -73,6 +73,13 @@ def cache_dir() -> Path:
     return cache_root()
 
 
+def released_weights_file(name: str) -> Path | None:
+    """Where OpenAI's released weights for architecture ``name`` are looked up in :func:`cache_dir`
+    (whether or not the file is there), or None when ``name`` has no released weights."""
+    url = OPENAI_URLS.get(name)
+    return None if url is None else cache_dir() / url.rsplit("/", 1)[1]
+
+
 def _resolve(name_or_path: str | os.PathLike) -> Path:
     path = Path(name_or_path).expanduser()
     if path.exists():
@@ -80,7 +87,7 @@ def _resolve(name_or_path: str | os.PathLike) -> Path:
     name = str(name_or_path)
     if name in OPENAI_URLS:
         url = OPENAI_URLS[name]
-        local = cache_dir() / url.rsplit("/", 1)[1]
+        local = released_weights_file(name)
         if local.exists():
             return local
         raise CheckpointError(
@@ -124,6 +131,9 @@ def _read_folder(folder: Path) -> _Checkpoint:
     config_path = folder / "config.json"
     if not config_path.is_file() and (weights := open_clip_weights(folder)) is not None:
         return _read(weights)
+    if not config_path.is_file() and (folder / "onnx_export.json").is_file():  # export.onnx.META_NAME
+        raise CheckpointError(f"{folder}: is an ONNX export, which holds graphs, not PyTorch weights; "
+                              f"use the checkpoint it was exported from (for inference, clipforge.load and eval read the export itself)")
     if not config_path.is_file():
         raise CheckpointError(f"{folder}: no config.json; expected a clipforge folder (clipforge.save), a Hugging "
                               f"Face CLIP folder, or an open_clip one ({OPEN_CLIP_CONFIG} + open_clip_model.safetensors)")

@@ -1,17 +1,20 @@
-"""``clipforge models``: the table of architectures (name, parameters, image size, embedding size)."""
+"""``clipforge models``: the table of architectures (name, parameters, image size, embedding size) and
+whether OpenAI's released weights for each are in the cache folder, where a bare name is loaded from."""
 from __future__ import annotations
 
 import argparse
 
 import torch
 
+from ..checkpoints import cache_dir, released_weights_file
 from ..models import available_models, create_model
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``models`` sub-command."""
-    parser = subparsers.add_parser("models", help="list the model architectures",
-                                   description="List every registered architecture with its size.")
+    parser = subparsers.add_parser("models", help="list the model architectures and the cached weights",
+                                   description="List every registered architecture with its size, and whether "
+                                               "its released weights are in the cache folder.")
     parser.set_defaults(func=run)
 
 
@@ -26,11 +29,21 @@ def model_table() -> list[tuple[str, int, int, int]]:
     return rows
 
 
+def weights_status(name: str) -> str:
+    """``cached``, ``not cached`` (released, but not in the cache folder) or ``-`` (no released weights)."""
+    path = released_weights_file(name)
+    return "-" if path is None else "cached" if path.is_file() else "not cached"
+
+
 def run(args: argparse.Namespace) -> int:
-    """Print the table."""
-    rows = [("model", "parameters", "image size", "embed dim")]
-    rows += [(name, f"{params:,}", str(size), str(dim)) for name, params, size, dim in model_table()]
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    """Print the table, then where the released weights are looked up."""
+    rows = [("model", "parameters", "image size", "embed dim", "weights")]
+    rows += [(name, f"{params:,}", str(size), str(dim), weights_status(name))
+             for name, params, size, dim in model_table()]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print(row[0].ljust(widths[0]), *(cell.rjust(width) for cell, width in zip(row[1:], widths[1:])), sep="  ")
+        print(row[0].ljust(widths[0]), *(cell.rjust(width) for cell, width in zip(row[1:-1], widths[1:-1])),
+              row[-1], sep="  ")
+    print(f"\nweights: OpenAI's released files, loaded by name from {cache_dir()} (set CLIPFORGE_CACHE to "
+          "change it; clipforge never downloads them)")
     return 0
